@@ -1,0 +1,1 @@
+"""Long-running kvpipe processes: thin compositions of pipeline parts."""

@@ -1,0 +1,258 @@
+"""The in-process async parameter cache: byte budget, LRU/LFU eviction, TTL, single-flight."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable, Hashable, Iterator
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from pipeline.errors import KvpipeError
+from pipeline.eviction import make_policy
+from pipeline.singleflight import SingleFlight
+
+V = TypeVar("V")
+
+Clock = Callable[[], float]
+
+
+class Source(StrEnum):
+    """Where a value came from: the cache, a fresh load, or an expired entry kept as fallback."""
+
+    HIT = "hit"
+    LOADED = "loaded"
+    STALE = "stale"
+
+
+@dataclass
+class CacheStats:
+    """Counters since the cache was created; ``bytes`` and ``entries`` are current values."""
+
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    load_errors: int = 0
+    load_seconds: float = 0.0
+    evictions: int = 0
+    expirations: int = 0
+    invalidations: int = 0
+    stale_served: int = 0
+    oversize: int = 0
+    bytes: int = 0
+    entries: int = 0
+    capacity_bytes: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["hit_rate"] = self.hit_rate
+        return out
+
+
+@dataclass
+class _Entry:
+    value: Any
+    nbytes: int
+    expires_at: float
+
+
+def default_size_of(value: object) -> int:
+    """Bytes a value holds: ``nbytes`` for arrays (and objects that say so), else sys.getsizeof."""
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    return sys.getsizeof(value)
+
+
+class ParamCache(Generic[V]):
+    """Async cache of parameters keyed by hashable tuples.
+
+    Concurrent misses for one key share one load (single-flight); failed loads are not
+    cached. Every entry expires ``ttl_s`` after it was written (minus up to ``jitter`` of it,
+    so a fleet does not reload in one instant); an expired entry is kept until evicted and is
+    served, marked stale, when its reload fails with a retryable error (Redis unreachable).
+    """
+
+    def __init__(
+        self,
+        *,
+        capacity_bytes: int,
+        ttl_s: float,
+        policy: str = "lru",
+        jitter: float = 0.0,
+        clock: Clock = time.monotonic,
+        size_of: Callable[[Any], int] = default_size_of,
+        rng: random.Random | None = None,
+    ) -> None:
+        if capacity_bytes <= 0:
+            raise ValueError("capacity_bytes must be positive")
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        if not 0.0 <= jitter < 1.0:
+            raise ValueError("jitter must be in [0, 1)")
+        self.capacity_bytes = capacity_bytes
+        self.ttl_s = ttl_s
+        self.jitter = jitter
+        self._clock = clock
+        self._size_of = size_of
+        self._rng = rng or random.Random()
+        self._entries: dict[Hashable, _Entry] = {}
+        self._policy = make_policy(policy)
+        self._flights: SingleFlight[Hashable, V] = SingleFlight()
+        self._dirty: set[Hashable] = set()
+        self._stats = CacheStats(capacity_bytes=capacity_bytes)
+        self._closed = False
+
+    @property
+    def policy(self) -> str:
+        return self._policy.name
+
+    @property
+    def stats(self) -> CacheStats:
+        """A snapshot of the counters."""
+        snap = CacheStats(**asdict(self._stats))
+        snap.entries = len(self._entries)
+        return snap
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and self._clock() < entry.expires_at
+
+    def keys(self) -> Iterator[Hashable]:
+        return iter(list(self._entries))
+
+    async def __aenter__(self) -> ParamCache[V]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Cancel running loads and drop every entry; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._flights.aclose()
+        finally:
+            self._entries.clear()
+            self._stats.bytes = 0
+
+    def peek(self, key: Hashable) -> V | None:
+        """The fresh cached value, without counting a lookup or loading."""
+        entry = self._entries.get(key)
+        if entry is None or self._clock() >= entry.expires_at:
+            return None
+        value: V = entry.value
+        return value
+
+    async def get(
+        self, key: Hashable, load: Callable[[], Awaitable[V]], *, ttl_s: float | None = None
+    ) -> tuple[V, Source]:
+        """Return the value for ``key`` and where it came from, loading it on a miss."""
+        entry = self._entries.get(key)
+        now = self._clock()
+        if entry is not None and now < entry.expires_at:
+            self._stats.hits += 1
+            self._policy.touch(key)
+            value: V = entry.value
+            return value, Source.HIT
+        self._stats.misses += 1
+        try:
+            value, _ = await self._flights.do(key, lambda: self._load(key, load, ttl_s))
+        except KvpipeError as exc:
+            stale = self._entries.get(key)
+            if exc.retryable and stale is not None:
+                self._stats.stale_served += 1
+                self._policy.touch(key)
+                stale_value: V = stale.value
+                return stale_value, Source.STALE
+            raise
+        return value, Source.LOADED
+
+    async def _load(
+        self, key: Hashable, load: Callable[[], Awaitable[V]], ttl_s: float | None
+    ) -> V:
+        self._dirty.discard(key)
+        started = time.perf_counter()
+        try:
+            value = await load()
+        except BaseException:
+            self._stats.load_errors += 1
+            raise
+        finally:
+            self._stats.load_seconds += time.perf_counter() - started
+        self._stats.loads += 1
+        if key in self._dirty:
+            self._dirty.discard(key)  # invalidated while loading: serve, do not keep
+        elif not self._closed:
+            self.put(key, value, ttl_s=ttl_s)
+        return value
+
+    def put(self, key: Hashable, value: V, *, ttl_s: float | None = None) -> bool:
+        """Insert or replace ``key``; evict to stay within budget. False if it cannot fit."""
+        nbytes = self._size_of(value)
+        self._drop(key)
+        if nbytes > self.capacity_bytes:
+            self._stats.oversize += 1
+            return False
+        while self._stats.bytes + nbytes > self.capacity_bytes:
+            victim = self._policy.victim()
+            if victim is None:  # pragma: no cover - bytes and policy disagree
+                break
+            self._drop(victim)
+            self._stats.evictions += 1
+        ttl = self.ttl_s if ttl_s is None else ttl_s
+        if self.jitter:
+            ttl *= 1.0 - self.jitter * self._rng.random()
+        self._entries[key] = _Entry(value, nbytes, self._clock() + ttl)
+        self._policy.add(key)
+        self._stats.bytes += nbytes
+        return True
+
+    def _drop(self, key: Hashable) -> bool:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        self._policy.remove(key)
+        self._stats.bytes -= entry.nbytes
+        return True
+
+    def invalidate(self, key: Hashable) -> bool:
+        """Forget ``key`` now; a load already running for it will not be kept."""
+        if self._flights.in_flight(key):
+            self._dirty.add(key)
+        dropped = self._drop(key)
+        if dropped:
+            self._stats.invalidations += 1
+        return dropped
+
+    def invalidate_where(self, predicate: Callable[[Hashable], bool]) -> int:
+        """Forget every key for which ``predicate`` is true; returns how many were dropped."""
+        keys = [k for k in self._entries if predicate(k)]
+        return sum(self.invalidate(k) for k in keys)
+
+    def expire_now(self, key: Hashable) -> bool:
+        """Mark ``key`` expired but keep it as a stale fallback (used when Redis says it moved)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return False
+        entry.expires_at = self._clock()
+        self._stats.expirations += 1
+        return True

@@ -1,0 +1,248 @@
+"""Settings: frozen, keyword-only objects built once at the edge (CLI flags, env) and passed down.
+
+Library code never reads ``os.environ``; :func:`settings_from_env` is called by the CLI and
+the processes in ``consumers/`` with the mapping they choose to pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pipeline.errors import ConfigError
+
+RedisBackend = Literal["redis-py", "asyncio-redis"]
+EvictionPolicy = Literal["lru", "lfu"]
+LogFormat = Literal["auto", "json", "console"]
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedisSettings:
+    """Where parameters live and how hard to try reaching them."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    backend: RedisBackend = "redis-py"
+    key_prefix: str = "kvpipe"
+    timeout_s: float = 2.0
+    connect_timeout_s: float = 2.0
+    pool_size: int = 8
+
+    def redacted_url(self) -> str:
+        """The URL with any password replaced, safe to log."""
+        return redact_url(self.url)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KafkaSettings:
+    """The broker, topic names and the worker group."""
+
+    bootstrap: str = "127.0.0.1:9092"
+    topic_prefix: str = "kvpipe"
+    partitions: int = 4
+    group_id: str = "kvpipe-workers"
+    client_id: str = "kvpipe"
+    request_timeout_s: float = 10.0
+    max_message_bytes: int = 4 * MiB
+
+    @property
+    def requests_topic(self) -> str:
+        return f"{self.topic_prefix}.requests"
+
+    @property
+    def results_topic(self) -> str:
+        return f"{self.topic_prefix}.results"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic_prefix}.dlq"
+
+    @property
+    def updates_topic(self) -> str:
+        return f"{self.topic_prefix}.updates"
+
+    @property
+    def training_topic(self) -> str:
+        return f"{self.topic_prefix}.training"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheSettings:
+    """The in-process parameter cache."""
+
+    capacity_bytes: int = 512 * MiB
+    ttl_s: float = 300.0
+    version_ttl_s: float = 2.0
+    policy: EvictionPolicy = "lru"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitSettings:
+    """What a single request may ask for; larger requests get a ``too_large`` error."""
+
+    max_request_bytes: int = 4 * MiB
+    max_elements: int = 1_000_000
+    max_rows: int = 4096
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings:
+    """The inference loop: batching, concurrency, commits and shutdown."""
+
+    max_batch_size: int = 128
+    max_in_flight: int = 4096
+    fetch_max_records: int = 1000
+    compute_threads: int = 2
+    commit_interval_s: float = 0.2
+    send_timeout_s: float = 10.0
+    shutdown_timeout_s: float = 20.0
+    worker_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything a kvpipe process needs, in one immutable value."""
+
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    log_format: LogFormat = "auto"
+    log_level: str = "info"
+
+
+def redact_url(url: str) -> str:
+    """Replace the password in a URL with ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{user}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return raw
+
+    return parse
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One environment variable: the setting it fills and how it is parsed."""
+
+    name: str
+    path: str
+    parse: Callable[[str], Any]
+    help: str
+    secret: bool = False
+
+
+ENV_VARS: tuple[EnvVar, ...] = (
+    EnvVar("KVPIPE_KAFKA", "kafka.bootstrap", str, "Kafka bootstrap servers, host:port[,host:port]"),
+    EnvVar("KVPIPE_REDIS", "redis.url", str, "Redis URL, redis://[user:pass@]host:port/db",
+           secret=True),
+    EnvVar("KVPIPE_REDIS_BACKEND", "redis.backend", _choice("redis-py", "asyncio-redis"),
+           "Redis client: redis-py (default) or asyncio-redis"),
+    EnvVar("KVPIPE_REDIS_TIMEOUT", "redis.timeout_s", _positive_float,
+           "Seconds any Redis command may take"),
+    EnvVar("KVPIPE_KEY_PREFIX", "redis.key_prefix", str, "Prefix of every Redis key"),
+    EnvVar("KVPIPE_TOPIC_PREFIX", "kafka.topic_prefix", str,
+           "Prefix of the topic names (PREFIX.requests, .results, .dlq, .updates)"),
+    EnvVar("KVPIPE_PARTITIONS", "kafka.partitions", _positive_int,
+           "Partitions of topics the worker creates"),
+    EnvVar("KVPIPE_GROUP", "kafka.group_id", str, "Consumer group of the workers"),
+    EnvVar("KVPIPE_CACHE_BYTES", "cache.capacity_bytes", _positive_int,
+           "Parameter cache capacity in bytes"),
+    EnvVar("KVPIPE_CACHE_TTL", "cache.ttl_s", _positive_float,
+           "Seconds a cached parameter lives after it was loaded"),
+    EnvVar("KVPIPE_VERSION_TTL", "cache.version_ttl_s", _positive_float,
+           "Seconds a cached serving-version pointer lives"),
+    EnvVar("KVPIPE_CACHE_POLICY", "cache.policy", _choice("lru", "lfu"),
+           "Eviction policy: lru or lfu"),
+    EnvVar("KVPIPE_MAX_BATCH", "worker.max_batch_size", _positive_int,
+           "Largest micro-batch the worker computes at once"),
+    EnvVar("KVPIPE_MAX_IN_FLIGHT", "worker.max_in_flight", _positive_int,
+           "Requests a worker holds before it stops fetching"),
+    EnvVar("KVPIPE_COMPUTE_THREADS", "worker.compute_threads", _positive_int,
+           "Threads running numpy compute"),
+    EnvVar("KVPIPE_WORKER_ID", "worker.worker_id", str, "Name of this worker in results and logs"),
+    EnvVar("KVPIPE_LOG_FORMAT", "log_format", _choice("auto", "json", "console"),
+           "Log format: auto (pretty on a TTY, JSON otherwise), json or console"),
+    EnvVar("KVPIPE_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"),
+           "Log level"),
+)
+
+
+def with_values(settings: Settings, values: Mapping[str, Any]) -> Settings:
+    """Return ``settings`` with dotted paths (``"redis.url"``) replaced by ``values``."""
+    groups: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for path, value in values.items():
+        if value is None:
+            continue
+        if "." in path:
+            group, name = path.split(".", 1)
+            groups.setdefault(group, {})[name] = value
+        else:
+            top[path] = value
+    for group, changes in groups.items():
+        top[group] = dataclasses.replace(getattr(settings, group), **changes)
+    return dataclasses.replace(settings, **top)
+
+
+def settings_from_env(
+    environ: Mapping[str, str], base: Settings | None = None
+) -> Settings:
+    """Build settings from ``KVPIPE_*`` variables in ``environ`` on top of ``base``."""
+    values: dict[str, Any] = {}
+    for var in ENV_VARS:
+        raw = environ.get(var.name)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[var.path] = var.parse(raw)
+        except ValueError as exc:
+            shown = "***" if var.secret else repr(raw)
+            raise ConfigError(f"{var.name}={shown}: {exc}") from None
+    return validate(with_values(base or Settings(), values))
+
+
+def validate(settings: Settings) -> Settings:
+    """Check the settings as a whole; raise :class:`ConfigError` with one clear line."""
+    scheme = urlsplit(settings.redis.url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"Redis URL {settings.redis.redacted_url()!r} must start with redis://, rediss:// "
+            "or unix://"
+        )
+    if not settings.kafka.bootstrap.strip():
+        raise ConfigError("Kafka bootstrap address is empty; set KVPIPE_KAFKA=host:port")
+    if settings.worker.max_batch_size > settings.worker.max_in_flight:
+        raise ConfigError("max batch size cannot exceed max in-flight requests")
+    return settings

@@ -1,0 +1,347 @@
+"""The Kafka adapter: producer, consumer and topic set-up over aiokafka, errors translated.
+
+Nothing above this module imports aiokafka. Every network step carries its own timeout,
+because aiokafka's ``send_and_wait`` and ``stop()`` can hang when the broker is gone
+(aiokafka#1101).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    TopicAlreadyExistsError,
+)
+
+from pipeline.config import KafkaSettings
+from pipeline.errors import BrokerUnavailable, KvpipeError
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+class MessageTooLarge(KvpipeError):
+    """The broker or producer refuses a message for its size."""
+
+    code = "result_too_large"
+
+
+class CommitRejected(KvpipeError):
+    """A commit was refused, usually because the partitions were revoked meanwhile."""
+
+    code = "commit_rejected"
+    retryable = True
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """A topic partition, hashable, free of aiokafka types."""
+
+    topic: str
+    partition: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A consumed record."""
+
+    partition: Partition
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    timestamp_ms: int
+
+
+def _options(settings: KafkaSettings) -> dict[str, Any]:
+    return {
+        "bootstrap_servers": settings.bootstrap.split(","),
+        "client_id": settings.client_id,
+        "request_timeout_ms": int(settings.request_timeout_s * 1000),
+    }
+
+
+def _unavailable(settings: KafkaSettings, what: str, exc: BaseException) -> BrokerUnavailable:
+    detail = str(exc) or type(exc).__name__
+    return BrokerUnavailable(
+        f"Kafka at {settings.bootstrap}: {what} failed ({detail}); check KVPIPE_KAFKA and that "
+        "the broker is up (kvpipe local up starts one)"
+    )
+
+
+async def _bounded(
+    settings: KafkaSettings, what: str, step: Awaitable[Any], timeout: float | None = None
+) -> Any:
+    try:
+        return await asyncio.wait_for(step, timeout or settings.request_timeout_s)
+    except (KafkaError, OSError, TimeoutError) as exc:
+        raise _unavailable(settings, what, exc) from None
+
+
+async def ensure_topics(
+    settings: KafkaSettings, topics: Iterable[str], *, partitions: int | None = None
+) -> list[str]:
+    """Create the topics that do not exist yet; returns the names created."""
+    admin = AIOKafkaAdminClient(**_options(settings))
+    await _bounded(settings, "connecting the admin client", admin.start())
+    try:
+        existing = set(await _bounded(settings, "listing topics", admin.list_topics()))
+        wanted = [t for t in dict.fromkeys(topics) if t not in existing]
+        if not wanted:
+            return []
+        count = partitions or settings.partitions
+        new = [NewTopic(name=t, num_partitions=count, replication_factor=1) for t in wanted]
+        try:
+            await _bounded(settings, "creating topics", admin.create_topics(new))
+        except BrokerUnavailable as exc:
+            if not isinstance(exc.__context__, TopicAlreadyExistsError):
+                raise
+        return wanted
+    finally:
+        await asyncio.wait_for(admin.close(), settings.request_timeout_s)
+
+
+class Producer:
+    """An aiokafka producer with bounded start, send and stop."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        linger_ms: int = 5,
+        send_timeout_s: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.send_timeout_s = send_timeout_s
+        self._producer = AIOKafkaProducer(
+            **_options(settings),
+            acks="all",
+            linger_ms=linger_ms,
+            max_request_size=settings.max_message_bytes,
+            enable_idempotence=False,
+        )
+        self._started = False
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        try:
+            await _bounded(self.settings, "starting the producer", self._producer.start())
+        except BaseException:
+            await self.aclose()
+            raise
+        self._started = True
+
+    async def enqueue(
+        self, topic: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
+    ) -> asyncio.Future[Any]:
+        """Hand a message to the producer; the returned future resolves when acknowledged."""
+        try:
+            fut: asyncio.Future[Any] = await asyncio.wait_for(
+                self._producer.send(topic, value=value, key=key, headers=list(headers)),
+                self.send_timeout_s,
+            )
+        except MessageSizeTooLargeError as exc:
+            raise MessageTooLarge(f"message of {len(value)} bytes refused: {exc}") from None
+        except (KafkaError, TimeoutError) as exc:
+            raise _unavailable(self.settings, f"sending to {topic}", exc) from None
+        return fut
+
+    async def wait_acked(self, futures: Sequence[asyncio.Future[Any]]) -> None:
+        """Wait until every future is acknowledged, within the send timeout."""
+        if not futures:
+            return
+        try:
+            await asyncio.wait_for(asyncio.gather(*futures), self.send_timeout_s)
+        except MessageSizeTooLargeError as exc:
+            raise MessageTooLarge(f"message refused: {exc}") from None
+        except (KafkaError, TimeoutError) as exc:
+            raise _unavailable(self.settings, "waiting for acknowledgements", exc) from None
+
+    async def send(
+        self, topic: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
+    ) -> None:
+        """Send one message and wait for its acknowledgement."""
+        fut = await self.enqueue(topic, value, key=key, headers=headers)
+        await self.wait_acked([fut])
+
+    async def flush(self) -> None:
+        await _bounded(self.settings, "flushing", self._producer.flush(), self.send_timeout_s)
+
+    async def aclose(self) -> None:
+        """Flush and stop, bounded; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(KafkaError, OSError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._producer.stop()), self.send_timeout_s)
+
+
+RebalanceCallback = Callable[[list[Partition]], Awaitable[None]]
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, on_revoked: RebalanceCallback, on_assigned: RebalanceCallback) -> None:
+        self._on_revoked = on_revoked
+        self._on_assigned = on_assigned
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._on_revoked([Partition(tp.topic, tp.partition) for tp in revoked])
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._on_assigned([Partition(tp.topic, tp.partition) for tp in assigned])
+
+
+async def _noop(_: list[Partition]) -> None:
+    return None
+
+
+class Consumer:
+    """An aiokafka consumer with manual, explicit commits and bounded start and stop."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        topics: Sequence[str],
+        *,
+        group_id: str | None,
+        auto_offset_reset: str = "earliest",
+        on_revoked: RebalanceCallback = _noop,
+        on_assigned: RebalanceCallback = _noop,
+        session_timeout_ms: int = 10_000,
+        heartbeat_interval_ms: int = 1_000,
+        max_poll_interval_ms: int = 300_000,
+        fetch_max_wait_ms: int = 100,
+        stop_timeout_s: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.topics = list(topics)
+        self.group_id = group_id
+        self.stop_timeout_s = stop_timeout_s
+        self._listener = _Listener(on_revoked, on_assigned)
+        self._consumer = AIOKafkaConsumer(
+            **_options(settings),
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=auto_offset_reset,
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=heartbeat_interval_ms,
+            max_poll_interval_ms=max_poll_interval_ms,
+            fetch_max_wait_ms=fetch_max_wait_ms,
+            metadata_max_age_ms=5_000,
+        )
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        try:
+            await _bounded(self.settings, "starting the consumer", self._consumer.start())
+            if self.group_id is not None:
+                self._consumer.subscribe(self.topics, listener=self._listener)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def assign_all(self, *, from_end: bool = True) -> list[Partition]:
+        """Without a group: take every partition of the topics, from the end or the start."""
+        tps: list[TopicPartition] = []
+        for topic in self.topics:
+            parts = await _bounded(
+                self.settings, "reading partitions", self._partitions_for(topic)
+            )
+            tps += [TopicPartition(topic, p) for p in sorted(parts)]
+        self._consumer.assign(tps)
+        if from_end:
+            await _bounded(self.settings, "seeking to end", self._consumer.seek_to_end(*tps))
+        else:
+            await _bounded(
+                self.settings, "seeking to start", self._consumer.seek_to_beginning(*tps)
+            )
+        return [Partition(tp.topic, tp.partition) for tp in tps]
+
+    async def _partitions_for(self, topic: str) -> set[int]:
+        while True:
+            parts = self._consumer.partitions_for_topic(topic)
+            if parts:
+                return set(parts)
+            await self._consumer._client.force_metadata_update()
+            await asyncio.sleep(0.1)
+
+    def assignment(self) -> list[Partition]:
+        return [Partition(tp.topic, tp.partition) for tp in self._consumer.assignment()]
+
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> list[Message]:
+        """Fetch what is there (up to ``max_records``), waiting at most ``timeout_ms``."""
+        try:
+            batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        except KafkaError as exc:
+            raise _unavailable(self.settings, "fetching", exc) from None
+        out: list[Message] = []
+        for tp, records in batches.items():
+            part = Partition(tp.topic, tp.partition)
+            for r in records:
+                out.append(
+                    Message(part, r.offset, r.key, r.value, tuple(r.headers or ()), r.timestamp)
+                )
+        return out
+
+    async def commit(self, offsets: dict[Partition, int]) -> None:
+        """Commit positions (the next offset to read) for the given partitions."""
+        if not offsets:
+            return
+        tps = {TopicPartition(p.topic, p.partition): o for p, o in offsets.items()}
+        try:
+            await asyncio.wait_for(self._consumer.commit(tps), self.settings.request_timeout_s)
+        except CommitFailedError as exc:
+            raise CommitRejected(f"commit refused: {exc}") from None
+        except (KafkaError, TimeoutError) as exc:
+            raise _unavailable(self.settings, "committing", exc) from None
+
+    async def committed(self, partition: Partition) -> int | None:
+        tp = TopicPartition(partition.topic, partition.partition)
+        result: int | None = await _bounded(
+            self.settings, "reading committed offsets", self._consumer.committed(tp)
+        )
+        return result
+
+    async def aclose(self) -> None:
+        """Leave the group and close, bounded; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(KafkaError, OSError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._consumer.stop()), self.stop_timeout_s)

@@ -1,0 +1,131 @@
+"""Resolve a model name (and optional version) to its architecture and cached parameters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.cache import ParamCache, Source
+from pipeline.errors import ConfigError, ParamsCorrupt
+from pipeline.models import Model, build_model
+from pipeline.store import Manifest, ParamStore
+
+_RANK = {Source.HIT: 0, Source.LOADED: 1, Source.STALE: 2}
+
+
+def worst(sources: list[Source]) -> Source:
+    """The provenance of a set of values: stale if any is stale, else loaded if any was."""
+    return max(sources, key=_RANK.__getitem__, default=Source.HIT)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One version of a model, ready to run: every tensor of exactly that version."""
+
+    name: str
+    version: int
+    model: Model
+    manifest: Manifest
+    params: Mapping[str, npt.NDArray[Any]]
+    source: Source
+
+
+class ModelRegistry:
+    """Finds the serving version and its tensors through the cache, single-flight per key.
+
+    Cache keys: ``("ptr", model)`` for the version pointer (short TTL: how fast a publish is
+    seen without an announcement), ``("manifest", model, v)`` and ``("t", model, v, name)``.
+    """
+
+    def __init__(
+        self, store: ParamStore, cache: ParamCache[Any], *, version_ttl_s: float = 2.0
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.version_ttl_s = version_ttl_s
+        self._models: OrderedDict[tuple[str, int], Model] = OrderedDict()
+
+    async def current_version(self, name: str) -> tuple[int, Source]:
+        version, source = await self.cache.get(
+            ("ptr", name), lambda: self.store.current_version(name), ttl_s=self.version_ttl_s
+        )
+        return int(version), source
+
+    async def resolve(self, name: str, version: int | None = None) -> Resolved:
+        """The model at ``version`` (the serving one when None), all tensors of one version."""
+        sources: list[Source] = []
+        if version is None:
+            version, src = await self.current_version(name)
+            sources.append(src)
+        v = version
+        manifest, src = await self.cache.get(
+            ("manifest", name, v), lambda: self.store.manifest(name, v)
+        )
+        sources.append(src)
+        model = self._model_for(manifest)
+        names = list(manifest.tensors)
+        loaded = await asyncio.gather(
+            *(
+                self.cache.get(("t", name, v, t), self._tensor_loader(manifest, t))
+                for t in names
+            )
+        )
+        params = {t: arr for t, (arr, _) in zip(names, loaded, strict=True)}
+        sources.extend(s for _, s in loaded)
+        return Resolved(name, v, model, manifest, params, worst(sources))
+
+    def _tensor_loader(self, manifest: Manifest, tensor: str) -> Any:
+        return lambda: self.store.tensor(manifest, tensor)
+
+    def _model_for(self, manifest: Manifest) -> Model:
+        key = (manifest.model, manifest.version)
+        model = self._models.get(key)
+        if model is None:
+            try:
+                model = build_model(manifest.arch)
+            except ConfigError as exc:
+                raise ParamsCorrupt(
+                    f"{manifest.model!r} v{manifest.version}: {exc}"
+                ) from None
+            specs = model.tensor_specs()
+            for t, meta in manifest.tensors.items():
+                spec = specs.get(t)
+                if spec is None or spec.shape != meta.shape or np.dtype(spec.dtype) != meta.dtype:
+                    raise ParamsCorrupt(
+                        f"{manifest.model!r} v{manifest.version}: tensor {t!r} does not fit "
+                        f"its architecture"
+                    )
+            if set(specs) != set(manifest.tensors):
+                raise ParamsCorrupt(
+                    f"{manifest.model!r} v{manifest.version}: tensors do not match architecture"
+                )
+            self._models[key] = model
+            if len(self._models) > 64:
+                self._models.popitem(last=False)
+        else:
+            self._models.move_to_end(key)
+        return model
+
+    def invalidate_pointer(self, name: str) -> bool:
+        """Forget the cached serving version of ``name`` so the next request reads it anew."""
+        return self.cache.invalidate(("ptr", name))
+
+    def drop_version(self, name: str, version: int) -> int:
+        """Drop every cached piece of one version."""
+
+        def match(key: Hashable) -> bool:
+            return (
+                isinstance(key, tuple)
+                and len(key) >= 3
+                and key[0] in ("manifest", "t")
+                and key[1] == name
+                and key[2] == version
+            )
+
+        return self.cache.invalidate_where(match)

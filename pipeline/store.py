@@ -1,0 +1,274 @@
+"""Versioned model parameters in Redis: publish atomically, load with verification.
+
+Key layout (DESIGN.md, "Parameters in Redis"), with ``P`` the deployment's key prefix:
+``P:{model}:current`` the serving version, ``P:{model}:v{n}:manifest`` JSON,
+``P:{model}:v{n}:t:{name}`` one tensor as ``.npy`` bytes, ``P:{model}:versions`` a hash of
+version -> JSON summary, ``P:{model}:seq`` the version counter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.errors import ConfigError, ModelNotFound, ParamsCorrupt, VersionNotFound
+from pipeline.kv import KeyValue
+from pipeline.models import build_model
+from pipeline.npy import from_npy, to_npy
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_model_name(model: str) -> str:
+    """Return ``model`` if it is a valid name (letters, digits, ``_.-``, at most 64)."""
+    if not isinstance(model, str) or not _MODEL_NAME.match(model):
+        raise ConfigError(
+            f"invalid model name {model!r}: use 1-64 letters, digits, '_', '.' or '-'"
+        )
+    return model
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What the manifest promises about one tensor."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str
+    nbytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape), "sha256": self.sha256,
+                "nbytes": self.nbytes}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One published version: its architecture and the tensors it consists of."""
+
+    model: str
+    version: int
+    arch: Mapping[str, Any]
+    tensors: Mapping[str, TensorMeta]
+    created_at: float
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "model": self.model,
+                "version": self.version,
+                "arch": dict(self.arch),
+                "tensors": {n: t.to_json() for n, t in self.tensors.items()},
+                "created_at": self.created_at,
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        try:
+            raw = json.loads(data)
+            tensors = {
+                str(name): TensorMeta(
+                    dtype=str(t["dtype"]),
+                    shape=tuple(int(d) for d in t["shape"]),
+                    sha256=str(t["sha256"]),
+                    nbytes=int(t["nbytes"]),
+                )
+                for name, t in raw["tensors"].items()
+            }
+            return cls(
+                model=str(raw["model"]),
+                version=int(raw["version"]),
+                arch=dict(raw["arch"]),
+                tensors=tensors,
+                created_at=float(raw["created_at"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ParamsCorrupt(f"manifest is not readable: {exc}") from None
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A row of ``kvpipe versions``."""
+
+    version: int
+    created_at: float
+    nbytes: int
+    current: bool
+    available: bool
+
+
+class ParamStore:
+    """Reads and writes versioned parameters through a :class:`KeyValue` adapter."""
+
+    def __init__(self, kv: KeyValue, *, prefix: str = "kvpipe") -> None:
+        self.kv = kv
+        self.prefix = prefix
+
+    def current_key(self, model: str) -> str:
+        return f"{self.prefix}:{model}:current"
+
+    def manifest_key(self, model: str, version: int) -> str:
+        return f"{self.prefix}:{model}:v{version}:manifest"
+
+    def tensor_key(self, model: str, version: int, name: str) -> str:
+        return f"{self.prefix}:{model}:v{version}:t:{name}"
+
+    def versions_key(self, model: str) -> str:
+        return f"{self.prefix}:{model}:versions"
+
+    def seq_key(self, model: str) -> str:
+        return f"{self.prefix}:{model}:seq"
+
+    async def publish(
+        self, model: str, arch: Mapping[str, Any], tensors: Mapping[str, npt.ArrayLike]
+    ) -> Manifest:
+        """Write a new version (tensors and manifest first), then make it current in one step."""
+        check_model_name(model)
+        specs = build_model(arch).tensor_specs()
+        if set(tensors) != set(specs):
+            missing = sorted(set(specs) - set(tensors))
+            extra = sorted(set(tensors) - set(specs))
+            raise ConfigError(
+                f"tensors do not match the architecture: missing {missing}, unexpected {extra}"
+            )
+        blobs: dict[str, bytes] = {}
+        metas: dict[str, TensorMeta] = {}
+        for name, spec in specs.items():
+            arr = np.asarray(tensors[name])
+            if arr.shape != spec.shape:
+                raise ConfigError(f"tensor {name!r} has shape {arr.shape}, expected {spec.shape}")
+            arr = arr.astype(spec.dtype, copy=False)
+            blob = to_npy(arr)
+            blobs[name] = blob
+            metas[name] = TensorMeta(
+                dtype=spec.dtype,
+                shape=spec.shape,
+                sha256=hashlib.sha256(blob).hexdigest(),
+                nbytes=int(arr.nbytes),
+            )
+        version = await self.kv.incr(self.seq_key(model))
+        manifest = Manifest(model, version, dict(arch), metas, time.time())
+        writes = {self.tensor_key(model, version, n): b for n, b in blobs.items()}
+        writes[self.manifest_key(model, version)] = manifest.to_bytes()
+        await self.kv.set_many(writes)
+        summary = {"created_at": manifest.created_at, "nbytes": manifest.nbytes}
+        await self.kv.hset_many(
+            self.versions_key(model), {str(version): json.dumps(summary).encode()}
+        )
+        await self.kv.set(self.current_key(model), str(version).encode())
+        return manifest
+
+    async def current_version(self, model: str) -> int:
+        """The version being served; ModelNotFound when none was ever published."""
+        raw = await self.kv.get(self.current_key(model))
+        if raw is None:
+            raise ModelNotFound(f"model {model!r} is not published")
+        try:
+            return int(raw)
+        except ValueError:
+            raise ParamsCorrupt(f"model {model!r} has an unreadable version pointer") from None
+
+    async def manifest(self, model: str, version: int) -> Manifest:
+        """The manifest of one version; VersionNotFound when it does not exist (any more)."""
+        raw = await self.kv.get(self.manifest_key(model, version))
+        if raw is None:
+            raise VersionNotFound(f"model {model!r} has no version {version}")
+        manifest = Manifest.from_bytes(raw)
+        if manifest.model != model or manifest.version != version:
+            raise ParamsCorrupt(
+                f"manifest under {model!r} v{version} describes {manifest.model!r} "
+                f"v{manifest.version}"
+            )
+        return manifest
+
+    async def tensor(self, manifest: Manifest, name: str) -> npt.NDArray[Any]:
+        """One tensor of a version, checked against its manifest (sha256, dtype, shape)."""
+        meta = manifest.tensors.get(name)
+        if meta is None:
+            raise ParamsCorrupt(f"{manifest.model!r} v{manifest.version} has no tensor {name!r}")
+        blob = await self.kv.get(self.tensor_key(manifest.model, manifest.version, name))
+        if blob is None:
+            raise VersionNotFound(
+                f"tensor {name!r} of {manifest.model!r} v{manifest.version} is gone"
+            )
+        return verify_tensor(manifest, name, blob)
+
+    async def load(
+        self, model: str, version: int | None = None
+    ) -> tuple[Manifest, dict[str, npt.NDArray[Any]]]:
+        """Every tensor of a version in one multi-get; no cache (the article's own method)."""
+        if version is None:
+            version = await self.current_version(model)
+        manifest = await self.manifest(model, version)
+        names = list(manifest.tensors)
+        blobs = await self.kv.mget([self.tensor_key(model, version, n) for n in names])
+        params: dict[str, npt.NDArray[Any]] = {}
+        for name, blob in zip(names, blobs, strict=True):
+            if blob is None:
+                raise VersionNotFound(f"tensor {name!r} of {model!r} v{version} is gone")
+            params[name] = verify_tensor(manifest, name, blob)
+        return manifest, params
+
+    async def versions(self, model: str) -> list[VersionInfo]:
+        """Every version ever published that is still listed, oldest first."""
+        rows = await self.kv.hgetall(self.versions_key(model))
+        try:
+            current: int | None = await self.current_version(model)
+        except ModelNotFound:
+            current = None
+        infos: list[VersionInfo] = []
+        for field, raw in rows.items():
+            version = int(field)
+            summary = json.loads(raw)
+            available = await self.kv.exists(self.manifest_key(model, version))
+            infos.append(
+                VersionInfo(
+                    version=version,
+                    created_at=float(summary["created_at"]),
+                    nbytes=int(summary["nbytes"]),
+                    current=version == current,
+                    available=available,
+                )
+            )
+        return sorted(infos, key=lambda i: i.version)
+
+    async def set_current(self, model: str, version: int) -> None:
+        """Serve ``version`` (rollback or roll forward); it must still be complete in Redis."""
+        manifest = await self.manifest(model, version)
+        names = list(manifest.tensors)
+        for name in names:
+            if not await self.kv.exists(self.tensor_key(model, version, name)):
+                raise VersionNotFound(f"tensor {name!r} of {model!r} v{version} is gone")
+        await self.kv.set(self.current_key(model), str(version).encode())
+
+
+def verify_tensor(manifest: Manifest, name: str, blob: bytes) -> npt.NDArray[Any]:
+    """Decode a tensor's bytes and check them against the manifest; ParamsCorrupt otherwise."""
+    meta = manifest.tensors[name]
+    where = f"tensor {name!r} of {manifest.model!r} v{manifest.version}"
+    if hashlib.sha256(blob).hexdigest() != meta.sha256:
+        raise ParamsCorrupt(f"{where} fails its sha256 check")
+    try:
+        arr = from_npy(blob)
+    except ValueError as exc:
+        raise ParamsCorrupt(f"{where} is not a readable array: {exc}") from None
+    if str(arr.dtype) != meta.dtype or tuple(arr.shape) != meta.shape:
+        raise ParamsCorrupt(
+            f"{where} is {arr.dtype}{arr.shape}, manifest says {meta.dtype}{meta.shape}"
+        )
+    arr.flags.writeable = False
+    return arr

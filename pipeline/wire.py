@@ -1,0 +1,345 @@
+"""Request and result codecs: the bytes on the Kafka topics (DESIGN.md, "Wire format").
+
+Decoding sorts every message into one of three outcomes: a good :class:`Request`; a request
+that was read but cannot be answered as asked (``Request.error`` set, answered with an error
+result); or :class:`UnreadableMessage` (no id to answer to: it goes to the dead-letter topic).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.config import LimitSettings
+from pipeline.errors import KvpipeError, RequestError, UnreadableMessage
+from pipeline.npy import from_npy, to_npy
+
+JSON = "application/json"
+NPY = "application/x-npy"
+
+H_CONTENT_TYPE = "content-type"
+H_ID = "kvpipe-id"
+H_MODEL = "kvpipe-model"
+H_VERSION = "kvpipe-version"
+H_REPLY_TO = "kvpipe-reply-to"
+H_DEADLINE = "kvpipe-deadline"
+H_RESULT = "kvpipe-result"
+H_DLQ_REASON = "kvpipe-dlq-reason"
+H_DLQ_SOURCE = "kvpipe-dlq-source"
+
+Headers = Sequence[tuple[str, bytes]]
+Array = npt.NDArray[np.float32]
+
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+MAX_ID_CHARS = 256
+MAX_HEADER_BYTES = 1024
+
+
+@dataclass(slots=True)
+class Request:
+    """One inference request as the worker sees it."""
+
+    id: str
+    model: str
+    inputs: Array | None
+    version: int | None = None
+    content_type: str = JSON
+    reply_to: str | None = None
+    deadline_ms: int | None = None
+    error: KvpipeError | None = None
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.inputs is None else int(self.inputs.shape[0])
+
+
+@dataclass(slots=True)
+class Result:
+    """The answer to one request; ``outputs`` is set when ``status == "ok"``."""
+
+    id: str
+    model: str
+    status: str
+    version: int | None = None
+    outputs: Array | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    cache: str | None = None
+    stale: bool = False
+    worker: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def meta(self) -> dict[str, Any]:
+        """Everything but the outputs, as JSON-able values."""
+        return {
+            "id": self.id,
+            "model": self.model,
+            "version": self.version,
+            "status": self.status,
+            "error": None
+            if self.error_code is None
+            else {"code": self.error_code, "message": self.error_message},
+            "cache": self.cache,
+            "stale": self.stale,
+            "worker": self.worker,
+            "timings": self.timings,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.meta()
+        out["outputs"] = None if self.outputs is None else self.outputs.tolist()
+        return out
+
+
+def error_result(request: Request, exc: KvpipeError, *, worker: str = "") -> Result:
+    """An error result answering ``request`` with the error's stable code."""
+    return Result(
+        id=request.id,
+        model=request.model,
+        status="error",
+        version=request.version,
+        error_code=exc.code,
+        error_message=str(exc),
+        worker=worker,
+    )
+
+
+def header(headers: Headers | None, name: str) -> bytes | None:
+    """The last value of header ``name`` (case-insensitive), or None."""
+    found = None
+    for key, value in headers or ():
+        if key.lower() == name:
+            found = value
+    return found
+
+
+def _text_header(headers: Headers | None, name: str) -> str | None:
+    raw = header(headers, name)
+    if raw is None:
+        return None
+    if len(raw) > MAX_HEADER_BYTES:
+        raise RequestError(f"header {name} is over {MAX_HEADER_BYTES} bytes", code="bad_request")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"header {name} is not UTF-8", code="bad_request") from None
+
+
+def _check_id(value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        raise UnreadableMessage(
+            f"request id must be a non-empty string of at most {MAX_ID_CHARS} characters",
+            code="missing_id",
+        )
+    return value
+
+
+def _check_model(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise RequestError("request has no model name", code="bad_request")
+    return value
+
+
+def _check_version(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise RequestError("version must be a positive integer", code="bad_request")
+    return value
+
+
+def check_inputs(raw: Any, limits: LimitSettings) -> Array:
+    """Turn rows of numbers into a finite float32 matrix within the limits, or raise."""
+    try:
+        arr = np.asarray(raw)
+    except (ValueError, TypeError) as exc:
+        raise RequestError(f"inputs are not a rectangular array: {exc}", code="bad_shape") from None
+    if arr.dtype.kind not in "iuf":
+        raise RequestError(
+            f"inputs must be numbers, got dtype {arr.dtype}", code="bad_dtype"
+        )
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise RequestError(
+            f"inputs must be a non-empty list of rows (2-D), got shape {arr.shape}",
+            code="bad_shape",
+        )
+    if arr.size > limits.max_elements or arr.shape[0] > limits.max_rows:
+        raise RequestError(
+            f"inputs of shape {arr.shape} are over the limits ({limits.max_rows} rows, "
+            f"{limits.max_elements} elements)",
+            code="too_large",
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise RequestError("inputs contain NaN or infinity (in float32)", code="non_finite")
+    return out
+
+
+def decode_request(
+    value: bytes | None, headers: Headers | None, limits: LimitSettings
+) -> Request:
+    """Read one request message; see the module docstring for the three outcomes."""
+    try:
+        ctype = (_text_header(headers, H_CONTENT_TYPE) or JSON).split(";")[0].strip().lower()
+    except RequestError as exc:
+        raise UnreadableMessage(str(exc)) from None
+    if value is None:
+        raise UnreadableMessage("message has no value (tombstone)", code="unreadable")
+    if ctype == NPY:
+        return _decode_npy(value, headers, limits)
+    if ctype != JSON:
+        raise UnreadableMessage(f"unsupported content-type {ctype!r}", code="unreadable")
+    if len(value) > limits.max_request_bytes:
+        raise UnreadableMessage(
+            f"request of {len(value)} bytes is over the limit of {limits.max_request_bytes}",
+            code="too_large",
+        )
+    try:
+        body = json.loads(value)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UnreadableMessage(f"not a JSON request: {exc}", code="unreadable") from None
+    if not isinstance(body, dict):
+        raise UnreadableMessage("a JSON request must be an object", code="unreadable")
+    request = Request(id=_check_id(body.get("id")), model="", inputs=None)
+    try:
+        request.model = _check_model(body.get("model"))
+        request.version = _check_version(body.get("version"))
+        request.reply_to, request.deadline_ms = _routing(headers)
+        if "inputs" not in body:
+            raise RequestError("request has no inputs", code="bad_request")
+        request.inputs = check_inputs(body["inputs"], limits)
+    except RequestError as exc:
+        request.error = exc
+    return request
+
+
+def _decode_npy(value: bytes, headers: Headers | None, limits: LimitSettings) -> Request:
+    try:
+        rid = _check_id(_text_header(headers, H_ID))
+    except RequestError as exc:
+        raise UnreadableMessage(str(exc), code="missing_id") from None
+    request = Request(id=rid, model="", inputs=None, content_type=NPY)
+    try:
+        request.model = _check_model(_text_header(headers, H_MODEL))
+        raw_version = _text_header(headers, H_VERSION)
+        if raw_version is not None:
+            try:
+                request.version = _check_version(int(raw_version))
+            except ValueError:
+                raise RequestError("version must be a positive integer",
+                                   code="bad_request") from None
+        request.reply_to, request.deadline_ms = _routing(headers)
+        try:
+            arr = from_npy(
+                value, max_bytes=limits.max_request_bytes, max_elements=limits.max_elements
+            )
+        except ValueError as exc:
+            code = "too_large" if "over the limit" in str(exc) else "bad_input"
+            raise RequestError(str(exc), code=code) from None
+        request.inputs = check_inputs(arr, limits)
+    except RequestError as exc:
+        request.error = exc
+    return request
+
+
+def _routing(headers: Headers | None) -> tuple[str | None, int | None]:
+    reply_to = _text_header(headers, H_REPLY_TO)
+    if reply_to is not None and not _TOPIC.match(reply_to):
+        raise RequestError(f"reply-to {reply_to[:80]!r} is not a topic name", code="bad_request")
+    raw_deadline = _text_header(headers, H_DEADLINE)
+    deadline = None
+    if raw_deadline is not None:
+        try:
+            deadline = int(raw_deadline)
+        except ValueError:
+            raise RequestError("deadline must be epoch milliseconds",
+                               code="bad_request") from None
+    return reply_to, deadline
+
+
+def encode_request(
+    *,
+    id: str,
+    model: str,
+    inputs: npt.ArrayLike,
+    version: int | None = None,
+    content_type: str = JSON,
+    reply_to: str | None = None,
+    deadline_ms: int | None = None,
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The value and headers of a request message."""
+    headers: list[tuple[str, bytes]] = [(H_CONTENT_TYPE, content_type.encode())]
+    if reply_to is not None:
+        headers.append((H_REPLY_TO, reply_to.encode()))
+    if deadline_ms is not None:
+        headers.append((H_DEADLINE, str(int(deadline_ms)).encode()))
+    if content_type == NPY:
+        headers += [(H_ID, id.encode()), (H_MODEL, model.encode())]
+        if version is not None:
+            headers.append((H_VERSION, str(version).encode()))
+        return to_npy(np.asarray(inputs, dtype=np.float32)), headers
+    body: dict[str, Any] = {"id": id, "model": model}
+    if version is not None:
+        body["version"] = version
+    arr = np.asarray(inputs)
+    body["inputs"] = arr.tolist() if isinstance(inputs, np.ndarray) else inputs
+    return json.dumps(body, separators=(",", ":")).encode(), headers
+
+
+def encode_result(
+    result: Result, content_type: str = JSON
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The value and headers of a result message; npy outputs when the request came as npy."""
+    if content_type == NPY and result.outputs is not None:
+        meta = json.dumps(result.meta(), separators=(",", ":")).encode()
+        return to_npy(result.outputs), [
+            (H_CONTENT_TYPE, NPY.encode()),
+            (H_ID, result.id.encode()),
+            (H_RESULT, meta),
+        ]
+    value = json.dumps(result.to_json(), separators=(",", ":")).encode()
+    return value, [(H_CONTENT_TYPE, JSON.encode())]
+
+
+def decode_result(value: bytes, headers: Headers | None) -> Result:
+    """Read a result message (JSON, or npy outputs with the metadata in a header)."""
+    ctype = (header(headers, H_CONTENT_TYPE) or JSON.encode()).decode()
+    try:
+        if ctype == NPY:
+            meta_raw = header(headers, H_RESULT)
+            if meta_raw is None:
+                raise ValueError("npy result without its kvpipe-result header")
+            meta = json.loads(meta_raw)
+            outputs: Array | None = from_npy(value).astype(np.float32, copy=False)
+        else:
+            meta = json.loads(value)
+            raw = meta.get("outputs")
+            outputs = None if raw is None else np.asarray(raw, dtype=np.float32)
+        err = meta.get("error") or {}
+        return Result(
+            id=str(meta["id"]),
+            model=str(meta.get("model", "")),
+            status=str(meta["status"]),
+            version=meta.get("version"),
+            outputs=outputs,
+            error_code=err.get("code"),
+            error_message=err.get("message"),
+            cache=meta.get("cache"),
+            stale=bool(meta.get("stale", False)),
+            worker=str(meta.get("worker", "")),
+            timings=dict(meta.get("timings") or {}),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UnreadableMessage(f"not a kvpipe result: {exc}") from None
+

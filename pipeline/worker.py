@@ -1,0 +1,461 @@
+"""The inference worker: consume requests, batch per model, compute in threads, answer, commit.
+
+At-least-once: a partition's offset is committed only once every message before it has its
+result (or dead-letter record) acknowledged by the broker. A message never stops the worker:
+unreadable bytes go to the dead-letter topic, wrong requests get an error result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import structlog
+
+from pipeline.config import Settings
+from pipeline.errors import BrokerUnavailable, KvpipeError, RequestError, UnreadableMessage
+from pipeline.kafka import CommitRejected, Consumer, Message, MessageTooLarge, Partition, Producer
+from pipeline.offsets import OffsetTracker
+from pipeline.registry import ModelRegistry, Resolved
+from pipeline.wire import (
+    H_DLQ_REASON,
+    H_DLQ_SOURCE,
+    Request,
+    Result,
+    decode_request,
+    encode_result,
+    error_result,
+)
+
+log = structlog.get_logger("kvpipe.worker")
+
+
+@dataclass
+class WorkerStats:
+    """Counters since the worker started."""
+
+    received: int = 0
+    ok: int = 0
+    errors: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    batched_rows: int = 0
+    commits: int = 0
+    commit_failures: int = 0
+    send_retries: int = 0
+    errors_by_code: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["errors_by_code"] = dict(self.errors_by_code)
+        return out
+
+
+@dataclass(slots=True)
+class _Item:
+    message: Message
+    request: Request
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    item: _Item
+    topic: str
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    result: Result | None
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Worker:
+    """One member of the worker group. ``async with Worker(...) as w: await w.run(stop)``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: ModelRegistry,
+        producer: Producer,
+        session_timeout_ms: int = 10_000,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.producer = producer
+        self.worker_id = settings.worker.worker_id or default_worker_id()
+        self.stats = WorkerStats()
+        self._kafka = settings.kafka
+        self._limits = settings.limits
+        self._cfg = settings.worker
+        self._session_timeout_ms = session_timeout_ms
+        self._consumer: Consumer | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._tracker_tasks: set[asyncio.Task[None]] = set()
+        self._tracker = OffsetTracker()
+        self._stopping = False
+        self._abandon = asyncio.Event()
+        self._closed = False
+
+    @property
+    def consumer(self) -> Consumer:
+        if self._consumer is None:
+            raise RuntimeError("worker is not started; use 'async with Worker(...)'")
+        return self._consumer
+
+    @property
+    def in_flight(self) -> int:
+        return self._tracker.in_flight
+
+    async def __aenter__(self) -> Self:
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._cfg.compute_threads, thread_name_prefix="kvpipe-compute"
+        )
+        self._consumer = Consumer(
+            self._kafka,
+            [self._kafka.requests_topic],
+            group_id=self._kafka.group_id,
+            on_revoked=self._on_revoked,
+            on_assigned=self._on_assigned,
+            session_timeout_ms=self._session_timeout_ms,
+        )
+        try:
+            await self._consumer.start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Cancel leftover work, leave the group, stop compute threads; safe twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._abandon.set()
+        tasks = list(self._tracker_tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            if self._consumer is not None:
+                await self._consumer.aclose()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- main loop -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then drain: finish and answer what was fetched, commit."""
+        loop = asyncio.get_running_loop()
+        consumer = self.consumer
+        next_commit = loop.time() + self._cfg.commit_interval_s
+        next_stats = loop.time() + 10.0
+        log.info("worker_started", worker=self.worker_id, topic=self._kafka.requests_topic,
+                 group=self._kafka.group_id)
+        while not stop.is_set():
+            room = self._cfg.max_in_flight - self._tracker.in_flight
+            if room <= 0:
+                await self._tracker.wait_changed(0.05)
+            else:
+                try:
+                    messages = await consumer.getmany(
+                        timeout_ms=100, max_records=min(room, self._cfg.fetch_max_records)
+                    )
+                except BrokerUnavailable as exc:
+                    log.warning("fetch_failed", error=str(exc))
+                    await asyncio.sleep(0.5)
+                    messages = []
+                if messages:
+                    self._dispatch(messages)
+            now = loop.time()
+            if now >= next_commit:
+                await self._commit()
+                next_commit = now + self._cfg.commit_interval_s
+            if now >= next_stats:
+                log.info("worker_stats", **self.snapshot())
+                next_stats = now + 10.0
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Wait (bounded) for fetched work to be answered, then commit what is complete."""
+        self._stopping = True
+        idle = await self._tracker.wait_idle(None, self._cfg.shutdown_timeout_s)
+        await self._commit()
+        log.info("worker_drained", worker=self.worker_id, complete=idle,
+                 left_uncommitted=self._tracker.in_flight, **self.stats.as_dict())
+
+    def snapshot(self) -> dict[str, Any]:
+        cache = self.registry.cache.stats
+        return {
+            "in_flight": self._tracker.in_flight,
+            **self.stats.as_dict(),
+            "cache_hit_rate": round(cache.hit_rate, 4),
+            "cache_bytes": cache.bytes,
+            "cache_loads": cache.loads,
+        }
+
+    # -- rebalance -------------------------------------------------------------------------
+
+    async def _on_revoked(self, partitions: list[Partition]) -> None:
+        """Finish work of revoked partitions (bounded), commit it, then forget them."""
+        if not partitions:
+            return
+        idle = await self._tracker.wait_idle(partitions, min(self._cfg.shutdown_timeout_s, 5.0))
+        offsets = self._tracker.committable(partitions)
+        try:
+            await self.consumer.commit(offsets)  # type: ignore[arg-type]
+            self._tracker.committed(offsets)
+        except (CommitRejected, BrokerUnavailable) as exc:
+            self.stats.commit_failures += 1
+            log.warning("commit_on_revoke_failed", error=str(exc))
+        dropped = self._tracker.forget(partitions)
+        log.info("partitions_revoked", partitions=[str(p) for p in partitions],
+                 finished=idle, dropped_uncommitted=dropped)
+
+    async def _on_assigned(self, partitions: list[Partition]) -> None:
+        log.info("partitions_assigned", partitions=[str(p) for p in partitions])
+
+    async def _commit(self) -> None:
+        offsets = self._tracker.committable()
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)  # type: ignore[arg-type]
+        except (CommitRejected, BrokerUnavailable) as exc:
+            self.stats.commit_failures += 1
+            log.warning("commit_failed", error=str(exc))
+            return
+        self._tracker.committed(offsets)
+        self.stats.commits += 1
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tracker_tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tracker_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task_failed", error=repr(task.exception()))
+
+    def _dispatch(self, messages: Sequence[Message]) -> None:
+        groups: dict[tuple[str, int | None], list[_Item]] = defaultdict(list)
+        now_ms = time.time() * 1000
+        for msg in messages:
+            self._tracker.add(msg.partition, msg.offset)
+            self.stats.received += 1
+            try:
+                request = decode_request(msg.value, msg.headers, self._limits)
+            except UnreadableMessage as exc:
+                self._spawn(self._dead_letter(msg, exc))
+                continue
+            item = _Item(msg, request)
+            if request.error is None and request.deadline_ms is not None \
+                    and now_ms > request.deadline_ms:
+                request.error = RequestError(
+                    "deadline passed before the request was run", code="deadline_exceeded"
+                )
+            if request.error is not None:
+                self._spawn(self._reply([(item, error_result(request, request.error,
+                                                              worker=self.worker_id))]))
+                continue
+            groups[(request.model, request.version)].append(item)
+        limit = self._cfg.max_batch_size
+        for (model, version), items in groups.items():
+            chunk: list[_Item] = []
+            rows = 0
+            for item in items:
+                if chunk and rows + item.request.rows > limit:
+                    self._spawn(self._run_batch(model, version, chunk))
+                    chunk, rows = [], 0
+                chunk.append(item)
+                rows += item.request.rows
+            if chunk:
+                self._spawn(self._run_batch(model, version, chunk))
+
+    async def _run_batch(self, model: str, version: int | None, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        started_wall = time.time() * 1000
+        try:
+            resolved = await self.registry.resolve(model, version)
+        except KvpipeError as exc:
+            log.warning("params_failed", model=model, version=version, code=exc.code,
+                        error=str(exc), requests=len(items))
+            await self._reply(
+                [(it, error_result(it.request, exc, worker=self.worker_id)) for it in items]
+            )
+            return
+        loaded = time.perf_counter()
+        good: list[_Item] = []
+        answers: list[tuple[_Item, Result]] = []
+        for it in items:
+            assert it.request.inputs is not None
+            if it.request.inputs.shape[1] != resolved.model.input_dim:
+                err: KvpipeError = RequestError(
+                    f"inputs have {it.request.inputs.shape[1]} columns; model {model!r} "
+                    f"v{resolved.version} takes {resolved.model.input_dim}",
+                    code="bad_shape",
+                )
+                answers.append((it, error_result(it.request, err, worker=self.worker_id)))
+            else:
+                good.append(it)
+        if good:
+            try:
+                outputs = await self._compute(resolved, [it.request for it in good])
+            except Exception as exc:
+                log.exception("compute_failed", model=model, version=resolved.version)
+                failure = KvpipeError(f"compute failed: {type(exc).__name__}: {exc}")
+                answers += [(it, error_result(it.request, failure, worker=self.worker_id))
+                            for it in good]
+            else:
+                computed = time.perf_counter()
+                load_ms = (loaded - started) * 1000
+                compute_ms = (computed - loaded) * 1000
+                done_wall = time.time() * 1000
+                self.stats.batches += 1
+                self.stats.batched_rows += sum(it.request.rows for it in good)
+                for it, out in zip(good, outputs, strict=True):
+                    answers.append((it, Result(
+                        id=it.request.id,
+                        model=model,
+                        status="ok",
+                        version=resolved.version,
+                        outputs=out,
+                        cache=resolved.source.value,
+                        stale=resolved.source.value == "stale",
+                        worker=self.worker_id,
+                        timings={
+                            "queue_ms": round(max(0.0, started_wall - it.message.timestamp_ms), 3),
+                            "load_ms": round(load_ms, 3),
+                            "compute_ms": round(compute_ms, 3),
+                            "total_ms": round(max(0.0, done_wall - it.message.timestamp_ms), 3),
+                        },
+                    )))
+        for _, res in answers:
+            if res.version is None and res.status == "error":
+                res.version = resolved.version
+        await self._reply(answers)
+
+    async def _compute(self, resolved: Resolved, requests: list[Request]) -> list[Any]:
+        arrays = [r.inputs for r in requests]
+        x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        y = await loop.run_in_executor(
+            self._executor, resolved.model.forward, resolved.params, x  # type: ignore[arg-type]
+        )
+        bounds = np.cumsum([r.rows for r in requests])[:-1]
+        return list(np.split(y, bounds))
+
+    # -- output ----------------------------------------------------------------------------
+
+    async def _dead_letter(self, msg: Message, exc: UnreadableMessage) -> None:
+        reason = f"{exc.code}: {exc}"[:900]
+        headers = [(k, v) for k, v in msg.headers if k not in (H_DLQ_REASON, H_DLQ_SOURCE)]
+        headers += [
+            (H_DLQ_REASON, reason.encode()),
+            (H_DLQ_SOURCE, f"{msg.partition}@{msg.offset}".encode()),
+        ]
+        log.warning("dead_lettered", source=f"{msg.partition}@{msg.offset}", reason=reason)
+        item = _Item(msg, Request(id="", model="", inputs=None))
+        out = _Outgoing(item, self._kafka.dlq_topic, msg.value or b"", headers, None)
+        await self._deliver([out], key=lambda o: msg.key)
+        self.stats.dead_lettered += 1
+
+    async def _reply(self, answers: list[tuple[_Item, Result]]) -> None:
+        outgoing: list[_Outgoing] = []
+        for item, result in answers:
+            if result.ok:
+                self.stats.ok += 1
+            else:
+                self.stats.errors += 1
+                self.stats.errors_by_code[result.error_code or "internal"] += 1
+                if result.error_code not in ("unknown_model", "unknown_version", "bad_shape",
+                                             "bad_dtype", "non_finite", "too_large",
+                                             "bad_request", "bad_input"):
+                    log.warning("request_failed", request_id=result.id, model=result.model,
+                                code=result.error_code, error=result.error_message)
+            topic = item.request.reply_to or self._kafka.results_topic
+            value, headers = encode_result(result, item.request.content_type)
+            outgoing.append(_Outgoing(item, topic, value, headers, result))
+        await self._deliver(outgoing, key=lambda o: o.item.request.id.encode())
+
+    async def _deliver(self, outgoing: list[_Outgoing], key: Any) -> None:
+        """Send and wait for acks; retry what failed until it lands or the worker abandons."""
+        delay = 0.1
+        while outgoing:
+            futures: list[tuple[_Outgoing, asyncio.Future[Any] | None]] = []
+            for out in outgoing:
+                futures.append(await self._enqueue(out, key))
+            live = [f for _, f in futures if f is not None]
+            if live:
+                await asyncio.wait(live, timeout=self.producer.send_timeout_s)
+            failed: list[_Outgoing] = []
+            for out, fut in futures:
+                if fut is not None and fut.done() and not fut.cancelled() \
+                        and fut.exception() is None:
+                    self._tracker.finish(out.item.message.partition, out.item.message.offset)
+                else:
+                    if fut is not None and not fut.done():
+                        fut.cancel()
+                    failed.append(out)
+            if not failed:
+                return
+            self.stats.send_retries += len(failed)
+            log.warning("send_failed", count=len(failed), retry_in_s=delay)
+            if self._abandon.is_set():
+                return
+            try:
+                await asyncio.wait_for(self._abandon.wait(), delay)
+                return
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, 5.0)
+            outgoing = failed
+
+    async def _enqueue(
+        self, out: _Outgoing, key: Any
+    ) -> tuple[_Outgoing, asyncio.Future[Any] | None]:
+        for _ in range(2):
+            try:
+                fut = await self.producer.enqueue(out.topic, out.value, key=key(out),
+                                                  headers=out.headers)
+                return out, fut
+            except MessageTooLarge as exc:
+                out = self._shrink(out, exc)
+            except BrokerUnavailable:
+                return out, None
+        return out, None
+
+    def _shrink(self, out: _Outgoing, exc: MessageTooLarge) -> _Outgoing:
+        """Replace a message too large to send by a small one that says so."""
+        if out.result is None:  # a dead letter: keep the reason, cut the payload
+            cut = [*out.headers, ("kvpipe-dlq-truncated", b"1")]
+            return _Outgoing(out.item, out.topic, out.value[:1024], cut, None)
+        err = KvpipeError(str(exc), code="result_too_large")
+        small = error_result(out.item.request, err, worker=self.worker_id)
+        small.version = out.result.version
+        self.stats.errors_by_code["result_too_large"] += 1
+        value, headers = encode_result(small)
+        return _Outgoing(out.item, out.topic, value, headers, small)
