@@ -164,38 +164,87 @@ class EnvVar:
 
 
 ENV_VARS: tuple[EnvVar, ...] = (
-    EnvVar("KVPIPE_KAFKA", "kafka.bootstrap", str, "Kafka bootstrap servers, host:port[,host:port]"),
-    EnvVar("KVPIPE_REDIS", "redis.url", str, "Redis URL, redis://[user:pass@]host:port/db",
-           secret=True),
-    EnvVar("KVPIPE_REDIS_BACKEND", "redis.backend", _choice("redis-py", "asyncio-redis"),
-           "Redis client: redis-py (default) or asyncio-redis"),
-    EnvVar("KVPIPE_REDIS_TIMEOUT", "redis.timeout_s", _positive_float,
-           "Seconds any Redis command may take"),
+    EnvVar(
+        "KVPIPE_KAFKA", "kafka.bootstrap", str, "Kafka bootstrap servers, host:port[,host:port]"
+    ),
+    EnvVar(
+        "KVPIPE_REDIS", "redis.url", str, "Redis URL, redis://[user:pass@]host:port/db", secret=True
+    ),
+    EnvVar(
+        "KVPIPE_REDIS_BACKEND",
+        "redis.backend",
+        _choice("redis-py", "asyncio-redis"),
+        "Redis client: redis-py (default) or asyncio-redis",
+    ),
+    EnvVar(
+        "KVPIPE_REDIS_TIMEOUT",
+        "redis.timeout_s",
+        _positive_float,
+        "Seconds any Redis command may take",
+    ),
     EnvVar("KVPIPE_KEY_PREFIX", "redis.key_prefix", str, "Prefix of every Redis key"),
-    EnvVar("KVPIPE_TOPIC_PREFIX", "kafka.topic_prefix", str,
-           "Prefix of the topic names (PREFIX.requests, .results, .dlq, .updates)"),
-    EnvVar("KVPIPE_PARTITIONS", "kafka.partitions", _positive_int,
-           "Partitions of topics the worker creates"),
+    EnvVar(
+        "KVPIPE_TOPIC_PREFIX",
+        "kafka.topic_prefix",
+        str,
+        "Prefix of the topic names (PREFIX.requests, .results, .dlq, .updates)",
+    ),
+    EnvVar(
+        "KVPIPE_PARTITIONS",
+        "kafka.partitions",
+        _positive_int,
+        "Partitions of topics the worker creates",
+    ),
     EnvVar("KVPIPE_GROUP", "kafka.group_id", str, "Consumer group of the workers"),
-    EnvVar("KVPIPE_CACHE_BYTES", "cache.capacity_bytes", _positive_int,
-           "Parameter cache capacity in bytes"),
-    EnvVar("KVPIPE_CACHE_TTL", "cache.ttl_s", _positive_float,
-           "Seconds a cached parameter lives after it was loaded"),
-    EnvVar("KVPIPE_VERSION_TTL", "cache.version_ttl_s", _positive_float,
-           "Seconds a cached serving-version pointer lives"),
-    EnvVar("KVPIPE_CACHE_POLICY", "cache.policy", _choice("lru", "lfu"),
-           "Eviction policy: lru or lfu"),
-    EnvVar("KVPIPE_MAX_BATCH", "worker.max_batch_size", _positive_int,
-           "Largest micro-batch the worker computes at once"),
-    EnvVar("KVPIPE_MAX_IN_FLIGHT", "worker.max_in_flight", _positive_int,
-           "Requests a worker holds before it stops fetching"),
-    EnvVar("KVPIPE_COMPUTE_THREADS", "worker.compute_threads", _positive_int,
-           "Threads running numpy compute"),
+    EnvVar(
+        "KVPIPE_CACHE_BYTES",
+        "cache.capacity_bytes",
+        _positive_int,
+        "Parameter cache capacity in bytes",
+    ),
+    EnvVar(
+        "KVPIPE_CACHE_TTL",
+        "cache.ttl_s",
+        _positive_float,
+        "Seconds a cached parameter lives after it was loaded",
+    ),
+    EnvVar(
+        "KVPIPE_VERSION_TTL",
+        "cache.version_ttl_s",
+        _positive_float,
+        "Seconds a cached serving-version pointer lives",
+    ),
+    EnvVar(
+        "KVPIPE_CACHE_POLICY", "cache.policy", _choice("lru", "lfu"), "Eviction policy: lru or lfu"
+    ),
+    EnvVar(
+        "KVPIPE_MAX_BATCH",
+        "worker.max_batch_size",
+        _positive_int,
+        "Largest micro-batch the worker computes at once",
+    ),
+    EnvVar(
+        "KVPIPE_MAX_IN_FLIGHT",
+        "worker.max_in_flight",
+        _positive_int,
+        "Requests a worker holds before it stops fetching",
+    ),
+    EnvVar(
+        "KVPIPE_COMPUTE_THREADS",
+        "worker.compute_threads",
+        _positive_int,
+        "Threads running numpy compute",
+    ),
     EnvVar("KVPIPE_WORKER_ID", "worker.worker_id", str, "Name of this worker in results and logs"),
-    EnvVar("KVPIPE_LOG_FORMAT", "log_format", _choice("auto", "json", "console"),
-           "Log format: auto (pretty on a TTY, JSON otherwise), json or console"),
-    EnvVar("KVPIPE_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"),
-           "Log level"),
+    EnvVar(
+        "KVPIPE_LOG_FORMAT",
+        "log_format",
+        _choice("auto", "json", "console"),
+        "Log format: auto (pretty on a TTY, JSON otherwise), json or console",
+    ),
+    EnvVar(
+        "KVPIPE_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "Log level"
+    ),
 )
 
 
@@ -216,9 +265,7 @@ def with_values(settings: Settings, values: Mapping[str, Any]) -> Settings:
     return dataclasses.replace(settings, **top)
 
 
-def settings_from_env(
-    environ: Mapping[str, str], base: Settings | None = None
-) -> Settings:
+def settings_from_env(environ: Mapping[str, str], base: Settings | None = None) -> Settings:
     """Build settings from ``KVPIPE_*`` variables in ``environ`` on top of ``base``."""
     values: dict[str, Any] = {}
     for var in ENV_VARS:

@@ -280,9 +280,7 @@ class Consumer:
         """Without a group: take every partition of the topics, from the end or the start."""
         tps: list[TopicPartition] = []
         for topic in self.topics:
-            parts = await _bounded(
-                self.settings, "reading partitions", self._partitions_for(topic)
-            )
+            parts = await _bounded(self.settings, "reading partitions", self._partitions_for(topic))
             tps += [TopicPartition(topic, p) for p in sorted(parts)]
         self._consumer.assign(tps)
         if from_end:

@@ -71,10 +71,7 @@ class ModelRegistry:
         model = self._model_for(manifest)
         names = list(manifest.tensors)
         loaded = await asyncio.gather(
-            *(
-                self.cache.get(("t", name, v, t), self._tensor_loader(manifest, t))
-                for t in names
-            )
+            *(self.cache.get(("t", name, v, t), self._tensor_loader(manifest, t)) for t in names)
         )
         params = {t: arr for t, (arr, _) in zip(names, loaded, strict=True)}
         sources.extend(s for _, s in loaded)
@@ -90,9 +87,7 @@ class ModelRegistry:
             try:
                 model = build_model(manifest.arch)
             except ConfigError as exc:
-                raise ParamsCorrupt(
-                    f"{manifest.model!r} v{manifest.version}: {exc}"
-                ) from None
+                raise ParamsCorrupt(f"{manifest.model!r} v{manifest.version}: {exc}") from None
             specs = model.tensor_specs()
             for t, meta in manifest.tensors.items():
                 spec = specs.get(t)

@@ -46,8 +46,12 @@ class TensorMeta:
     nbytes: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "shape": list(self.shape), "sha256": self.sha256,
-                "nbytes": self.nbytes}
+        return {
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "sha256": self.sha256,
+            "nbytes": self.nbytes,
+        }
 
 
 @dataclass(frozen=True)

@@ -165,9 +165,7 @@ def check_inputs(raw: Any, limits: LimitSettings) -> Array:
     except (ValueError, TypeError) as exc:
         raise RequestError(f"inputs are not a rectangular array: {exc}", code="bad_shape") from None
     if arr.dtype.kind not in "iuf":
-        raise RequestError(
-            f"inputs must be numbers, got dtype {arr.dtype}", code="bad_dtype"
-        )
+        raise RequestError(f"inputs must be numbers, got dtype {arr.dtype}", code="bad_dtype")
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise RequestError(
             f"inputs must be a non-empty list of rows (2-D), got shape {arr.shape}",
@@ -186,9 +184,7 @@ def check_inputs(raw: Any, limits: LimitSettings) -> Array:
     return out
 
 
-def decode_request(
-    value: bytes | None, headers: Headers | None, limits: LimitSettings
-) -> Request:
+def decode_request(value: bytes | None, headers: Headers | None, limits: LimitSettings) -> Request:
     """Read one request message; see the module docstring for the three outcomes."""
     try:
         ctype = (_text_header(headers, H_CONTENT_TYPE) or JSON).split(";")[0].strip().lower()
@@ -237,8 +233,9 @@ def _decode_npy(value: bytes, headers: Headers | None, limits: LimitSettings) ->
             try:
                 request.version = _check_version(int(raw_version))
             except ValueError:
-                raise RequestError("version must be a positive integer",
-                                   code="bad_request") from None
+                raise RequestError(
+                    "version must be a positive integer", code="bad_request"
+                ) from None
         request.reply_to, request.deadline_ms = _routing(headers)
         try:
             arr = from_npy(
@@ -263,8 +260,7 @@ def _routing(headers: Headers | None) -> tuple[str | None, int | None]:
         try:
             deadline = int(raw_deadline)
         except ValueError:
-            raise RequestError("deadline must be epoch milliseconds",
-                               code="bad_request") from None
+            raise RequestError("deadline must be epoch milliseconds", code="bad_request") from None
     return reply_to, deadline
 
 
@@ -342,4 +338,3 @@ def decode_result(value: bytes, headers: Headers | None) -> Result:
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UnreadableMessage(f"not a kvpipe result: {exc}") from None
-

@@ -105,6 +105,7 @@ class Worker:
         self._tracker = OffsetTracker()
         self._stopping = False
         self._abandon = asyncio.Event()
+        self.assigned = asyncio.Event()
         self._closed = False
 
     @property
@@ -170,8 +171,12 @@ class Worker:
         consumer = self.consumer
         next_commit = loop.time() + self._cfg.commit_interval_s
         next_stats = loop.time() + 10.0
-        log.info("worker_started", worker=self.worker_id, topic=self._kafka.requests_topic,
-                 group=self._kafka.group_id)
+        log.info(
+            "worker_started",
+            worker=self.worker_id,
+            topic=self._kafka.requests_topic,
+            group=self._kafka.group_id,
+        )
         while not stop.is_set():
             room = self._cfg.max_in_flight - self._tracker.in_flight
             if room <= 0:
@@ -201,8 +206,13 @@ class Worker:
         self._stopping = True
         idle = await self._tracker.wait_idle(None, self._cfg.shutdown_timeout_s)
         await self._commit()
-        log.info("worker_drained", worker=self.worker_id, complete=idle,
-                 left_uncommitted=self._tracker.in_flight, **self.stats.as_dict())
+        log.info(
+            "worker_drained",
+            worker=self.worker_id,
+            complete=idle,
+            left_uncommitted=self._tracker.in_flight,
+            **self.stats.as_dict(),
+        )
 
     def snapshot(self) -> dict[str, Any]:
         cache = self.registry.cache.stats
@@ -229,10 +239,16 @@ class Worker:
             self.stats.commit_failures += 1
             log.warning("commit_on_revoke_failed", error=str(exc))
         dropped = self._tracker.forget(partitions)
-        log.info("partitions_revoked", partitions=[str(p) for p in partitions],
-                 finished=idle, dropped_uncommitted=dropped)
+        log.info(
+            "partitions_revoked",
+            partitions=[str(p) for p in partitions],
+            finished=idle,
+            dropped_uncommitted=dropped,
+        )
 
     async def _on_assigned(self, partitions: list[Partition]) -> None:
+        if partitions:
+            self.assigned.set()
         log.info("partitions_assigned", partitions=[str(p) for p in partitions])
 
     async def _commit(self) -> None:
@@ -272,14 +288,20 @@ class Worker:
                 self._spawn(self._dead_letter(msg, exc))
                 continue
             item = _Item(msg, request)
-            if request.error is None and request.deadline_ms is not None \
-                    and now_ms > request.deadline_ms:
+            if (
+                request.error is None
+                and request.deadline_ms is not None
+                and now_ms > request.deadline_ms
+            ):
                 request.error = RequestError(
                     "deadline passed before the request was run", code="deadline_exceeded"
                 )
             if request.error is not None:
-                self._spawn(self._reply([(item, error_result(request, request.error,
-                                                              worker=self.worker_id))]))
+                self._spawn(
+                    self._reply(
+                        [(item, error_result(request, request.error, worker=self.worker_id))]
+                    )
+                )
                 continue
             groups[(request.model, request.version)].append(item)
         limit = self._cfg.max_batch_size
@@ -301,8 +323,14 @@ class Worker:
         try:
             resolved = await self.registry.resolve(model, version)
         except KvpipeError as exc:
-            log.warning("params_failed", model=model, version=version, code=exc.code,
-                        error=str(exc), requests=len(items))
+            log.warning(
+                "params_failed",
+                model=model,
+                version=version,
+                code=exc.code,
+                error=str(exc),
+                requests=len(items),
+            )
             await self._reply(
                 [(it, error_result(it.request, exc, worker=self.worker_id)) for it in items]
             )
@@ -327,8 +355,9 @@ class Worker:
             except Exception as exc:
                 log.exception("compute_failed", model=model, version=resolved.version)
                 failure = KvpipeError(f"compute failed: {type(exc).__name__}: {exc}")
-                answers += [(it, error_result(it.request, failure, worker=self.worker_id))
-                            for it in good]
+                answers += [
+                    (it, error_result(it.request, failure, worker=self.worker_id)) for it in good
+                ]
             else:
                 computed = time.perf_counter()
                 load_ms = (loaded - started) * 1000
@@ -337,22 +366,31 @@ class Worker:
                 self.stats.batches += 1
                 self.stats.batched_rows += sum(it.request.rows for it in good)
                 for it, out in zip(good, outputs, strict=True):
-                    answers.append((it, Result(
-                        id=it.request.id,
-                        model=model,
-                        status="ok",
-                        version=resolved.version,
-                        outputs=out,
-                        cache=resolved.source.value,
-                        stale=resolved.source.value == "stale",
-                        worker=self.worker_id,
-                        timings={
-                            "queue_ms": round(max(0.0, started_wall - it.message.timestamp_ms), 3),
-                            "load_ms": round(load_ms, 3),
-                            "compute_ms": round(compute_ms, 3),
-                            "total_ms": round(max(0.0, done_wall - it.message.timestamp_ms), 3),
-                        },
-                    )))
+                    answers.append(
+                        (
+                            it,
+                            Result(
+                                id=it.request.id,
+                                model=model,
+                                status="ok",
+                                version=resolved.version,
+                                outputs=out,
+                                cache=resolved.source.value,
+                                stale=resolved.source.value == "stale",
+                                worker=self.worker_id,
+                                timings={
+                                    "queue_ms": round(
+                                        max(0.0, started_wall - it.message.timestamp_ms), 3
+                                    ),
+                                    "load_ms": round(load_ms, 3),
+                                    "compute_ms": round(compute_ms, 3),
+                                    "total_ms": round(
+                                        max(0.0, done_wall - it.message.timestamp_ms), 3
+                                    ),
+                                },
+                            ),
+                        )
+                    )
         for _, res in answers:
             if res.version is None and res.status == "error":
                 res.version = resolved.version
@@ -363,7 +401,10 @@ class Worker:
         x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         y = await loop.run_in_executor(
-            self._executor, resolved.model.forward, resolved.params, x  # type: ignore[arg-type]
+            self._executor,
+            resolved.model.forward,  # type: ignore[arg-type]
+            resolved.params,
+            x,
         )
         bounds = np.cumsum([r.rows for r in requests])[:-1]
         return list(np.split(y, bounds))
@@ -391,11 +432,23 @@ class Worker:
             else:
                 self.stats.errors += 1
                 self.stats.errors_by_code[result.error_code or "internal"] += 1
-                if result.error_code not in ("unknown_model", "unknown_version", "bad_shape",
-                                             "bad_dtype", "non_finite", "too_large",
-                                             "bad_request", "bad_input"):
-                    log.warning("request_failed", request_id=result.id, model=result.model,
-                                code=result.error_code, error=result.error_message)
+                if result.error_code not in (
+                    "unknown_model",
+                    "unknown_version",
+                    "bad_shape",
+                    "bad_dtype",
+                    "non_finite",
+                    "too_large",
+                    "bad_request",
+                    "bad_input",
+                ):
+                    log.warning(
+                        "request_failed",
+                        request_id=result.id,
+                        model=result.model,
+                        code=result.error_code,
+                        error=result.error_message,
+                    )
             topic = item.request.reply_to or self._kafka.results_topic
             value, headers = encode_result(result, item.request.content_type)
             outgoing.append(_Outgoing(item, topic, value, headers, result))
@@ -413,8 +466,12 @@ class Worker:
                 await asyncio.wait(live, timeout=self.producer.send_timeout_s)
             failed: list[_Outgoing] = []
             for out, fut in futures:
-                if fut is not None and fut.done() and not fut.cancelled() \
-                        and fut.exception() is None:
+                if (
+                    fut is not None
+                    and fut.done()
+                    and not fut.cancelled()
+                    and fut.exception() is None
+                ):
                     self._tracker.finish(out.item.message.partition, out.item.message.offset)
                 else:
                     if fut is not None and not fut.done():
@@ -439,8 +496,9 @@ class Worker:
     ) -> tuple[_Outgoing, asyncio.Future[Any] | None]:
         for _ in range(2):
             try:
-                fut = await self.producer.enqueue(out.topic, out.value, key=key(out),
-                                                  headers=out.headers)
+                fut = await self.producer.enqueue(
+                    out.topic, out.value, key=key(out), headers=out.headers
+                )
                 return out, fut
             except MessageTooLarge as exc:
                 out = self._shrink(out, exc)

@@ -1,0 +1,99 @@
+"""The inference worker process: requests in, results out, parameters through the cache.
+
+``kvpipe serve`` runs it; so does ``python -m consumers.inference`` (settings from env).
+SIGTERM or SIGINT: stop fetching, answer what is in flight, commit, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+
+import structlog
+
+from pipeline.cache import ParamCache
+from pipeline.config import Settings, settings_from_env
+from pipeline.errors import KvpipeError
+from pipeline.kafka import Producer, ensure_topics
+from pipeline.kv import open_kv
+from pipeline.logging import configure_logging
+from pipeline.registry import ModelRegistry
+from pipeline.store import ParamStore
+from pipeline.worker import Worker, WorkerStats
+
+log = structlog.get_logger("kvpipe.inference")
+
+
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    on_ready: Callable[[Worker], None] | None = None,
+) -> WorkerStats:
+    """Run one worker until ``stop`` is set; returns its counters after the drain."""
+    async with AsyncExitStack() as stack:
+        kv = await stack.enter_async_context(open_kv(settings.redis))
+        store = ParamStore(kv, prefix=settings.redis.key_prefix)
+        cache: ParamCache[object] = await stack.enter_async_context(
+            ParamCache(
+                capacity_bytes=settings.cache.capacity_bytes,
+                ttl_s=settings.cache.ttl_s,
+                policy=settings.cache.policy,
+                jitter=0.1,
+            )
+        )
+        registry = ModelRegistry(store, cache, version_ttl_s=settings.cache.version_ttl_s)
+        k = settings.kafka
+        await ensure_topics(k, [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic])
+        producer = await stack.enter_async_context(
+            Producer(k, send_timeout_s=settings.worker.send_timeout_s)
+        )
+        worker = await stack.enter_async_context(
+            Worker(settings, registry=registry, producer=producer)
+        )
+        structlog.contextvars.bind_contextvars(worker=worker.worker_id)
+        if on_ready is not None:
+            on_ready(worker)
+        await worker.run(stop)
+        return worker.stats
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set ``stop`` (a second signal exits at once)."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second_signal_exit", signal=signum)
+            os._exit(1)
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+async def run_until_signalled(settings: Settings) -> WorkerStats:
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    return await serve(settings, stop)
+
+
+def main(settings: Settings | None = None) -> int:
+    """Entry point: 0 after a clean drain, 2 with one line on stderr when it cannot run."""
+    try:
+        settings = settings or settings_from_env(os.environ)
+        configure_logging(fmt=settings.log_format, level=settings.log_level)
+        asyncio.run(run_until_signalled(settings))
+    except KvpipeError as exc:
+        print(f"kvpipe serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

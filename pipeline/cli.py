@@ -1,0 +1,368 @@
+"""The ``kvpipe`` command: serve, publish, produce, results, local up|down, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import ENV_VARS, Settings, settings_from_env, validate, with_values
+from pipeline.errors import ConfigError, KvpipeError
+from pipeline.logging import configure_logging
+
+PROG = "kvpipe"
+
+
+def _add_connection_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connections (flags override the environment)")
+    g.add_argument("--kafka", metavar="HOST:PORT[,...]", help="Kafka bootstrap (KVPIPE_KAFKA)")
+    g.add_argument("--redis", metavar="URL", help="redis://[user:pass@]host:port/db (KVPIPE_REDIS)")
+    g.add_argument("--redis-backend", choices=["redis-py", "asyncio-redis"],
+                   help="Redis client (KVPIPE_REDIS_BACKEND)")
+    g.add_argument("--topic-prefix", metavar="P", help="topic names P.requests, P.results, ...")
+    g.add_argument("--key-prefix", metavar="P", help="prefix of every Redis key")
+    g.add_argument("--log-format", choices=["auto", "json", "console"])
+    g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+_FLAG_PATHS = {
+    "kafka": "kafka.bootstrap",
+    "redis": "redis.url",
+    "redis_backend": "redis.backend",
+    "topic_prefix": "kafka.topic_prefix",
+    "key_prefix": "redis.key_prefix",
+    "log_format": "log_format",
+    "log_level": "log_level",
+    "partitions": "kafka.partitions",
+    "group": "kafka.group_id",
+    "cache_bytes": "cache.capacity_bytes",
+    "cache_ttl": "cache.ttl_s",
+    "cache_policy": "cache.policy",
+    "max_batch": "worker.max_batch_size",
+    "worker_id": "worker.worker_id",
+}
+
+
+def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """Settings from the environment, then the command's flags on top."""
+    settings = settings_from_env(environ)
+    values = {path: getattr(args, name, None) for name, path in _FLAG_PATHS.items()}
+    return validate(with_values(settings, values))
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.inference import run_until_signalled
+
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
+    asyncio.run(run_until_signalled(settings))
+    return 0
+
+
+def _arch_from_tensors(names: Sequence[str], arrays: Mapping[str, np.ndarray[Any, Any]],
+                       activation: str) -> dict[str, Any]:
+    """Guess the architecture of an .npz: w0,b0,... is an MLP; weight1,bias1,... linear heads."""
+    if "w0" in names:
+        layers = [int(arrays["w0"].shape[0])]
+        i = 0
+        while f"w{i}" in names:
+            layers.append(int(arrays[f"w{i}"].shape[1]))
+            i += 1
+        return {"kind": "mlp", "layers": layers, "activation": activation, "softmax": False}
+    if "weight1" in names:
+        heads = sum(1 for n in names if n.startswith("weight"))
+        w = arrays["weight1"]
+        return {"kind": "linear_heads", "dim_in": int(w.shape[0]), "dim_out": int(w.shape[1]),
+                "heads": heads}
+    raise ConfigError(
+        "cannot tell the architecture from the tensor names; pass --arch JSON "
+        "(MLP tensors are w0,b0,w1,b1,...; linear heads weight1,bias1,...)"
+    )
+
+
+async def _publish(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.kv import open_kv
+    from pipeline.models import build_model, preset
+    from pipeline.store import ParamStore
+
+    if args.from_file:
+        path = Path(args.from_file)
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path} as a .npz of arrays: {exc}") from None
+        arch = json.loads(args.arch) if args.arch else _arch_from_tensors(
+            list(arrays), arrays, args.activation)
+    else:
+        model = preset(args.preset) if not args.arch else build_model(json.loads(args.arch))
+        arch = model.arch
+        arrays = model.init(args.seed)
+    async with open_kv(settings.redis) as kv:
+        manifest = await ParamStore(kv, prefix=settings.redis.key_prefix).publish(
+            args.model, arch, arrays
+        )
+    if args.json:
+        print(json.dumps({"model": args.model, "version": manifest.version,
+                          "bytes": manifest.nbytes}))
+    else:
+        print(manifest.version)
+    return 0
+
+
+def _read_inputs(path: Path) -> list[tuple[str | None, Any, str | None]]:
+    """Rows from a JSONL file ({"id"?, "model"?, "inputs"}) or a .npy matrix."""
+    if path.suffix == ".npy":
+        from pipeline.npy import from_npy
+
+        try:
+            arr = from_npy(path.read_bytes())
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        if arr.ndim == 1:
+            arr = arr.reshape(1, -1)
+        return [(None, arr[i : i + 1], None) for i in range(arr.shape[0])]
+    rows: list[tuple[str | None, Any, str | None]] = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            rows.append((obj.get("id"), obj["inputs"], obj.get("model")))
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise ConfigError(f"{path}:{n}: not a JSON request line ({exc})") from None
+    return rows
+
+
+async def _produce(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.client import InferenceClient
+    from pipeline.kafka import ensure_topics
+    from pipeline.wire import JSON, NPY
+
+    if args.file:
+        rows = _read_inputs(Path(args.file))
+    else:
+        dim = args.dim or await _input_dim(settings, args.model)
+        rng = np.random.default_rng(args.seed)
+        rows = [(None, rng.standard_normal((args.rows, dim)).astype(np.float32), None)
+                for _ in range(args.count)]
+    await ensure_topics(settings.kafka, [settings.kafka.requests_topic])
+    started = time.perf_counter()
+    ids = []
+    async with InferenceClient(settings.kafka, content_type=NPY if args.npy else JSON) as c:
+        for rid, inputs, model in rows:
+            ids.append(await c.submit(model or args.model, inputs, id=rid or uuid.uuid4().hex,
+                                      version=args.version, wait=False))
+        await c.flush()
+    seconds = time.perf_counter() - started
+    if args.json:
+        print(json.dumps({"produced": len(ids), "seconds": round(seconds, 3), "ids": ids}))
+    else:
+        print(f"produced {len(ids)} requests to {settings.kafka.requests_topic} "
+              f"in {seconds:.2f} s")
+    return 0
+
+
+async def _input_dim(settings: Settings, model: str) -> int:
+    from pipeline.kv import open_kv
+    from pipeline.models import build_model
+    from pipeline.store import ParamStore
+
+    async with open_kv(settings.redis) as kv:
+        store = ParamStore(kv, prefix=settings.redis.key_prefix)
+        version = await store.current_version(model)
+        manifest = await store.manifest(model, version)
+    return build_model(manifest.arch).input_dim
+
+
+async def _results(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.client import ResultStream
+
+    seen = 0
+    deadline = None if args.follow else time.monotonic() + args.timeout
+    async with ResultStream(settings.kafka, settings.kafka.results_topic,
+                            from_beginning=not args.from_end) as stream:
+        while args.count is None or seen < args.count:
+            batch = await stream.next_batch(0.5)
+            for r in batch:
+                print(json.dumps(r.to_json(), separators=(",", ":")), flush=True)
+                seen += 1
+                if args.count is not None and seen >= args.count:
+                    break
+            if not batch and deadline is not None and time.monotonic() > deadline:
+                break
+            if batch and deadline is not None:
+                deadline = time.monotonic() + args.timeout
+    if args.count is not None and seen < args.count:
+        print(f"kvpipe results: only {seen} of {args.count} results arrived", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_local(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.local import local_down, local_up
+
+    state = Path(args.state_dir)
+    if args.action == "up":
+        info = local_up(state)
+        print(f"export KVPIPE_KAFKA={info['KVPIPE_KAFKA']}")
+        print(f"export KVPIPE_REDIS={info['KVPIPE_REDIS']}")
+        return 0
+    stopped = local_down(state)
+    print("stopped the local services" if stopped else "no local services were running")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.demo import run_demo
+
+    configure_logging(fmt=settings.log_format, level=args.log_level or "warning")
+    tty = sys.stderr.isatty() and not args.json
+
+    def progress(done: int, total: int) -> None:
+        if tty:
+            print(f"\r  results {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    print(f"kvpipe demo: starting local Redis and broker, publishing the {args.preset!r} model, "
+          f"sending {args.requests} requests", file=sys.stderr)
+    report = asyncio.run(run_demo(requests=args.requests, preset=args.preset, seed=args.seed,
+                                  base=settings, progress=progress))
+    if tty:
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print(
+            f"requests {report.requests}  correct {report.ok}  errors {report.errors}  "
+            f"wrong {report.wrong}  missing {report.missing}  duplicates {report.duplicates}\n"
+            f"throughput {report.requests_per_s} req/s over {report.seconds} s  "
+            f"latency p50 {report.latency_p50_ms} ms  p99 {report.latency_p99_ms} ms "
+            f"(burst of {report.requests}, send to result)\n"
+            f"cache hit rate {report.cache_hit_rate:.4f} ({report.cache_loads} loads from Redis)"
+            f"  results by cache {report.results_by_cache}  model version {report.version}"
+        )
+        print("PASS: every result matches numpy" if report.passed else "FAIL: see counts above")
+    return 0 if report.passed else 1
+
+
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.bench import main as bench_main
+
+    return bench_main(args, settings)
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env_help = "\n".join(f"  {v.name:<24} {v.help}" for v in ENV_VARS)
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Streaming inference on Kafka with model parameters in Redis "
+        "behind an async in-process cache.",
+        epilog=f"environment:\n{env_help}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve", help="run an inference worker until SIGTERM")
+    _add_connection_flags(p)
+    p.add_argument("--group", help="consumer group (KVPIPE_GROUP)")
+    p.add_argument("--partitions", type=int, help="partitions of topics it creates")
+    p.add_argument("--cache-bytes", type=int, help="cache capacity in bytes")
+    p.add_argument("--cache-ttl", type=float, help="cache TTL in seconds")
+    p.add_argument("--cache-policy", choices=["lru", "lfu"])
+    p.add_argument("--max-batch", type=int, help="largest micro-batch (rows)")
+    p.add_argument("--worker-id", help="name of this worker in results and logs")
+    p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("publish", help="publish a new version of a model; prints the version")
+    _add_connection_flags(p)
+    p.add_argument("--model", required=True, help="model name")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from", dest="from_file", metavar="FILE.npz",
+                     help="tensors from an .npz (w0,b0,... or weight1,bias1,...)")
+    src.add_argument("--preset", choices=["article", "mlp"], help="a seeded random init")
+    p.add_argument("--arch", help="architecture JSON, e.g. '{\"kind\":\"mlp\",\"layers\":[4,8,2]}'")
+    p.add_argument("--activation", default="relu", help="MLP activation when guessing the arch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=lambda a, s: _run(_publish(a, s)))
+
+    p = sub.add_parser("produce", help="produce requests from a file or generated ones")
+    _add_connection_flags(p)
+    p.add_argument("--model", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--file", help="JSONL lines {\"id\"?, \"inputs\": [[...]]} or a .npy matrix")
+    src.add_argument("--count", type=int, help="generate N random requests")
+    p.add_argument("--rows", type=int, default=1, help="rows per generated request")
+    p.add_argument("--dim", type=int, help="input width (read from the model when omitted)")
+    p.add_argument("--version", type=int, help="pin a model version")
+    p.add_argument("--npy", action="store_true", help="send application/x-npy instead of JSON")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=lambda a, s: _run(_produce(a, s)))
+
+    p = sub.add_parser("results", help="print results as JSON lines")
+    _add_connection_flags(p)
+    p.add_argument("--follow", action="store_true", help="keep waiting for new results")
+    p.add_argument("--count", type=int, help="stop after N results")
+    p.add_argument("--from-end", action="store_true", help="only results produced from now on")
+    p.add_argument("--timeout", type=float, default=5.0,
+                   help="without --follow, stop after this many idle seconds")
+    p.set_defaults(handler=lambda a, s: _run(_results(a, s)))
+
+    p = sub.add_parser("local", help="start or stop a local Redis and Kafka-protocol broker")
+    p.add_argument("action", choices=["up", "down"])
+    p.add_argument("--state-dir", default=".kvpipe", help="where pids and logs are kept")
+    p.set_defaults(handler=cmd_local)
+
+    p = sub.add_parser("demo", help="end to end on fresh local services; exits 0 when all correct")
+    p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--preset", choices=["article", "mlp"], default="mlp")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks: each prints figures and ratios")
+    p.add_argument("suite", choices=["naive", "echo", "all"], nargs="?", default="all")
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.set_defaults(handler=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run one command; errors become one line on stderr and exit status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace, Settings], int] = args.handler
+    try:
+        settings = build_settings(args, os.environ if environ is None else environ)
+        return handler(args, settings)
+    except KvpipeError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

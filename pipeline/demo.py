@@ -1,0 +1,187 @@
+"""``kvpipe demo``: local services, a published model, a worker, N requests, checked answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.client import InferenceClient
+from pipeline.config import Settings, with_values
+from pipeline.errors import KvpipeError
+from pipeline.kv import open_kv
+from pipeline.local import LocalServices
+from pipeline.models import preset as preset_model
+from pipeline.store import ParamStore
+from pipeline.wire import JSON, NPY, Result
+from pipeline.worker import Worker
+
+DEMO_MODEL = "demo"
+
+
+@dataclass
+class DemoReport:
+    """What the demo measured; ``passed`` is True when every request got a correct result."""
+
+    requests: int
+    preset: str
+    version: int = 0
+    ok: int = 0
+    errors: int = 0
+    wrong: int = 0
+    missing: int = 0
+    duplicates: int = 0
+    seconds: float = 0.0
+    requests_per_s: float = 0.0
+    latency_p50_ms: float = 0.0
+    latency_p99_ms: float = 0.0
+    worker_total_p50_ms: float = 0.0
+    cache_hit_rate: float = 0.0
+    cache_loads: int = 0
+    results_by_cache: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.ok == self.requests and not (self.wrong or self.missing or self.errors)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+async def run_demo(
+    *,
+    requests: int = 1000,
+    preset: str = "mlp",
+    seed: int = 0,
+    base: Settings | None = None,
+    timeout_s: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> DemoReport:
+    """Run the whole demo on fresh local services and stop everything it started."""
+    from consumers.inference import serve
+
+    model = preset_model(preset)
+    params = model.init(seed)
+    report = DemoReport(requests=requests, preset=preset)
+    async with LocalServices() as local:
+        settings = with_values(local.settings(base), {"worker.worker_id": "demo-worker"})
+        async with open_kv(settings.redis) as kv:
+            manifest = await ParamStore(kv, prefix=settings.redis.key_prefix).publish(
+                DEMO_MODEL, model.arch, params
+            )
+        report.version = manifest.version
+        stop = asyncio.Event()
+        workers: list[Worker] = []
+        ready = asyncio.Event()
+
+        def on_ready(worker: Worker) -> None:
+            workers.append(worker)
+            ready.set()
+
+        serving = asyncio.create_task(serve(settings, stop, on_ready=on_ready))
+        try:
+            await _wait_ready(ready, serving)
+            await _wait_ready(workers[0].assigned, serving)
+            rng = np.random.default_rng(seed + 1)
+            inputs = rng.standard_normal((requests, model.input_dim)).astype(np.float32)
+            results, sent_at, arrived_at, seconds = await _exchange(
+                settings, inputs, timeout_s or 60.0 + requests / 50, progress
+            )
+        finally:
+            stop.set()
+            await asyncio.wait_for(serving, settings.worker.shutdown_timeout_s + 15)
+    expected = model.forward(params, inputs)
+    latencies = []
+    totals = []
+    for i in range(requests):
+        rid = f"demo-{i}"
+        found = results.get(rid)
+        if found is None:
+            report.missing += 1
+            continue
+        result = found[0]
+        report.duplicates += len(found) - 1
+        report.results_by_cache[result.cache or "none"] = (
+            report.results_by_cache.get(result.cache or "none", 0) + 1
+        )
+        if not result.ok or result.outputs is None:
+            report.errors += 1
+            continue
+        if result.version != manifest.version or not np.allclose(
+            result.outputs[0], expected[i], rtol=1e-4, atol=1e-5
+        ):
+            report.wrong += 1
+            continue
+        report.ok += 1
+        latencies.append((arrived_at[rid] - sent_at[rid]) * 1000)
+        totals.append(result.timings.get("total_ms", 0.0))
+    report.seconds = round(seconds, 3)
+    report.requests_per_s = round(requests / seconds, 1) if seconds else 0.0
+    report.latency_p50_ms = round(_percentile(latencies, 50), 2)
+    report.latency_p99_ms = round(_percentile(latencies, 99), 2)
+    report.worker_total_p50_ms = round(_percentile(totals, 50), 2)
+    if workers:
+        stats = workers[0].registry.cache.stats
+        report.cache_hit_rate = round(stats.hit_rate, 4)
+        report.cache_loads = stats.loads
+    return report
+
+
+async def _wait_ready(ready: asyncio.Event, serving: asyncio.Task[Any]) -> None:
+    waiter = asyncio.create_task(ready.wait())
+    done, _ = await asyncio.wait({waiter, serving}, return_when=asyncio.FIRST_COMPLETED)
+    if serving in done:
+        waiter.cancel()
+        serving.result()  # raises the worker's start-up error
+        raise KvpipeError("the worker stopped before it was ready")
+
+
+async def _exchange(
+    settings: Settings,
+    inputs: np.ndarray[Any, Any],
+    timeout_s: float,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[dict[str, list[Result]], dict[str, float], dict[str, float], float]:
+    requests = len(inputs)
+    results: dict[str, list[Result]] = {}
+    sent_at: dict[str, float] = {}
+    arrived_at: dict[str, float] = {}
+    async with InferenceClient(settings.kafka) as client, client.stream() as stream:
+
+        async def read() -> None:
+            while len(arrived_at) < requests:
+                batch = await stream.next_batch(0.2)
+                now = time.perf_counter()
+                for r in batch:
+                    if r.id not in results:
+                        arrived_at[r.id] = now
+                    results.setdefault(r.id, []).append(r)
+                if batch and progress is not None:
+                    progress(len(arrived_at), requests)
+
+        reader = asyncio.create_task(read())
+        started = time.perf_counter()
+        for i in range(requests):
+            rid = f"demo-{i}"
+            sent_at[rid] = time.perf_counter()
+            await client.submit(
+                DEMO_MODEL,
+                inputs[i : i + 1],
+                id=rid,
+                content_type=NPY if i % 4 == 3 else JSON,
+                wait=False,
+            )
+        await client.flush()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reader, timeout_s)
+        seconds = max(arrived_at.values(), default=started) - started
+    return results, sent_at, arrived_at, seconds
