@@ -174,6 +174,8 @@ class ParamCache(Generic[V]):
             value: V = entry.value
             return value, Source.HIT
         self._stats.misses += 1
+        if not self._flights.in_flight(key):
+            self._dirty.discard(key)  # a new load starts after any earlier invalidation
         try:
             value, _ = await self._flights.do(key, lambda: self._load(key, load, ttl_s))
         except KvpipeError as exc:
@@ -189,7 +191,6 @@ class ParamCache(Generic[V]):
     async def _load(
         self, key: Hashable, load: Callable[[], Awaitable[V]], ttl_s: float | None
     ) -> V:
-        self._dirty.discard(key)
         started = time.perf_counter()
         try:
             value = await load()

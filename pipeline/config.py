@@ -48,6 +48,8 @@ class KafkaSettings:
     client_id: str = "kvpipe"
     request_timeout_s: float = 10.0
     max_message_bytes: int = 4 * MiB
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
 
     @property
     def requests_topic(self) -> str:
@@ -197,6 +199,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
     ),
     EnvVar("KVPIPE_GROUP", "kafka.group_id", str, "Consumer group of the workers"),
     EnvVar(
+        "KVPIPE_SESSION_TIMEOUT_MS",
+        "kafka.session_timeout_ms",
+        _positive_int,
+        "Consumer group session timeout (ms); a join takes about half of it on Tansu",
+    ),
+    EnvVar(
         "KVPIPE_CACHE_BYTES",
         "cache.capacity_bytes",
         _positive_int,
@@ -290,6 +298,8 @@ def validate(settings: Settings) -> Settings:
         )
     if not settings.kafka.bootstrap.strip():
         raise ConfigError("Kafka bootstrap address is empty; set KVPIPE_KAFKA=host:port")
+    if settings.kafka.heartbeat_interval_ms * 3 > settings.kafka.session_timeout_ms:
+        raise ConfigError("heartbeat interval must be at most a third of the session timeout")
     if settings.worker.max_batch_size > settings.worker.max_in_flight:
         raise ConfigError("max batch size cannot exceed max in-flight requests")
     return settings

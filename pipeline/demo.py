@@ -73,7 +73,14 @@ async def run_demo(
     params = model.init(seed)
     report = DemoReport(requests=requests, preset=preset)
     async with LocalServices() as local:
-        settings = with_values(local.settings(base), {"worker.worker_id": "demo-worker"})
+        settings = with_values(
+            local.settings(base),
+            {
+                "worker.worker_id": "demo-worker",
+                "kafka.session_timeout_ms": 2000,
+                "kafka.heartbeat_interval_ms": 300,
+            },
+        )
         async with open_kv(settings.redis) as kv:
             manifest = await ParamStore(kv, prefix=settings.redis.key_prefix).publish(
                 DEMO_MODEL, model.arch, params

@@ -48,8 +48,9 @@ _MAX_REASON = 200
 _TRANSIENT_REPLIES = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN",
                       "OOM")
 #: Error-reply fragments that mean the credentials were refused.
-_AUTH_REPLIES = ("WRONGPASS", "NOAUTH", "invalid password", "without any password configured",
-                 "no password is set", "invalid username-password")
+_AUTH_REPLIES = ("WRONGPASS", "NOAUTH", "invalid password", "invalid username-password")
+#: AUTH replies from a server that has no password set (single-argument AUTH only).
+_NO_PASSWORD_SET = ("without any password configured", "no password is set")
 _OTHER_BACKEND = "set KVPIPE_REDIS_BACKEND=redis-py"
 
 
@@ -230,8 +231,18 @@ def _what(command: str, key: str | None = None, count: int | None = None) -> str
     return command
 
 
-def _reason(exc: BaseException, secret: str | None) -> str:
-    """A foreign exception as one short line, with ``secret`` masked."""
+def _secrets(url: str) -> tuple[str, ...]:
+    """What must never appear in a message: the password (as written and decoded), and a lone
+    user part, which is often a password put in the wrong place."""
+    parts = urlsplit(url)
+    found = parts.password if parts.password is not None else parts.username
+    if not found:
+        return ()
+    return tuple(sorted({found, unquote(found)}, key=len, reverse=True))
+
+
+def _reason(exc: BaseException, secrets: Sequence[str]) -> str:
+    """A foreign exception as one short line, with ``secrets`` masked."""
     if isinstance(exc, asyncio_redis.ConnectionLostError):
         text = "connection lost"
     elif isinstance(exc, TimeoutError):
@@ -239,7 +250,7 @@ def _reason(exc: BaseException, secret: str | None) -> str:
     else:
         text = str(exc) or type(exc).__name__
     text = " ".join(text.split())
-    if secret:
+    for secret in secrets:
         text = text.replace(secret, "***")
     if len(text) > _MAX_REASON:
         text = text[: _MAX_REASON - 3] + "..."
@@ -261,12 +272,13 @@ def _unavailable(url: str, what: str, reason: str) -> StoreUnavailable:
 
 def _from_error_reply(text: str, url: str, what: str) -> KvpipeError:
     """Classify a server error reply (``-PREFIX message``) into our exception tree."""
-    first = text.split(" ", 1)[0]
-    if any(fragment in text for fragment in _AUTH_REPLIES):
+    reply = text.rsplit("caused error: ", 1)[-1]  # redis-py's pipeline errors quote the command
+    first = reply.split(" ", 1)[0]
+    if any(fragment in reply for fragment in _AUTH_REPLIES):
         return _credentials_refused(url, text)
     if first == "NOPERM":
         return ConfigError(f"Redis at {url}: the user in the URL may not run {what} ({text})")
-    if first in _TRANSIENT_REPLIES or "max number of clients" in text:
+    if first in _TRANSIENT_REPLIES or "max number of clients" in reply:
         return _unavailable(url, what, text)
     return KvpipeError(f"Redis at {url}: {what} failed: {text}", code="store_error")
 
@@ -300,9 +312,9 @@ def _closed_error(url: str) -> KvpipeError:
 # redis-py
 
 
-def _from_redis_py(exc: BaseException, url: str, what: str, secret: str | None) -> KvpipeError:
+def _from_redis_py(exc: BaseException, url: str, what: str, secrets: Sequence[str]) -> KvpipeError:
     """Translate a redis-py (or socket) exception."""
-    reason = _reason(exc, secret)
+    reason = _reason(exc, secrets)
     if isinstance(exc, redis_errors.AuthenticationError):
         return _credentials_refused(url, reason)
     if isinstance(exc, redis_errors.AuthorizationError | redis_errors.NoPermissionError):
@@ -336,7 +348,7 @@ class RedisPyKV:
     def __init__(self, settings: RedisSettings) -> None:
         self._settings = settings
         self._url = display_url(settings.url)
-        self._secret = urlsplit(settings.url).password
+        self._secrets = _secrets(settings.url)
         try:
             self._pool = aioredis.BlockingConnectionPool.from_url(
                 settings.url,
@@ -350,7 +362,7 @@ class RedisPyKV:
             )
         except (ValueError, TypeError) as exc:
             raise ConfigError(
-                f"Redis URL {self._url!r} cannot be used: {_reason(exc, self._secret)}"
+                f"Redis URL {self._url!r} cannot be used: {_reason(exc, self._secrets)}"
             ) from None
         self._client: aioredis.Redis = aioredis.Redis(connection_pool=self._pool)
         # Backstop over redis-py's own timeouts: pool wait + connect + reply, plus slack.
@@ -368,7 +380,7 @@ class RedisPyKV:
             async with asyncio.timeout(self._backstop_s):
                 return await op()
         except (redis_errors.RedisError, OSError, TimeoutError) as exc:
-            raise _from_redis_py(exc, self._url, what, self._secret) from exc
+            raise _from_redis_py(exc, self._url, what, self._secrets) from exc
 
     async def get(self, key: str) -> bytes | None:
         k = _key(key)
@@ -448,7 +460,7 @@ class RedisPyKV:
         k, f = _key(key), _key(field)
 
         async def op() -> bytes | None:
-            return _opt_bytes(await self._client.hget(k, f))  # type: ignore[arg-type]
+            return _opt_bytes(await self._client.hget(k, f))
 
         return await self._run(_what("HGET", key), op)
 
@@ -468,8 +480,10 @@ class RedisPyKV:
         if not pairs:
             return
 
+        flat = [part for pair in pairs.items() for part in pair]
+
         async def op() -> None:
-            await self._client.hset(k, mapping=pairs)  # type: ignore[arg-type]
+            await self._client.hset(k, items=flat)
 
         await self._run(_what("HSET", key), op)
 
@@ -488,7 +502,7 @@ class RedisPyKV:
             return 0
 
         async def op() -> int:
-            return _int(await self._client.hdel(k, *fs))  # type: ignore[arg-type]
+            return _int(await self._client.hdel(k, *fs))
 
         return await self._run(_what("HDEL", key), op)
 
@@ -625,7 +639,7 @@ class AsyncioRedisKV:
         self._settings = settings
         self._url = display_url(settings.url)
         self._endpoint = asyncio_redis_endpoint(settings)
-        self._secret = urlsplit(settings.url).password
+        self._secrets = _secrets(settings.url)
         self._idle: asyncio.LifoQueue[_Slot] = asyncio.LifoQueue()
         self._slots = [_Slot() for _ in range(max(1, settings.pool_size))]
         for slot in self._slots:
@@ -660,7 +674,13 @@ class AsyncioRedisKV:
         )
         protocol = slot.conn.protocol
         if ep.password is not None:
-            await protocol.auth(ep.password.encode("utf-8"))
+            try:
+                await protocol.auth(ep.password.encode("utf-8"))
+            except asyncio_redis.ErrorReply as exc:
+                # A server without a password accepts any (redis-py's AUTH default pw succeeds
+                # there too): carry on, and let the PING below decide.
+                if not any(text in str(exc) for text in _NO_PASSWORD_SET):
+                    raise
         await protocol.ping()
         slot.ready = True
 
@@ -675,7 +695,7 @@ class AsyncioRedisKV:
                 await self._connect(slot)
         except asyncio_redis.ErrorReply as exc:
             self._drop(slot)
-            raise _from_error_reply(_reason(exc, self._secret), self._url, "connect") from None
+            raise _from_error_reply(_reason(exc, self._secrets), self._url, "connect") from None
         except TimeoutError:
             self._drop(slot)
             raise _unavailable(
@@ -684,7 +704,7 @@ class AsyncioRedisKV:
         except (OSError, asyncio_redis.Error) as exc:
             self._drop(slot)
             raise _unavailable(
-                self._url, f"connect (for {what})", _reason(exc, self._secret)
+                self._url, f"connect (for {what})", _reason(exc, self._secrets)
             ) from exc
         except BaseException:
             self._drop(slot)
@@ -716,13 +736,13 @@ class AsyncioRedisKV:
                     return await op(protocol)
             except asyncio_redis.ErrorReply as exc:
                 # The reply was read, so the connection is still in step: keep it.
-                raise _from_error_reply(_reason(exc, self._secret), self._url, what) from None
+                raise _from_error_reply(_reason(exc, self._secrets), self._url, what) from None
             except TimeoutError:
                 self._drop(slot)
                 raise _unavailable(self._url, what, f"no answer within {timeout:g} s") from None
             except (OSError, asyncio_redis.Error) as exc:
                 self._drop(slot)
-                raise _unavailable(self._url, what, _reason(exc, self._secret)) from exc
+                raise _unavailable(self._url, what, _reason(exc, self._secrets)) from exc
             except BaseException:
                 # Cancelled (or a bug): replies may still be on the way, so this connection's
                 # state is unknown. The library would even hang it if an error reply arrived
@@ -730,6 +750,8 @@ class AsyncioRedisKV:
                 self._drop(slot)
                 raise
         finally:
+            if self._closer.started:
+                self._drop(slot)  # closed meanwhile: do not keep what this call reopened
             self._idle.put_nowait(slot)
 
     # -- commands --------------------------------------------------------------------------

@@ -88,7 +88,6 @@ class Worker:
         *,
         registry: ModelRegistry,
         producer: Producer,
-        session_timeout_ms: int = 10_000,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -98,7 +97,6 @@ class Worker:
         self._kafka = settings.kafka
         self._limits = settings.limits
         self._cfg = settings.worker
-        self._session_timeout_ms = session_timeout_ms
         self._consumer: Consumer | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._tracker_tasks: set[asyncio.Task[None]] = set()
@@ -128,7 +126,8 @@ class Worker:
             group_id=self._kafka.group_id,
             on_revoked=self._on_revoked,
             on_assigned=self._on_assigned,
-            session_timeout_ms=self._session_timeout_ms,
+            session_timeout_ms=self._kafka.session_timeout_ms,
+            heartbeat_interval_ms=self._kafka.heartbeat_interval_ms,
         )
         try:
             await self._consumer.start()

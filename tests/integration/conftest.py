@@ -1,0 +1,132 @@
+"""Factories for integration tests: isolated settings, running workers, a results reader."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from consumers.inference import serve
+from pipeline.client import InferenceClient, ResultStream
+from pipeline.config import Settings, with_values
+from pipeline.kafka import ensure_topics
+from pipeline.local import KafkaBroker, RedisServer
+from pipeline.wire import Result
+from pipeline.worker import Worker
+
+FAST_GROUP = {"kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 300}
+
+
+@pytest.fixture
+def make_settings(
+    redis_server: RedisServer, kafka_broker: KafkaBroker
+) -> Callable[..., Settings]:
+    """Settings on the session services with topic and key prefixes no other test uses."""
+
+    def make(**values: Any) -> Settings:
+        tag = uuid.uuid4().hex[:10]
+        base = {
+            "redis.url": redis_server.url,
+            "kafka.bootstrap": kafka_broker.bootstrap,
+            "kafka.topic_prefix": f"t{tag}",
+            "kafka.group_id": f"g{tag}",
+            "redis.key_prefix": f"k{tag}",
+            **FAST_GROUP,
+        }
+        base.update({k.replace("__", "."): v for k, v in values.items()})
+        return with_values(Settings(), base)
+
+    return make
+
+
+@dataclass
+class RunningWorker:
+    """A worker served in this event loop; ``stop()`` drains it and returns its stats."""
+
+    worker: Worker
+    task: asyncio.Task[Any]
+    stop_event: asyncio.Event
+
+    async def stop(self, timeout: float = 30.0) -> Any:
+        self.stop_event.set()
+        return await asyncio.wait_for(self.task, timeout)
+
+
+@pytest_asyncio.fixture
+async def start_worker() -> AsyncIterator[Callable[[Settings], Awaitable[RunningWorker]]]:
+    """``await start_worker(settings)`` runs a worker until its partitions are assigned."""
+    running: list[RunningWorker] = []
+
+    async def start(settings: Settings) -> RunningWorker:
+        stop = asyncio.Event()
+        ready: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            serve(settings, stop, on_ready=lambda w: ready.done() or ready.set_result(w))
+        )
+        done, _ = await asyncio.wait({ready, task}, timeout=30,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+        worker = ready.result()
+        await asyncio.wait_for(worker.assigned.wait(), 30)
+        rw = RunningWorker(worker, task, stop)
+        running.append(rw)
+        return rw
+
+    try:
+        yield start
+    finally:
+        for rw in running:
+            rw.stop_event.set()
+        for rw in running:
+            try:
+                await asyncio.wait_for(rw.task, 30)
+            except BaseException:
+                rw.task.cancel()
+
+
+@dataclass
+class Collected:
+    results: dict[str, list[Result]] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return len(self.results)
+
+
+async def collect(
+    stream: ResultStream, ids: set[str], timeout: float = 60.0
+) -> dict[str, list[Result]]:
+    """Read results until every id in ``ids`` has one (or ``timeout``); keeps duplicates."""
+    got: dict[str, list[Result]] = {}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not ids <= got.keys() and loop.time() < deadline:
+        for r in await stream.next_batch(0.2):
+            got.setdefault(r.id, []).append(r)
+    return got
+
+
+@pytest_asyncio.fixture
+async def make_client() -> AsyncIterator[Callable[[Settings], Awaitable[InferenceClient]]]:
+    """``await make_client(settings)``: a started client (topics created first); closed after."""
+    clients: list[InferenceClient] = []
+
+    async def make(settings: Settings) -> InferenceClient:
+        k = settings.kafka
+        await ensure_topics(k, [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic])
+        client = InferenceClient(k)
+        await client.__aenter__()
+        clients.append(client)
+        return client
+
+    try:
+        yield make
+    finally:
+        for c in clients:
+            await c.aclose()

@@ -1,0 +1,51 @@
+"""Settings from env: parsing, validation, redaction."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pipeline.config import ENV_VARS, Settings, redact_url, settings_from_env
+from pipeline.errors import ConfigError
+
+
+def test_env_overrides_defaults() -> None:
+    s = settings_from_env({
+        "KVPIPE_KAFKA": "k1:9092,k2:9092",
+        "KVPIPE_REDIS": "redis://u:pw@r:6380/2",
+        "KVPIPE_CACHE_BYTES": "1024",
+        "KVPIPE_CACHE_POLICY": "lfu",
+        "KVPIPE_TOPIC_PREFIX": "x",
+    })
+    assert s.kafka.bootstrap == "k1:9092,k2:9092"
+    assert s.cache.capacity_bytes == 1024 and s.cache.policy == "lfu"
+    assert s.kafka.requests_topic == "x.requests" and s.kafka.dlq_topic == "x.dlq"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.kafka.bootstrap = "other"  # type: ignore[misc]
+
+
+def test_bad_values_give_one_line_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match="KVPIPE_CACHE_BYTES='-1'"):
+        settings_from_env({"KVPIPE_CACHE_BYTES": "-1"})
+    with pytest.raises(ConfigError, match="lru, lfu"):
+        settings_from_env({"KVPIPE_CACHE_POLICY": "fifo"})
+    with pytest.raises(ConfigError, match="must start with redis"):
+        settings_from_env({"KVPIPE_REDIS": "http://x"})
+
+
+def test_secrets_never_appear_in_errors() -> None:
+    assert redact_url("redis://user:s3cret@host:1/0") == "redis://user:***@host:1/0"
+    assert redact_url("redis://host:1/0") == "redis://host:1/0"
+    with pytest.raises(ConfigError) as info:
+        settings_from_env({"KVPIPE_REDIS": "ftp://u:s3cret@h"})
+    assert "s3cret" not in str(info.value)
+
+
+def test_every_env_var_names_a_real_setting() -> None:
+    s = Settings()
+    for var in ENV_VARS:
+        obj: object = s
+        for part in var.path.split("."):
+            assert hasattr(obj, part), var.name
+            obj = getattr(obj, part)

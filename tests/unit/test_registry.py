@@ -1,0 +1,110 @@
+"""ModelRegistry: one Redis read per piece on a cold burst, one version per resolve."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from pipeline.cache import ParamCache, Source
+from pipeline.errors import ModelNotFound, ParamsCorrupt, StoreUnavailable
+from pipeline.models import preset
+from pipeline.registry import ModelRegistry
+from pipeline.store import ParamStore
+from tests.unit.fakes import MemoryKV
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def make_registry(clock: Clock):  # type: ignore[no-untyped-def]
+    async def make(**cache_options: object) -> tuple[ModelRegistry, MemoryKV]:
+        kv = MemoryKV()
+        options: dict[str, object] = {"capacity_bytes": 10**8, "ttl_s": 60.0, "clock": clock}
+        options.update(cache_options)
+        cache: ParamCache[object] = ParamCache(**options)  # type: ignore[arg-type]
+        return ModelRegistry(ParamStore(kv, prefix="t"), cache, version_ttl_s=1.0), kv
+
+    return make
+
+
+async def test_cold_burst_reads_each_piece_once(make_registry) -> None:  # type: ignore[no-untyped-def]
+    registry, kv = await make_registry()
+    model = preset("mlp")
+    await registry.store.publish("m", model.arch, model.init(0))
+    kv.calls.clear()
+    kv.latency_s = 0.01
+    out = await asyncio.gather(*(registry.resolve("m") for _ in range(200)))
+    assert {r.version for r in out} == {1}
+    # one GET for the pointer, one for the manifest, one per tensor (4)
+    assert kv.calls["get"] == 1 + 1 + 4
+    assert sum(kv.calls.values()) == 6
+    again = await registry.resolve("m")
+    assert again.source is Source.HIT and sum(kv.calls.values()) == 6
+
+
+async def test_new_version_seen_after_pointer_ttl_and_never_mixed(  # type: ignore[no-untyped-def]
+    make_registry, clock: Clock
+) -> None:
+    registry, _ = await make_registry()
+    model = preset("mlp")
+    p1, p2 = model.init(1), model.init(2)
+    await registry.store.publish("m", model.arch, p1)
+    r1 = await registry.resolve("m")
+    await registry.store.publish("m", model.arch, p2)
+    assert (await registry.resolve("m")).version == 1  # pointer still cached
+    clock.now += 1.0
+    r2 = await registry.resolve("m")
+    assert r2.version == 2
+    for resolved, params in ((r1, p1), (r2, p2)):
+        assert all(np.array_equal(resolved.params[k], params[k]) for k in params)
+    pinned = await registry.resolve("m", 1)
+    assert pinned.version == 1 and pinned.source is Source.HIT
+
+
+async def test_invalidate_pointer_makes_the_next_resolve_read_it(make_registry) -> None:  # type: ignore[no-untyped-def]
+    registry, _ = await make_registry()
+    model = preset("mlp")
+    await registry.store.publish("m", model.arch, model.init(1))
+    await registry.resolve("m")
+    await registry.store.publish("m", model.arch, model.init(2))
+    registry.invalidate_pointer("m")
+    assert (await registry.resolve("m")).version == 2
+
+
+async def test_stale_when_redis_is_down_and_errors_when_cold(  # type: ignore[no-untyped-def]
+    make_registry, clock: Clock
+) -> None:
+    registry, kv = await make_registry(ttl_s=5.0)
+    model = preset("mlp")
+    await registry.store.publish("m", model.arch, model.init(1))
+    await registry.resolve("m")
+    clock.now += 10
+    kv.fail = StoreUnavailable("redis is down")
+    stale = await registry.resolve("m")
+    assert stale.source is Source.STALE and stale.version == 1
+    with pytest.raises(StoreUnavailable):
+        await registry.resolve("other")
+
+
+async def test_unknown_model_and_corrupt_arch(make_registry) -> None:  # type: ignore[no-untyped-def]
+    registry, kv = await make_registry()
+    with pytest.raises(ModelNotFound):
+        await registry.resolve("ghost")
+    model = preset("mlp")
+    await registry.store.publish("m", model.arch, model.init(1))
+    raw = (await kv.get("t:m:v1:manifest") or b"").replace(b'"mlp"', b'"nope"')
+    await kv.set("t:m:v1:manifest", raw)
+    with pytest.raises(ParamsCorrupt):
+        await registry.resolve("m")

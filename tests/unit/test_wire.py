@@ -1,0 +1,122 @@
+"""Request and result codecs: round trips and the three outcomes of decoding."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.config import LimitSettings
+from pipeline.errors import UnreadableMessage
+from pipeline.npy import to_npy
+from pipeline.wire import (
+    H_CONTENT_TYPE,
+    H_ID,
+    H_MODEL,
+    NPY,
+    Result,
+    decode_request,
+    decode_result,
+    encode_request,
+    encode_result,
+)
+
+LIMITS = LimitSettings(max_request_bytes=100_000, max_elements=1000, max_rows=50)
+
+
+def test_json_request_round_trip() -> None:
+    value, headers = encode_request(id="r1", model="m", inputs=[[1.0, 2.0]], version=3,
+                                    reply_to="replies", deadline_ms=123)
+    req = decode_request(value, headers, LIMITS)
+    assert (req.id, req.model, req.version, req.reply_to, req.deadline_ms) == (
+        "r1", "m", 3, "replies", 123)
+    assert req.error is None and req.inputs is not None
+    assert req.inputs.dtype == np.float32 and req.inputs.tolist() == [[1.0, 2.0]]
+
+
+def test_npy_request_round_trip() -> None:
+    x = np.arange(6, dtype=np.float64).reshape(2, 3)
+    value, headers = encode_request(id="r2", model="m", inputs=x, content_type=NPY)
+    req = decode_request(value, headers, LIMITS)
+    assert req.content_type == NPY and req.inputs is not None
+    assert req.inputs.tolist() == x.tolist()
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        (b"\xff\xfe not utf8", "unreadable"),
+        (b"{truncated", "unreadable"),
+        (b"[1, 2]", "unreadable"),
+        (b'{"model": "m", "inputs": [[1]]}', "missing_id"),
+        (b'{"id": 5, "model": "m", "inputs": [[1]]}', "missing_id"),
+        (b"[" * 100_000 + b"]" * 100_000, "too_large"),
+        (b"[" * 20_000 + b"]" * 20_000, "unreadable"),
+    ],
+)
+def test_unreadable_messages_go_to_the_dlq(value: bytes, code: str) -> None:
+    with pytest.raises(UnreadableMessage) as info:
+        decode_request(value, [], LIMITS)
+    assert info.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"id": "x", "inputs": [[1]]}, "bad_request"),
+        ({"id": "x", "model": "m"}, "bad_request"),
+        ({"id": "x", "model": "m", "version": -1, "inputs": [[1]]}, "bad_request"),
+        ({"id": "x", "model": "m", "inputs": [[1, 2], [3]]}, "bad_shape"),
+        ({"id": "x", "model": "m", "inputs": [1, 2]}, "bad_shape"),
+        ({"id": "x", "model": "m", "inputs": []}, "bad_shape"),
+        ({"id": "x", "model": "m", "inputs": [["a", "b"]]}, "bad_dtype"),
+        ({"id": "x", "model": "m", "inputs": [[True]]}, "bad_dtype"),
+        ({"id": "x", "model": "m", "inputs": [[1e39]]}, "non_finite"),
+        ({"id": "x", "model": "m", "inputs": [[0.0]] * 51}, "too_large"),
+        ({"id": "x", "model": "m", "inputs": [[0.0] * 1001]}, "too_large"),
+    ],
+)
+def test_wrong_requests_get_an_error_code(body: dict[str, object], code: str) -> None:
+    req = decode_request(json.dumps(body).encode(), [], LIMITS)
+    assert req.id == "x"
+    assert req.error is not None and req.error.code == code
+
+
+def test_nan_in_json_is_non_finite() -> None:
+    req = decode_request(b'{"id":"x","model":"m","inputs":[[NaN]]}', [], LIMITS)
+    assert req.error is not None and req.error.code == "non_finite"
+
+
+def test_npy_problems() -> None:
+    with pytest.raises(UnreadableMessage, match="request id"):
+        decode_request(to_npy(np.zeros((1, 2))), [(H_CONTENT_TYPE, NPY.encode())], LIMITS)
+    base = [(H_CONTENT_TYPE, NPY.encode()), (H_ID, b"i"), (H_MODEL, b"m")]
+    assert decode_request(b"junk", base, LIMITS).error.code == "bad_input"  # type: ignore[union-attr]
+    big = to_npy(np.zeros((10, 200), dtype=np.float32))
+    assert decode_request(big, base, LIMITS).error.code == "too_large"  # type: ignore[union-attr]
+
+
+def test_unknown_content_type_and_tombstone() -> None:
+    with pytest.raises(UnreadableMessage, match="content-type"):
+        decode_request(b"x", [(H_CONTENT_TYPE, b"text/csv")], LIMITS)
+    with pytest.raises(UnreadableMessage, match="tombstone"):
+        decode_request(None, [], LIMITS)
+
+
+def test_result_round_trips_json_and_npy() -> None:
+    res = Result(id="a", model="m", status="ok", version=2,
+                 outputs=np.array([[0.5, 1.5]], dtype=np.float32), cache="hit",
+                 timings={"total_ms": 1.0})
+    for ctype in ("application/json", NPY):
+        value, headers = encode_result(res, ctype)
+        back = decode_result(value, headers)
+        assert back.meta() == res.meta()
+        assert back.outputs is not None and back.outputs.tolist() == [[0.5, 1.5]]
+
+
+def test_error_result_round_trip() -> None:
+    res = Result(id="a", model="m", status="error", error_code="unknown_model",
+                 error_message="no such model")
+    back = decode_result(*encode_result(res))
+    assert (back.ok, back.error_code, back.outputs) == (False, "unknown_model", None)
