@@ -54,9 +54,7 @@ class ResultStream:
 
     async def next_batch(self, timeout_s: float = 0.5) -> list[Result]:
         """Whatever results arrive within ``timeout_s`` (possibly none)."""
-        messages = await self._consumer.getmany(
-            timeout_ms=int(timeout_s * 1000), max_records=2000
-        )
+        messages = await self._consumer.getmany(timeout_ms=int(timeout_s * 1000), max_records=2000)
         out: list[Result] = []
         for m in messages:
             try:
@@ -211,4 +209,3 @@ class InferenceClient:
                 fut = self._waiters.get(result.id)
                 if fut is not None and not fut.done():
                     fut.set_result(result)
-

@@ -205,6 +205,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "Consumer group session timeout (ms); a join takes about half of it on Tansu",
     ),
     EnvVar(
+        "KVPIPE_HEARTBEAT_MS",
+        "kafka.heartbeat_interval_ms",
+        _positive_int,
+        "Consumer heartbeat interval (ms); at most a third of the session timeout",
+    ),
+    EnvVar(
         "KVPIPE_CACHE_BYTES",
         "cache.capacity_bytes",
         _positive_int,
@@ -271,6 +277,18 @@ def with_values(settings: Settings, values: Mapping[str, Any]) -> Settings:
     for group, changes in groups.items():
         top[group] = dataclasses.replace(getattr(settings, group), **changes)
     return dataclasses.replace(settings, **top)
+
+
+def settings_to_env(settings: Settings) -> dict[str, str]:
+    """The ``KVPIPE_*`` variables that rebuild ``settings`` (for child processes)."""
+    env: dict[str, str] = {}
+    for var in ENV_VARS:
+        value: Any = settings
+        for part in var.path.split("."):
+            value = getattr(value, part)
+        if value not in ("", None):
+            env[var.name] = str(value)
+    return env
 
 
 def settings_from_env(environ: Mapping[str, str], base: Settings | None = None) -> Settings:

@@ -45,8 +45,7 @@ HEALTH_CHECK_INTERVAL_S = 30.0
 #: Longest foreign error text quoted in one of our messages.
 _MAX_REASON = 200
 #: Error-reply prefixes that mean "the server cannot serve this now": retry later.
-_TRANSIENT_REPLIES = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN",
-                      "OOM")
+_TRANSIENT_REPLIES = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "OOM")
 #: Error-reply fragments that mean the credentials were refused.
 _AUTH_REPLIES = ("WRONGPASS", "NOAUTH", "invalid password", "invalid username-password")
 #: AUTH replies from a server that has no password set (single-argument AUTH only).
@@ -719,7 +718,8 @@ class AsyncioRedisKV:
                 return await self._idle.get()
         except TimeoutError:
             raise _unavailable(
-                self._url, what,
+                self._url,
+                what,
                 f"no free connection within {timeout:g} s (pool of {len(self._slots)})",
             ) from None
 

@@ -289,7 +289,11 @@ class _LocalService:
             assert proc is not None
             try:
                 await _wait_ready(
-                    self._label, self._port, self._probe, proc.poll, self._ready_timeout,
+                    self._label,
+                    self._port,
+                    self._probe,
+                    proc.poll,
+                    self._ready_timeout,
                     self.log_path,
                 )
             except LocalServiceError:

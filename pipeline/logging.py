@@ -34,9 +34,7 @@ def configure_logging(
         _redact,
     ]
     renderer: Any = (
-        structlog.dev.ConsoleRenderer()
-        if pretty
-        else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer() if pretty else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[

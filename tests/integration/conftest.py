@@ -23,9 +23,7 @@ FAST_GROUP = {"kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 3
 
 
 @pytest.fixture
-def make_settings(
-    redis_server: RedisServer, kafka_broker: KafkaBroker
-) -> Callable[..., Settings]:
+def make_settings(redis_server: RedisServer, kafka_broker: KafkaBroker) -> Callable[..., Settings]:
     """Settings on the session services with topic and key prefixes no other test uses."""
 
     def make(**values: Any) -> Settings:
@@ -68,8 +66,7 @@ async def start_worker() -> AsyncIterator[Callable[[Settings], Awaitable[Running
         task = asyncio.create_task(
             serve(settings, stop, on_ready=lambda w: ready.done() or ready.set_result(w))
         )
-        done, _ = await asyncio.wait({ready, task}, timeout=30,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({ready, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             task.result()
         worker = ready.result()

@@ -62,8 +62,10 @@ async def test_session_fixtures_answer(
     assert redis_server.running and kafka_broker.running
     assert await raw_ping(redis_server.port) == b"+PONG\r\n"
     assert local_settings.redis.url == redis_server.url
-    assert local_settings.kafka.bootstrap == kafka_broker.bootstrap == (
-        f"127.0.0.1:{kafka_broker.port}"
+    assert (
+        local_settings.kafka.bootstrap
+        == kafka_broker.bootstrap
+        == (f"127.0.0.1:{kafka_broker.port}")
     )
 
 

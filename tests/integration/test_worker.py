@@ -61,8 +61,9 @@ async def test_thousand_requests_with_malformed_mixed_in(
             "bad_shape": encode_request(id="bad-shape", model="m", inputs=np.ones((1, 3))),
             "non_finite": (b'{"id":"bad-nan","model":"m","inputs":[[NaN]]}', []),
             "bad_dtype": (b'{"id":"bad-dtype","model":"m","inputs":[["a"]]}', []),
-            "unknown_version": encode_request(id="bad-version", model="m", inputs=x[:1],
-                                              version=99),
+            "unknown_version": encode_request(
+                id="bad-version", model="m", inputs=x[:1], version=99
+            ),
         }
         dead = [b"\xff\x00garbage", b"{not json", b'{"model":"m","inputs":[[1]]}', b"[]"]
         for i in range(1000):
@@ -72,11 +73,17 @@ async def test_thousand_requests_with_malformed_mixed_in(
                 code = list(bad_results)[(i // 200) % len(bad_results)]
                 value, headers = bad_results[code]
                 await client.submit_raw(value, key=code.encode(), headers=headers)
-            await client.submit("m", x[i : i + 1], id=f"r{i}",
-                                content_type=NPY if i % 3 == 0 else None, wait=False)
+            await client.submit(
+                "m", x[i : i + 1], id=f"r{i}", content_type=NPY if i % 3 == 0 else None, wait=False
+            )
         await client.flush()
         want = {f"r{i}" for i in range(1000)} | {
-            "bad-model", "bad-shape", "bad-nan", "bad-dtype", "bad-version"}
+            "bad-model",
+            "bad-shape",
+            "bad-nan",
+            "bad-dtype",
+            "bad-version",
+        }
         got = await collect(stream, want)
     expected = model.forward(params, x)
     ok = 0
@@ -90,9 +97,13 @@ async def test_thousand_requests_with_malformed_mixed_in(
         ok += 1
     assert ok == 1000
     codes = {rid: got[rid][0].error_code for rid in want if rid.startswith("bad-")}
-    assert codes == {"bad-model": "unknown_model", "bad-shape": "bad_shape",
-                     "bad-nan": "non_finite", "bad-dtype": "bad_dtype",
-                     "bad-version": "unknown_version"}
+    assert codes == {
+        "bad-model": "unknown_model",
+        "bad-shape": "bad_shape",
+        "bad-nan": "non_finite",
+        "bad-dtype": "bad_dtype",
+        "bad-version": "unknown_version",
+    }
     dlq = await read_all(settings, k.dlq_topic, want=10)
     assert len(dlq) == 10
     reasons = Counter(dict(m.headers)[H_DLQ_REASON].decode().split(":")[0] for m in dlq)
@@ -128,7 +139,7 @@ async def test_cold_burst_reads_each_tensor_once_from_redis(
 ) -> None:
     server = await redis_factory()
     settings = make_settings(redis__url=server.url)
-    model, params, _ = await publish(settings, "article", "article")
+    model, _params, _ = await publish(settings, "article", "article")
     raw = redis_py.Redis.from_url(server.url)
     try:
         await raw.config_resetstat()
@@ -145,7 +156,10 @@ async def test_cold_burst_reads_each_tensor_once_from_redis(
         stats = await raw.info("commandstats")
     finally:
         await raw.aclose()
-    reads = {name: int(v["calls"]) for name, v in stats.items()
-             if name.removeprefix("cmdstat_") in ("get", "mget", "hget", "hmget", "hgetall")}
+    reads = {
+        name: int(v["calls"])
+        for name, v in stats.items()
+        if name.removeprefix("cmdstat_") in ("get", "mget", "hget", "hmget", "hgetall")
+    }
     # the version pointer, the manifest and four tensors: six GETs for 200 requests
     assert reads == {"cmdstat_get": 6}, json.dumps(stats)

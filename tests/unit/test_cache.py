@@ -57,7 +57,9 @@ async def test_hit_after_load_and_stats(make_cache: Callable[..., ParamCache[obj
     assert loads == 1
 
 
-async def test_byte_budget_is_never_exceeded_lru(make_cache: Callable[..., ParamCache[object]]) -> None:
+async def test_byte_budget_is_never_exceeded_lru(
+    make_cache: Callable[..., ParamCache[object]],
+) -> None:
     cache = make_cache(capacity_bytes=300)
     for key in "abc":
         await cache.get(key, lambda: asyncio.sleep(0, blob(100)))
@@ -124,7 +126,9 @@ async def test_per_call_ttl_and_jitter_bounds(
     assert not any(i in cache for i in range(50))
 
 
-async def test_concurrent_misses_share_one_load(make_cache: Callable[..., ParamCache[object]]) -> None:
+async def test_concurrent_misses_share_one_load(
+    make_cache: Callable[..., ParamCache[object]],
+) -> None:
     cache = make_cache()
     loads = 0
     gate = asyncio.Event()
@@ -232,7 +236,9 @@ async def test_invalidate_during_load_does_not_keep_the_old_value(
     assert await cache.get("ptr", lambda: asyncio.sleep(0, "new")) == ("new", Source.LOADED)
 
 
-async def test_invalidate_where_and_close_twice(make_cache: Callable[..., ParamCache[object]]) -> None:
+async def test_invalidate_where_and_close_twice(
+    make_cache: Callable[..., ParamCache[object]],
+) -> None:
     async with make_cache() as cache:
         for key in [("t", "m", 1, "w"), ("t", "m", 2, "w"), ("t", "n", 1, "w")]:
             await cache.get(key, lambda: asyncio.sleep(0, blob(10)))

@@ -11,13 +11,15 @@ from pipeline.errors import ConfigError
 
 
 def test_env_overrides_defaults() -> None:
-    s = settings_from_env({
-        "KVPIPE_KAFKA": "k1:9092,k2:9092",
-        "KVPIPE_REDIS": "redis://u:pw@r:6380/2",
-        "KVPIPE_CACHE_BYTES": "1024",
-        "KVPIPE_CACHE_POLICY": "lfu",
-        "KVPIPE_TOPIC_PREFIX": "x",
-    })
+    s = settings_from_env(
+        {
+            "KVPIPE_KAFKA": "k1:9092,k2:9092",
+            "KVPIPE_REDIS": "redis://u:pw@r:6380/2",
+            "KVPIPE_CACHE_BYTES": "1024",
+            "KVPIPE_CACHE_POLICY": "lfu",
+            "KVPIPE_TOPIC_PREFIX": "x",
+        }
+    )
     assert s.kafka.bootstrap == "k1:9092,k2:9092"
     assert s.cache.capacity_bytes == 1024 and s.cache.policy == "lfu"
     assert s.kafka.requests_topic == "x.requests" and s.kafka.dlq_topic == "x.dlq"
@@ -49,3 +51,12 @@ def test_every_env_var_names_a_real_setting() -> None:
         for part in var.path.split("."):
             assert hasattr(obj, part), var.name
             obj = getattr(obj, part)
+
+
+def test_settings_round_trip_through_env() -> None:
+    from pipeline.config import settings_to_env, with_values
+
+    s = with_values(
+        Settings(), {"kafka.topic_prefix": "p", "cache.policy": "lfu", "worker.worker_id": "w1"}
+    )
+    assert settings_from_env(settings_to_env(s)) == s

@@ -15,6 +15,8 @@ from pipeline.kv import (
     KeyValue,
     RedisPyKV,
     _from_error_reply,
+    _reason,
+    _secrets,
     asyncio_redis_endpoint,
     display_url,
     open_kv,
@@ -26,9 +28,23 @@ OTHER_BACKEND = "KVPIPE_REDIS_BACKEND=redis-py"
 
 #: Every member of the KeyValue protocol, checked against the class itself below.
 PROTOCOL_METHODS = (
-    "get", "mget", "set", "set_many", "incr", "delete", "expire", "exists",
-    "hget", "hmget", "hset_many", "hgetall", "hdel", "ping", "aclose",
-    "__aenter__", "__aexit__",
+    "get",
+    "mget",
+    "set",
+    "set_many",
+    "incr",
+    "delete",
+    "expire",
+    "exists",
+    "hget",
+    "hmget",
+    "hset_many",
+    "hgetall",
+    "hdel",
+    "ping",
+    "aclose",
+    "__aenter__",
+    "__aexit__",
 )
 
 
@@ -73,8 +89,11 @@ def test_asyncio_redis_refuses_what_it_cannot_do(url: str, expected: str) -> Non
 
 @pytest.mark.parametrize(
     "url",
-    ["http://redis.example:6379/0", "redis://redis.example:6379/zero",
-     "redis://redis.example:notaport/0"],
+    [
+        "http://redis.example:6379/0",
+        "redis://redis.example:6379/zero",
+        "redis://redis.example:notaport/0",
+    ],
 )
 def test_asyncio_redis_refuses_malformed_urls(url: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -135,6 +154,18 @@ def test_display_url_hides_passwords(url: str, shown: str) -> None:
     assert display_url(url) == shown
 
 
+def test_foreign_error_text_is_one_short_line_without_secrets() -> None:
+    secrets = _secrets("redis://:p%40ss-word@h:1/0")
+    assert set(secrets) == {"p%40ss-word", "p@ss-word"}
+    text = _reason(OSError("refused\nfor p@ss-word and p%40ss-word " + "x" * 500), secrets)
+    assert "p@ss" not in text
+    assert "p%40ss" not in text
+    assert "\n" not in text
+    assert len(text) <= 200
+    assert _secrets("redis://lonely@h:1/0") == ("lonely",)
+    assert _secrets("redis://h:1/0") == ()
+
+
 @pytest.mark.parametrize("backend", ["redis-py", "asyncio-redis"])
 async def test_unreachable_store_error_names_redacted_url_only(backend: str) -> None:
     url = f"redis://:{SECRET}@127.0.0.1:{free_port()}/0"
@@ -166,9 +197,7 @@ async def test_unreachable_store_error_names_redacted_url_only(backend: str) -> 
         ("ERR value is not an integer or out of range", KvpipeError, False),
     ],
 )
-def test_error_replies_are_classified(
-    reply: str, kind: type[KvpipeError], retryable: bool
-) -> None:
+def test_error_replies_are_classified(reply: str, kind: type[KvpipeError], retryable: bool) -> None:
     error = _from_error_reply(reply, "redis://:***@h:1/0", "GET k")
     assert type(error) is kind
     assert error.retryable is retryable
@@ -242,7 +271,8 @@ async def test_aclose_is_idempotent_and_survives_cancellation(backend: str) -> N
 
 def test_protocol_lists_the_methods_checked_here() -> None:
     declared = {
-        name for name, member in vars(KeyValue).items()
+        name
+        for name, member in vars(KeyValue).items()
         if (inspect.isfunction(member) and (not name.startswith("_") or name in PROTOCOL_METHODS))
     }
     assert declared == set(PROTOCOL_METHODS)

@@ -30,8 +30,9 @@ def test_mlp_activations(activation: str) -> None:
     ](h)
     logits = h @ params["w1"] + params["b1"]
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    np.testing.assert_allclose(model.forward(params, x), e / e.sum(axis=1, keepdims=True),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        model.forward(params, x), e / e.sum(axis=1, keepdims=True), rtol=1e-5
+    )
 
 
 def test_article_preset_is_two_linear_heads_of_1000() -> None:
@@ -39,7 +40,10 @@ def test_article_preset_is_two_linear_heads_of_1000() -> None:
     assert isinstance(model, LinearHeads)
     specs = model.tensor_specs()
     assert {n: s.shape for n, s in specs.items()} == {
-        "weight1": (1000, 1000), "bias1": (1000,), "weight2": (1000, 1000), "bias2": (1000,)
+        "weight1": (1000, 1000),
+        "bias1": (1000,),
+        "weight2": (1000, 1000),
+        "bias2": (1000,),
     }
     assert all(s.dtype == "float32" for s in specs.values())
     small = LinearHeads(dim_in=3, dim_out=2)

@@ -101,7 +101,10 @@ async def test_different_keys_load_independently() -> None:
     async def load_b() -> str:
         return "b"
 
-    assert await asyncio.gather(sf.do("a", load_a), sf.do("b", load_b)) == [("a", True), ("b", True)]
+    assert await asyncio.gather(sf.do("a", load_a), sf.do("b", load_b)) == [
+        ("a", True),
+        ("b", True),
+    ]
 
 
 async def test_aclose_cancels_running_loads_and_is_idempotent() -> None:

@@ -38,8 +38,14 @@ async def test_key_layout_follows_design(store: ParamStore) -> None:
     kv = store.kv
     assert isinstance(kv, MemoryKV)
     assert set(kv.keys()) == {
-        "t:m:current", "t:m:seq", "t:m:versions", "t:m:v1:manifest",
-        "t:m:v1:t:w0", "t:m:v1:t:b0", "t:m:v1:t:w1", "t:m:v1:t:b1",
+        "t:m:current",
+        "t:m:seq",
+        "t:m:versions",
+        "t:m:v1:manifest",
+        "t:m:v1:t:w0",
+        "t:m:v1:t:b0",
+        "t:m:v1:t:w1",
+        "t:m:v1:t:b1",
     }
     manifest = json.loads(await kv.get("t:m:v1:manifest") or b"")
     assert set(manifest["tensors"]["w0"]) == {"dtype", "shape", "sha256", "nbytes"}
@@ -93,9 +99,12 @@ async def test_bytes_that_match_sha_but_not_shape_are_refused(store: ParamStore)
     meta = manifest.tensors["b0"]
     forged = dataclasses.replace(
         manifest,
-        tensors={**manifest.tensors,
-                 "b0": TensorMeta(meta.dtype, meta.shape, hashlib.sha256(wrong).hexdigest(),
-                                  meta.nbytes)},
+        tensors={
+            **manifest.tensors,
+            "b0": TensorMeta(
+                meta.dtype, meta.shape, hashlib.sha256(wrong).hexdigest(), meta.nbytes
+            ),
+        },
     )
     with pytest.raises(ParamsCorrupt, match="manifest says"):
         await store.tensor(forged, "b0")

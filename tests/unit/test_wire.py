@@ -26,11 +26,17 @@ LIMITS = LimitSettings(max_request_bytes=100_000, max_elements=1000, max_rows=50
 
 
 def test_json_request_round_trip() -> None:
-    value, headers = encode_request(id="r1", model="m", inputs=[[1.0, 2.0]], version=3,
-                                    reply_to="replies", deadline_ms=123)
+    value, headers = encode_request(
+        id="r1", model="m", inputs=[[1.0, 2.0]], version=3, reply_to="replies", deadline_ms=123
+    )
     req = decode_request(value, headers, LIMITS)
     assert (req.id, req.model, req.version, req.reply_to, req.deadline_ms) == (
-        "r1", "m", 3, "replies", 123)
+        "r1",
+        "m",
+        3,
+        "replies",
+        123,
+    )
     assert req.error is None and req.inputs is not None
     assert req.inputs.dtype == np.float32 and req.inputs.tolist() == [[1.0, 2.0]]
 
@@ -105,9 +111,15 @@ def test_unknown_content_type_and_tombstone() -> None:
 
 
 def test_result_round_trips_json_and_npy() -> None:
-    res = Result(id="a", model="m", status="ok", version=2,
-                 outputs=np.array([[0.5, 1.5]], dtype=np.float32), cache="hit",
-                 timings={"total_ms": 1.0})
+    res = Result(
+        id="a",
+        model="m",
+        status="ok",
+        version=2,
+        outputs=np.array([[0.5, 1.5]], dtype=np.float32),
+        cache="hit",
+        timings={"total_ms": 1.0},
+    )
     for ctype in ("application/json", NPY):
         value, headers = encode_result(res, ctype)
         back = decode_result(value, headers)
@@ -116,7 +128,8 @@ def test_result_round_trips_json_and_npy() -> None:
 
 
 def test_error_result_round_trip() -> None:
-    res = Result(id="a", model="m", status="error", error_code="unknown_model",
-                 error_message="no such model")
+    res = Result(
+        id="a", model="m", status="error", error_code="unknown_model", error_message="no such model"
+    )
     back = decode_result(*encode_result(res))
     assert (back.ok, back.error_code, back.outputs) == (False, "unknown_model", None)
