@@ -321,3 +321,16 @@ def validate(settings: Settings) -> Settings:
     if settings.worker.max_batch_size > settings.worker.max_in_flight:
         raise ConfigError("max batch size cannot exceed max in-flight requests")
     return settings
+
+
+def env_table() -> str:
+    """The Markdown table of environment variables the README carries (checked by a test)."""
+    defaults = Settings()
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for var in ENV_VARS:
+        value: Any = defaults
+        for part in var.path.split("."):
+            value = getattr(value, part)
+        shown = f"`{value}`" if value != "" else "(host-pid)"
+        rows.append(f"| `{var.name}` | {shown} | {var.help} |")
+    return "\n".join(rows)
