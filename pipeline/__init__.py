@@ -1,1 +1,80 @@
 """kvpipe: streaming inference on Kafka with parameters in Redis behind an async cache."""
+
+from pipeline.cache import CacheStats, ParamCache, Source
+from pipeline.client import InferenceClient, ResultStream, ResultTimeout
+from pipeline.config import (
+    CacheSettings,
+    KafkaSettings,
+    LimitSettings,
+    RedisSettings,
+    Settings,
+    WorkerSettings,
+    settings_from_env,
+)
+from pipeline.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    KvpipeError,
+    LocalServiceError,
+    ModelNotFound,
+    ParamsCorrupt,
+    ParamsError,
+    ParamsUnavailable,
+    RequestError,
+    ServiceError,
+    StoreUnavailable,
+    UnreadableMessage,
+    VersionNotFound,
+)
+from pipeline.kv import KeyValue, open_kv
+from pipeline.models import MLP, LinearHeads, Model, build_model, preset
+from pipeline.registry import ModelRegistry, Resolved
+from pipeline.singleflight import SingleFlight
+from pipeline.store import Manifest, ParamStore
+from pipeline.wire import Request, Result
+from pipeline.worker import Worker, WorkerStats
+
+__all__ = [
+    "MLP",
+    "BrokerUnavailable",
+    "CacheSettings",
+    "CacheStats",
+    "ConfigError",
+    "InferenceClient",
+    "KafkaSettings",
+    "KeyValue",
+    "KvpipeError",
+    "LimitSettings",
+    "LinearHeads",
+    "LocalServiceError",
+    "Manifest",
+    "Model",
+    "ModelNotFound",
+    "ModelRegistry",
+    "ParamCache",
+    "ParamStore",
+    "ParamsCorrupt",
+    "ParamsError",
+    "ParamsUnavailable",
+    "RedisSettings",
+    "Request",
+    "RequestError",
+    "Resolved",
+    "Result",
+    "ResultStream",
+    "ResultTimeout",
+    "ServiceError",
+    "Settings",
+    "SingleFlight",
+    "Source",
+    "StoreUnavailable",
+    "UnreadableMessage",
+    "VersionNotFound",
+    "Worker",
+    "WorkerSettings",
+    "WorkerStats",
+    "build_model",
+    "open_kv",
+    "preset",
+    "settings_from_env",
+]

@@ -26,8 +26,11 @@ def _add_connection_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connections (flags override the environment)")
     g.add_argument("--kafka", metavar="HOST:PORT[,...]", help="Kafka bootstrap (KVPIPE_KAFKA)")
     g.add_argument("--redis", metavar="URL", help="redis://[user:pass@]host:port/db (KVPIPE_REDIS)")
-    g.add_argument("--redis-backend", choices=["redis-py", "asyncio-redis"],
-                   help="Redis client (KVPIPE_REDIS_BACKEND)")
+    g.add_argument(
+        "--redis-backend",
+        choices=["redis-py", "asyncio-redis"],
+        help="Redis client (KVPIPE_REDIS_BACKEND)",
+    )
     g.add_argument("--topic-prefix", metavar="P", help="topic names P.requests, P.results, ...")
     g.add_argument("--key-prefix", metavar="P", help="prefix of every Redis key")
     g.add_argument("--log-format", choices=["auto", "json", "console"])
@@ -74,8 +77,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _arch_from_tensors(names: Sequence[str], arrays: Mapping[str, np.ndarray[Any, Any]],
-                       activation: str) -> dict[str, Any]:
+def _arch_from_tensors(
+    names: Sequence[str], arrays: Mapping[str, np.ndarray[Any, Any]], activation: str
+) -> dict[str, Any]:
     """Guess the architecture of an .npz: w0,b0,... is an MLP; weight1,bias1,... linear heads."""
     if "w0" in names:
         layers = [int(arrays["w0"].shape[0])]
@@ -87,8 +91,12 @@ def _arch_from_tensors(names: Sequence[str], arrays: Mapping[str, np.ndarray[Any
     if "weight1" in names:
         heads = sum(1 for n in names if n.startswith("weight"))
         w = arrays["weight1"]
-        return {"kind": "linear_heads", "dim_in": int(w.shape[0]), "dim_out": int(w.shape[1]),
-                "heads": heads}
+        return {
+            "kind": "linear_heads",
+            "dim_in": int(w.shape[0]),
+            "dim_out": int(w.shape[1]),
+            "heads": heads,
+        }
     raise ConfigError(
         "cannot tell the architecture from the tensor names; pass --arch JSON "
         "(MLP tensors are w0,b0,w1,b1,...; linear heads weight1,bias1,...)"
@@ -98,8 +106,9 @@ def _arch_from_tensors(names: Sequence[str], arrays: Mapping[str, np.ndarray[Any
 async def _publish(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.kv import open_kv
     from pipeline.models import build_model, preset
-    from pipeline.store import ParamStore
+    from pipeline.store import ParamStore, check_model_name
 
+    check_model_name(args.model)
     if args.from_file:
         path = Path(args.from_file)
         try:
@@ -107,8 +116,11 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
                 arrays = {k: npz[k] for k in npz.files}
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read {path} as a .npz of arrays: {exc}") from None
-        arch = json.loads(args.arch) if args.arch else _arch_from_tensors(
-            list(arrays), arrays, args.activation)
+        arch = (
+            json.loads(args.arch)
+            if args.arch
+            else _arch_from_tensors(list(arrays), arrays, args.activation)
+        )
     else:
         model = preset(args.preset) if not args.arch else build_model(json.loads(args.arch))
         arch = model.arch
@@ -118,8 +130,9 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
             args.model, arch, arrays
         )
     if args.json:
-        print(json.dumps({"model": args.model, "version": manifest.version,
-                          "bytes": manifest.nbytes}))
+        print(
+            json.dumps({"model": args.model, "version": manifest.version, "bytes": manifest.nbytes})
+        )
     else:
         print(manifest.version)
     return 0
@@ -159,22 +172,30 @@ async def _produce(args: argparse.Namespace, settings: Settings) -> int:
     else:
         dim = args.dim or await _input_dim(settings, args.model)
         rng = np.random.default_rng(args.seed)
-        rows = [(None, rng.standard_normal((args.rows, dim)).astype(np.float32), None)
-                for _ in range(args.count)]
+        rows = [
+            (None, rng.standard_normal((args.rows, dim)).astype(np.float32), None)
+            for _ in range(args.count)
+        ]
     await ensure_topics(settings.kafka, [settings.kafka.requests_topic])
     started = time.perf_counter()
     ids = []
     async with InferenceClient(settings.kafka, content_type=NPY if args.npy else JSON) as c:
         for rid, inputs, model in rows:
-            ids.append(await c.submit(model or args.model, inputs, id=rid or uuid.uuid4().hex,
-                                      version=args.version, wait=False))
+            ids.append(
+                await c.submit(
+                    model or args.model,
+                    inputs,
+                    id=rid or uuid.uuid4().hex,
+                    version=args.version,
+                    wait=False,
+                )
+            )
         await c.flush()
     seconds = time.perf_counter() - started
     if args.json:
         print(json.dumps({"produced": len(ids), "seconds": round(seconds, 3), "ids": ids}))
     else:
-        print(f"produced {len(ids)} requests to {settings.kafka.requests_topic} "
-              f"in {seconds:.2f} s")
+        print(f"produced {len(ids)} requests to {settings.kafka.requests_topic} in {seconds:.2f} s")
     return 0
 
 
@@ -195,8 +216,9 @@ async def _results(args: argparse.Namespace, settings: Settings) -> int:
 
     seen = 0
     deadline = None if args.follow else time.monotonic() + args.timeout
-    async with ResultStream(settings.kafka, settings.kafka.results_topic,
-                            from_beginning=not args.from_end) as stream:
+    async with ResultStream(
+        settings.kafka, settings.kafka.results_topic, from_beginning=not args.from_end
+    ) as stream:
         while args.count is None or seen < args.count:
             batch = await stream.next_batch(0.5)
             for r in batch:
@@ -231,17 +253,29 @@ def cmd_local(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.demo import run_demo
 
-    configure_logging(fmt=settings.log_format, level=args.log_level or "warning")
+    configure_logging(
+        fmt=settings.log_format, level=args.log_level or "warning", dependencies="error"
+    )
     tty = sys.stderr.isatty() and not args.json
 
     def progress(done: int, total: int) -> None:
         if tty:
             print(f"\r  results {done}/{total}", end="", file=sys.stderr, flush=True)
 
-    print(f"kvpipe demo: starting local Redis and broker, publishing the {args.preset!r} model, "
-          f"sending {args.requests} requests", file=sys.stderr)
-    report = asyncio.run(run_demo(requests=args.requests, preset=args.preset, seed=args.seed,
-                                  base=settings, progress=progress))
+    print(
+        f"kvpipe demo: starting local Redis and broker, publishing the {args.preset!r} model, "
+        f"sending {args.requests} requests",
+        file=sys.stderr,
+    )
+    report = asyncio.run(
+        run_demo(
+            requests=args.requests,
+            preset=args.preset,
+            seed=args.seed,
+            base=settings,
+            progress=progress,
+        )
+    )
     if tty:
         print(file=sys.stderr)
     if args.json:
@@ -270,7 +304,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    env_help = "\n".join(f"  {v.name:<24} {v.help}" for v in ENV_VARS)
+    env_help = "\n".join(f"  {v.name:<27} {v.help}" for v in ENV_VARS)
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Streaming inference on Kafka with model parameters in Redis "
@@ -295,10 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_flags(p)
     p.add_argument("--model", required=True, help="model name")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from", dest="from_file", metavar="FILE.npz",
-                     help="tensors from an .npz (w0,b0,... or weight1,bias1,...)")
+    src.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE.npz",
+        help="tensors from an .npz (w0,b0,... or weight1,bias1,...)",
+    )
     src.add_argument("--preset", choices=["article", "mlp"], help="a seeded random init")
-    p.add_argument("--arch", help="architecture JSON, e.g. '{\"kind\":\"mlp\",\"layers\":[4,8,2]}'")
+    p.add_argument("--arch", help='architecture JSON, e.g. \'{"kind":"mlp","layers":[4,8,2]}\'')
     p.add_argument("--activation", default="relu", help="MLP activation when guessing the arch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -308,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_flags(p)
     p.add_argument("--model", required=True)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--file", help="JSONL lines {\"id\"?, \"inputs\": [[...]]} or a .npy matrix")
+    src.add_argument("--file", help='JSONL lines {"id"?, "inputs": [[...]]} or a .npy matrix')
     src.add_argument("--count", type=int, help="generate N random requests")
     p.add_argument("--rows", type=int, default=1, help="rows per generated request")
     p.add_argument("--dim", type=int, help="input width (read from the model when omitted)")
@@ -323,8 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="keep waiting for new results")
     p.add_argument("--count", type=int, help="stop after N results")
     p.add_argument("--from-end", action="store_true", help="only results produced from now on")
-    p.add_argument("--timeout", type=float, default=5.0,
-                   help="without --follow, stop after this many idle seconds")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="without --follow, stop after this many seconds without a new result",
+    )
     p.set_defaults(handler=lambda a, s: _run(_results(a, s)))
 
     p = sub.add_parser("local", help="start or stop a local Redis and Kafka-protocol broker")
@@ -342,8 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: each prints figures and ratios")
     p.add_argument("suite", choices=["naive", "echo", "all"], nargs="?", default="all")
-    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--requests", type=int, metavar="N",
+                   help="requests of the cached side of naive and of both echo sides "
+                        "(default 2000 for naive, 5000 for echo)")
+    p.add_argument("--naive-requests", type=int, default=200, metavar="N",
+                   help="requests of the article-method side (slow: MBs from Redis each)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=cmd_bench)
     return parser
 
@@ -355,6 +402,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     handler: Callable[[argparse.Namespace, Settings], int] = args.handler
     try:
         settings = build_settings(args, os.environ if environ is None else environ)
+        configure_logging(
+            fmt=settings.log_format,
+            level=getattr(args, "log_level", None) or "warning",
+            dependencies="critical",
+        )
         return handler(args, settings)
     except KvpipeError as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)

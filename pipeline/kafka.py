@@ -75,6 +75,10 @@ def _options(settings: KafkaSettings) -> dict[str, Any]:
 
 def _unavailable(settings: KafkaSettings, what: str, exc: BaseException) -> BrokerUnavailable:
     detail = str(exc) or type(exc).__name__
+    if "Unable to bootstrap" in detail or isinstance(exc, OSError):
+        detail = "no broker answered"
+    elif isinstance(exc, TimeoutError):
+        detail = "timed out"
     return BrokerUnavailable(
         f"Kafka at {settings.bootstrap}: {what} failed ({detail}); check KVPIPE_KAFKA and that "
         "the broker is up (kvpipe local up starts one)"

@@ -21,9 +21,17 @@ def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 
 
 def configure_logging(
-    *, fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None
+    *,
+    fmt: LogFormat = "auto",
+    level: str = "info",
+    stream: TextIO | None = None,
+    dependencies: str = "warning",
 ) -> None:
-    """Configure structlog (and the stdlib loggers of our dependencies) once, at the edge."""
+    """Configure structlog, and the stdlib loggers of our dependencies at ``dependencies``.
+
+    One-shot commands pass ``dependencies="critical"``: they report failures themselves in
+    one line, so aiokafka's own error lines would only repeat them.
+    """
     out = stream or sys.stderr
     pretty = fmt == "console" or (fmt == "auto" and out.isatty())
     numeric = logging.getLevelName(level.upper())
@@ -56,4 +64,4 @@ def configure_logging(
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(max(numeric, logging.WARNING))
+    root.setLevel(max(numeric, logging.getLevelName(dependencies.upper())))

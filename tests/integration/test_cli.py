@@ -1,0 +1,78 @@
+"""The kvpipe command as a user runs it: real processes, real services."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from pipeline.cli import build_parser
+from pipeline.config import settings_to_env
+from pipeline.local import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def kvpipe(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Any:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_every_command_has_help() -> None:
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name in ["", *sub.choices]:  # type: ignore[union-attr]
+        out = kvpipe(*([name] if name else []), "--help")
+        assert out.returncode == 0 and "usage: kvpipe" in out.stdout, name
+
+
+def test_unreachable_services_give_one_line_not_a_traceback() -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    out = kvpipe("publish", "--model", "m", "--preset", "mlp", "--redis", f"redis://{dead}/0")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr
+    assert lines[0].startswith("kvpipe publish: error: Redis at redis://") and dead in lines[0]
+    out = kvpipe("produce", "--model", "m", "--count", "1", "--dim", "2", "--kafka", dead)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert dead in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_settings_are_one_line() -> None:
+    out = kvpipe("publish", "--model", "m", "--preset", "mlp", env={"KVPIPE_CACHE_BYTES": "lots"})
+    assert out.returncode == 2 and "KVPIPE_CACHE_BYTES='lots'" in out.stderr
+    out = kvpipe("publish", "--model", "bad name", "--preset", "mlp")
+    assert out.returncode == 2 and "invalid model name" in out.stderr
+
+
+async def test_publish_produce_serve_results(make_settings: Any, tmp_path: Any) -> None:
+    settings = make_settings()
+    env = settings_to_env(settings)
+    out = kvpipe("publish", "--model", "clf", "--preset", "mlp", "--seed", "1", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+    requests = tmp_path / "req.jsonl"
+    requests.write_text("\n".join(
+        json.dumps({"id": f"f{i}", "inputs": [[float(i)] * 32]}) for i in range(5)) + "\n")
+    assert kvpipe("produce", "--model", "clf", "--file", str(requests), env=env).returncode == 0
+    assert kvpipe("produce", "--model", "clf", "--count", "5", "--npy", env=env).returncode == 0
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "serve", "--log-format", "json"],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        out = kvpipe("results", "--count", "10", env=env)
+    finally:
+        worker.terminate()
+        _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err[-2000:]
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 10 and all(r["status"] == "ok" and r["version"] == 1 for r in rows)
+    assert {r["id"] for r in rows} >= {f"f{i}" for i in range(5)}
+    assert '"event": "worker_drained"' in err
