@@ -20,7 +20,10 @@ pytestmark = pytest.mark.integration
 def kvpipe(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Any:
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],
-        env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -50,20 +53,24 @@ def test_bad_settings_are_one_line() -> None:
     assert out.returncode == 2 and "invalid model name" in out.stderr
 
 
-async def test_publish_produce_serve_results(make_settings: Any, tmp_path: Any) -> None:
+def test_publish_produce_serve_results(make_settings: Any, tmp_path: Any) -> None:
     settings = make_settings()
     env = settings_to_env(settings)
     out = kvpipe("publish", "--model", "clf", "--preset", "mlp", "--seed", "1", env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
     requests = tmp_path / "req.jsonl"
-    requests.write_text("\n".join(
-        json.dumps({"id": f"f{i}", "inputs": [[float(i)] * 32]}) for i in range(5)) + "\n")
+    requests.write_text(
+        "\n".join(json.dumps({"id": f"f{i}", "inputs": [[float(i)] * 32]}) for i in range(5)) + "\n"
+    )
     assert kvpipe("produce", "--model", "clf", "--file", str(requests), env=env).returncode == 0
     assert kvpipe("produce", "--model", "clf", "--count", "5", "--npy", env=env).returncode == 0
     worker = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "serve", "--log-format", "json"],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         out = kvpipe("results", "--count", "10", env=env)

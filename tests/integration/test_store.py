@@ -20,7 +20,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest_asyncio.fixture(params=["redis-py", "asyncio-redis"])
-async def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[ParamStore]:
+async def store(
+    request: pytest.FixtureRequest, redis_server: RedisServer
+) -> AsyncIterator[ParamStore]:
     settings = RedisSettings(url=redis_server.url, backend=request.param)
     async with open_kv(settings) as kv:
         yield ParamStore(kv, prefix=f"s{uuid.uuid4().hex[:8]}")
@@ -54,7 +56,10 @@ async def test_versions_listing_and_rollback(store: ParamStore) -> None:
     for seed in range(3):
         await store.publish("m", model.arch, model.init(seed))
     assert [(v.version, v.current, v.available) for v in await store.versions("m")] == [
-        (1, False, True), (2, False, True), (3, True, True)]
+        (1, False, True),
+        (2, False, True),
+        (3, True, True),
+    ]
     await store.set_current("m", 2)
     _, params = await store.load("m")
     assert np.array_equal(params["w0"], model.init(1)["w0"])
