@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from typing import Any
 
 import structlog
 
@@ -33,8 +34,12 @@ async def serve(
     stop: asyncio.Event,
     *,
     on_ready: Callable[[Worker], None] | None = None,
+    make_registry: Callable[[ParamStore, ParamCache[Any], Settings], ModelRegistry] | None = None,
 ) -> WorkerStats:
-    """Run one worker until ``stop`` is set; returns its counters after the drain."""
+    """Run one worker until ``stop`` is set; returns its counters after the drain.
+
+    ``make_registry`` replaces the cached registry (the benchmark's per-request baseline).
+    """
     async with AsyncExitStack() as stack:
         kv = await stack.enter_async_context(open_kv(settings.redis))
         store = ParamStore(kv, prefix=settings.redis.key_prefix)
@@ -46,7 +51,10 @@ async def serve(
                 jitter=0.1,
             )
         )
-        registry = ModelRegistry(store, cache, version_ttl_s=settings.cache.version_ttl_s)
+        if make_registry is None:
+            registry = ModelRegistry(store, cache, version_ttl_s=settings.cache.version_ttl_s)
+        else:
+            registry = make_registry(store, cache, settings)
         k = settings.kafka
         await ensure_topics(k, [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic])
         producer = await stack.enter_async_context(

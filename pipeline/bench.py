@@ -1,1 +1,869 @@
-"""Benchmarks (placeholder until written)."""
+"""``kvpipe bench``: the cached worker against the article's method, the worker against an echo.
+
+Each comparison runs both of its sides in one run, on the same fresh local services (a Redis
+and a Tansu broker), each side with topic, group and Redis key prefixes of its own. The
+requests of a side are produced first (a backlog); then its consumer starts, and throughput is
+N / (the consumer's partitions assigned -> the N-th distinct answer read back). Every answer is
+checked: a side with a wrong, failed or missing answer has no figure.
+
+- ``naive``: the article's model (two 1000x1000 float32 linear heads) served by the real worker
+  with its cache, against the same worker whose registry reads the version pointer, manifest
+  and every tensor from Redis for each request (:class:`NaiveRegistry`, batches of one).
+- ``echo``: a bare aiokafka consume -> produce loop (the floor any Kafka worker sits on),
+  against the real worker on the small MLP, same backlog and partition count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from consumers.inference import serve
+from pipeline.cache import ParamCache, Source
+from pipeline.config import KafkaSettings, Settings, with_values
+from pipeline.errors import ConfigError, KvpipeError, UnreadableMessage
+from pipeline.kafka import Consumer, Message, Producer, ensure_topics
+from pipeline.kv import open_kv
+from pipeline.local import LocalServices
+from pipeline.logging import configure_logging
+from pipeline.models import Model, preset
+from pipeline.registry import ModelRegistry, Resolved
+from pipeline.store import ParamStore
+from pipeline.wire import JSON, decode_result, encode_request
+from pipeline.worker import Worker, WorkerStats
+
+MODEL = "bench"
+NAIVE_GOAL = 50.0
+ECHO_GOAL = 0.3
+DEFAULT_REQUESTS = {"naive": 2000, "echo": 50000}
+DEFAULT_NAIVE_REQUESTS = 200
+DEFAULT_ROUNDS = 2
+PARTITIONS = 4
+RTOL, ATOL = 1e-4, 1e-5
+GROUP_TIMING = {"kafka.session_timeout_ms": 3000, "kafka.heartbeat_interval_ms": 300}
+
+Array = npt.NDArray[np.float32]
+Backlog = list[tuple[bytes, bytes, list[tuple[str, bytes]]]]
+Emit = Callable[[str], None]
+
+
+# -- figures -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunFigures:
+    """One timed run of one side: how many, how long, and whether every answer was right."""
+
+    requests: int
+    seconds: float = 0.0
+    backlog_s: float = 0.0
+    ok: int = 0
+    errors: int = 0
+    wrong: int = 0
+    missing: int = 0
+    duplicates: int = 0
+    failure: str | None = None
+    error_codes: dict[str, int] = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """Every request answered, correctly, and nothing broke."""
+        return (
+            self.failure is None
+            and self.ok == self.requests
+            and not (self.errors or self.wrong or self.missing)
+            and self.seconds > 0
+        )
+
+    @property
+    def rate(self) -> float | None:
+        """Answers per second, or None when the run has no valid figure."""
+        return self.requests / self.seconds if self.passed else None
+
+    def problem(self) -> str:
+        """Why the run has no figure (empty when it has one)."""
+        if self.passed:
+            return ""
+        codes = f" {self.error_codes}" if self.error_codes else ""
+        return self.failure or (
+            f"ok {self.ok} of {self.requests}, errors {self.errors}{codes}, "
+            f"wrong {self.wrong}, missing {self.missing}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures as JSON-able values."""
+        rate = self.rate
+        return {
+            "requests": self.requests,
+            "seconds": round(self.seconds, 4),
+            "rate": None if rate is None else round(rate, 2),
+            "backlog_produce_s": round(self.backlog_s, 3),
+            "passed": self.passed,
+            "ok": self.ok,
+            "errors": self.errors,
+            "wrong": self.wrong,
+            "missing": self.missing,
+            "duplicates": self.duplicates,
+            "failure": self.failure,
+            "error_codes": self.error_codes,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Side:
+    """One side of a comparison over its runs; its rate is all answers over all timed seconds."""
+
+    suite: str
+    name: str
+    label: str
+    unit: str
+    requests: int
+    runs: list[RunFigures] = field(default_factory=list)
+
+    def new_run(self) -> RunFigures:
+        """Start the figures of one more run."""
+        run = RunFigures(self.requests)
+        self.runs.append(run)
+        return run
+
+    @property
+    def passed(self) -> bool:
+        """Every run of the side answered every request correctly."""
+        return bool(self.runs) and all(r.passed for r in self.runs)
+
+    @property
+    def rate(self) -> float | None:
+        """Answers per second over every run, or None when a run has no valid figure."""
+        if not self.passed:
+            return None
+        return sum(r.requests for r in self.runs) / sum(r.seconds for r in self.runs)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The side and its runs as JSON-able values."""
+        rate = self.rate
+        return {
+            "side": self.name,
+            "label": self.label,
+            "unit": self.unit,
+            "requests_per_run": self.requests,
+            "rate": None if rate is None else round(rate, 2),
+            "passed": self.passed,
+            "runs": [r.as_dict() for r in self.runs],
+        }
+
+
+@dataclass
+class Comparison:
+    """Two sides measured on the same services; ``ratio`` is first.rate / second.rate."""
+
+    suite: str
+    first: Side
+    second: Side
+    goal: float
+
+    @property
+    def ratio(self) -> float | None:
+        """The first side's rate over the second's, None when either has no figure."""
+        a, b = self.first.rate, self.second.rate
+        if a is None or b is None or b == 0:
+            return None
+        return a / b
+
+    @property
+    def passed(self) -> bool:
+        """Both sides answered every request correctly (the goal is reported, not required)."""
+        return self.first.passed and self.second.passed
+
+    def as_dict(self) -> dict[str, Any]:
+        """The comparison as JSON-able values."""
+        ratio = self.ratio
+        return {
+            "sides": [self.first.as_dict(), self.second.as_dict()],
+            "ratio": None if ratio is None else round(ratio, 4),
+            "ratio_of": f"{self.first.name}/{self.second.name}",
+            "goal": self.goal,
+            "goal_met": ratio is not None and ratio >= self.goal,
+            "passed": self.passed,
+        }
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = os.cpu_count() or 0
+    return {
+        "nproc": usable,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "aiokafka": _version("aiokafka"),
+        "redis_py": _version("redis"),
+    }
+
+
+def side_line(side: Side) -> str:
+    """One printed line for one side: its rate, then each run's."""
+    noun = "messages" if side.unit == "msg/s" else "requests"
+    head = f"{side.suite:<7} {side.label:<18}"
+    rate = side.rate
+    if rate is None:
+        why = (
+            "; ".join(f"run {i + 1}: {r.problem()}" for i, r in enumerate(side.runs) if r.problem())
+            or "no run"
+        )
+        return f"{head}      FAIL  ({why})"
+    if len(side.runs) == 1:
+        return (
+            f"{head} {rate:>9.1f} {side.unit} ({side.requests} {noun} "
+            f"in {side.runs[0].seconds:.3f} s)"
+        )
+    each = ", ".join(f"{r.requests / r.seconds:.1f}" for r in side.runs)
+    return (
+        f"{head} {rate:>9.1f} {side.unit} ({side.requests} {noun} x {len(side.runs)} runs: {each})"
+    )
+
+
+def ratio_line(cmp: Comparison) -> str:
+    """The printed ratio of a comparison against its goal."""
+    head = f"{cmp.suite:<7} {'ratio':<18}"
+    ratio = cmp.ratio
+    if ratio is None:
+        return f"{head}       n/a  (a side has no valid figure; goal >= {cmp.goal:g}x)"
+    verdict = "met" if ratio >= cmp.goal else "NOT met"
+    return f"{head} {ratio:>9.2f}x   (goal >= {cmp.goal:g}x: {verdict})"
+
+
+# -- the article's method ----------------------------------------------------------------------
+
+
+class NaiveRegistry(ModelRegistry):
+    """The article's method: each resolve reads pointer, manifest and every tensor from Redis."""
+
+    # No parameter is kept between calls (only the architecture object, which holds none; the
+    # cache it is given is never used). The semaphore queues fetches for the Redis pool, whose
+    # own 2 s wait limit would otherwise turn a deep backlog into timeouts, not a figure.
+
+    def __init__(self, store: ParamStore, cache: ParamCache[Any], *, concurrency: int) -> None:
+        super().__init__(store, cache)
+        self._slots = asyncio.Semaphore(max(1, concurrency))
+        self.fetches = 0
+        self.bytes_fetched = 0
+
+    async def resolve(self, name: str, version: int | None = None) -> Resolved:
+        """Read and verify the whole version from Redis, every time."""
+        async with self._slots:
+            manifest, params = await self.store.load(name, version)
+        self.fetches += 1
+        self.bytes_fetched += manifest.nbytes
+        model = self._model_for(manifest)
+        return Resolved(name, manifest.version, model, manifest, params, Source.LOADED)
+
+
+def naive_registry(store: ParamStore, cache: ParamCache[Any], settings: Settings) -> ModelRegistry:
+    """The article's method in the worker: a registry that reads everything on every call."""
+    return NaiveRegistry(store, cache, concurrency=settings.redis.pool_size)
+
+
+async def serve_naive(
+    settings: Settings, stop: asyncio.Event, *, on_ready: Callable[[Worker], None]
+) -> WorkerStats:
+    """``consumers.inference.serve`` with a :class:`NaiveRegistry` in place of the cached one."""
+    return await serve(settings, stop, on_ready=on_ready, make_registry=naive_registry)
+
+
+# -- measuring -----------------------------------------------------------------------------------
+
+
+class Arrivals:
+    """A topic read from its start without a group; notes when each distinct key first came."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str) -> None:
+        self._consumer = Consumer(kafka, [topic], group_id=None)
+        self.first: dict[bytes, Message] = {}
+        self.duplicates = 0
+        self.last_at = 0.0
+
+    async def __aenter__(self) -> Self:
+        await self._consumer.start()
+        try:
+            await self._consumer.assign_all(from_end=False)
+        except BaseException:
+            await self._consumer.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._consumer.aclose()
+
+    async def collect(self, want: int, timeout_s: float, alive: asyncio.Task[Any]) -> bool:
+        """Read until ``want`` distinct keys came, ``timeout_s`` passed or ``alive`` ended."""
+        deadline = time.perf_counter() + timeout_s
+        while len(self.first) < want and time.perf_counter() < deadline and not alive.done():
+            messages = await self._consumer.getmany(timeout_ms=100, max_records=5000)
+            now = time.perf_counter()
+            for m in messages:
+                key = m.key or b""
+                if key in self.first:
+                    self.duplicates += 1
+                    continue
+                self.first[key] = m
+                if len(self.first) <= want:
+                    self.last_at = now
+        return len(self.first) >= want
+
+
+async def _wait_event(event: asyncio.Event, task: asyncio.Task[Any], timeout_s: float) -> None:
+    """Wait for ``event``; raise if ``task`` ends first or the time runs out."""
+    waiter = asyncio.create_task(event.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {waiter, task}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+    if event.is_set():
+        return
+    if task in done:
+        task.result()  # raises what stopped it
+        raise KvpipeError("the consumer under test stopped before it was assigned partitions")
+    raise KvpipeError(f"no partitions were assigned within {timeout_s:g} s")
+
+
+async def _finish(task: asyncio.Task[Any], timeout_s: float) -> Any:
+    """Wait (bounded) for a stopping task; cancel it when it does not end in time."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), timeout_s)
+    except TimeoutError:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise KvpipeError(f"the consumer under test did not stop within {timeout_s:g} s") from None
+
+
+async def produce_backlog(kafka: KafkaSettings, topic: str, backlog: Backlog) -> float:
+    """Produce every message and wait for all acknowledgements; returns the seconds it took."""
+    async with Producer(kafka, send_timeout_s=300.0) as producer:
+        started = time.perf_counter()
+        futures = [
+            await producer.enqueue(topic, value, key=key, headers=headers)
+            for key, value, headers in backlog
+        ]
+        await producer.flush()
+        await producer.wait_acked(futures)
+        return time.perf_counter() - started
+
+
+async def drop_topics(kafka: KafkaSettings) -> None:
+    """Delete a finished run's topics (``PREFIX.*``) so they do not weigh on later runs."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=kafka.bootstrap.split(","),
+        client_id=kafka.client_id,
+        request_timeout_ms=int(kafka.request_timeout_s * 1000),
+    )
+    with contextlib.suppress(Exception):  # best effort: the services die with the bench anyway
+        await asyncio.wait_for(admin.start(), kafka.request_timeout_s)
+        names = await asyncio.wait_for(admin.list_topics(), kafka.request_timeout_s)
+        mine = [t for t in names if t.startswith(f"{kafka.topic_prefix}.")]
+        if mine:
+            await asyncio.wait_for(admin.delete_topics(mine), kafka.request_timeout_s)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(admin.close(), kafka.request_timeout_s)
+
+
+def request_backlog(inputs: Array) -> tuple[list[str], Backlog]:
+    """One JSON request per row (the default wire format); ids are the Kafka keys."""
+    ids = [f"b{i}" for i in range(len(inputs))]
+    backlog: Backlog = []
+    for rid, row in zip(ids, inputs, strict=True):
+        value, headers = encode_request(
+            id=rid, model=MODEL, inputs=row.reshape(1, -1), content_type=JSON
+        )
+        backlog.append((rid.encode(), value, headers))
+    return ids, backlog
+
+
+def side_settings(
+    base: Settings, run: str, side: str, extra: dict[str, Any] | None = None
+) -> Settings:
+    """Settings of one side: topics, group and Redis keys no other side uses."""
+    tag = f"bench-{run}-{side}"
+    values: dict[str, Any] = {
+        "kafka.topic_prefix": tag,
+        "kafka.group_id": tag,
+        "kafka.partitions": PARTITIONS,
+        "redis.key_prefix": tag,
+        "worker.worker_id": tag,
+        **GROUP_TIMING,
+    }
+    values.update(extra or {})
+    return with_values(base, values)
+
+
+def verify_results(
+    fig: RunFigures,
+    arrivals: Arrivals,
+    ids: Sequence[str],
+    expected: Array,
+    version: int,
+) -> Counter[str]:
+    """Check every answer against numpy; fills the counts of ``fig``; returns cache sources."""
+    sources: Counter[str] = Counter()
+    codes: Counter[str] = Counter()
+    for i, rid in enumerate(ids):
+        msg = arrivals.first.get(rid.encode())
+        if msg is None:
+            fig.missing += 1
+            continue
+        try:
+            result = decode_result(msg.value or b"", msg.headers)
+        except UnreadableMessage:
+            fig.wrong += 1
+            continue
+        if not result.ok or result.outputs is None:
+            fig.errors += 1
+            codes[result.error_code or "unknown"] += 1
+            continue
+        out = result.outputs
+        if (
+            result.id != rid
+            or result.version != version
+            or out.shape != (1, expected.shape[1])
+            or not np.allclose(out[0], expected[i], rtol=RTOL, atol=ATOL)
+        ):
+            fig.wrong += 1
+            continue
+        fig.ok += 1
+        sources[result.cache or "none"] += 1
+    fig.duplicates = arrivals.duplicates
+    fig.error_codes = dict(codes)
+    return sources
+
+
+WorkerServe = Callable[..., Coroutine[Any, Any, WorkerStats]]
+
+
+async def run_worker_side(
+    fig: RunFigures,
+    settings: Settings,
+    model: Model,
+    params: dict[str, Array],
+    inputs: Array,
+    serve: WorkerServe,
+    timeout_s: float,
+) -> None:
+    """Publish, produce the backlog, start a worker, time it to the last result, verify."""
+    k = settings.kafka
+    async with open_kv(settings.redis) as kv:
+        manifest = await ParamStore(kv, prefix=settings.redis.key_prefix).publish(
+            MODEL, model.arch, params
+        )
+    await ensure_topics(k, [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic])
+    ids, backlog = request_backlog(inputs)
+    fig.backlog_s = await produce_backlog(k, k.requests_topic, backlog)
+    del backlog
+    workers: list[Worker] = []
+    ready = asyncio.Event()
+
+    def on_ready(worker: Worker) -> None:
+        workers.append(worker)
+        ready.set()
+
+    stop = asyncio.Event()
+    async with Arrivals(k, k.results_topic) as arrivals:
+        serving = asyncio.create_task(serve(settings, stop, on_ready=on_ready))
+        try:
+            await _wait_event(ready, serving, 60.0)
+            await _wait_event(workers[0].assigned, serving, 60.0)
+            started = time.perf_counter()
+            complete = await arrivals.collect(len(ids), timeout_s, serving)
+            fig.seconds = arrivals.last_at - started
+            if not complete:
+                fig.failure = (
+                    f"{len(arrivals.first)} of {len(ids)} results within {timeout_s:g} s"
+                    if not serving.done()
+                    else "the worker stopped early"
+                )
+        finally:
+            stop.set()
+            stats: WorkerStats | None = None
+            try:
+                stats = await _finish(serving, settings.worker.shutdown_timeout_s + 15)
+            except KvpipeError as exc:
+                fig.failure = fig.failure or str(exc)
+            except Exception as exc:
+                fig.failure = fig.failure or f"the worker failed: {type(exc).__name__}: {exc}"
+    sources = verify_results(fig, arrivals, ids, model.forward(params, inputs), manifest.version)
+    fig.detail["results_by_cache"] = dict(sources)
+    fig.detail["param_mb"] = round(manifest.nbytes / 1e6, 3)
+    if stats is not None:
+        fig.detail["batches"] = stats.batches
+        fig.detail["mean_batch_rows"] = round(stats.batched_rows / max(1, stats.batches), 2)
+        fig.detail["commits"] = stats.commits
+    if workers:
+        registry = workers[0].registry
+        if isinstance(registry, NaiveRegistry):
+            fig.detail["redis_fetches"] = registry.fetches
+            fig.detail["redis_mb_fetched"] = round(registry.bytes_fetched / 1e6, 1)
+        else:
+            cache = registry.cache.stats
+            fig.detail["cache_hit_rate"] = round(cache.hit_rate, 4)
+            fig.detail["cache_loads"] = cache.loads
+
+
+# -- the echo baseline ---------------------------------------------------------------------------
+
+
+class _AssignedListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, assigned: asyncio.Event) -> None:
+        self._assigned = assigned
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        if list(assigned):
+            self._assigned.set()
+
+
+async def echo_loop(
+    kafka: KafkaSettings,
+    source: str,
+    sink: str,
+    stop: asyncio.Event,
+    assigned: asyncio.Event,
+    commit_interval_s: float = 0.2,
+) -> int:
+    """The baseline: consume in a group, forward each message as is, commit what was acked."""
+    # Client options as in pipeline.kafka (acks=all, linger 5 ms, fetch wait 100 ms, at most
+    # 1000 records a fetch), so the two sides differ only in what happens between them.
+    common: dict[str, Any] = {
+        "bootstrap_servers": kafka.bootstrap.split(","),
+        "client_id": kafka.client_id,
+        "request_timeout_ms": int(kafka.request_timeout_s * 1000),
+    }
+    consumer = AIOKafkaConsumer(
+        **common,
+        group_id=kafka.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=kafka.session_timeout_ms,
+        heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+        fetch_max_wait_ms=100,
+        metadata_max_age_ms=5_000,
+    )
+    producer = AIOKafkaProducer(
+        **common,
+        acks="all",
+        linger_ms=5,
+        max_request_size=kafka.max_message_bytes,
+        enable_idempotence=False,
+    )
+    loop = asyncio.get_running_loop()
+    pending: deque[tuple[TopicPartition, int, asyncio.Future[Any]]] = deque()
+    commits = 0
+
+    async def commit_acked() -> None:
+        nonlocal commits
+        offsets: dict[TopicPartition, int] = {}
+        while pending and pending[0][2].done():
+            tp, position, fut = pending.popleft()
+            fut.result()  # a failed send is a failed baseline
+            offsets[tp] = position
+        if offsets:
+            await asyncio.wait_for(consumer.commit(offsets), kafka.request_timeout_s)
+            commits += 1
+
+    try:
+        await asyncio.wait_for(producer.start(), kafka.request_timeout_s)
+        await asyncio.wait_for(consumer.start(), kafka.request_timeout_s)
+        consumer.subscribe([source], listener=_AssignedListener(assigned))
+        next_commit = loop.time() + commit_interval_s
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=100, max_records=1000)
+            for tp, records in batches.items():
+                for r in records:
+                    fut = await producer.send(
+                        sink, value=r.value, key=r.key, headers=list(r.headers or ())
+                    )
+                    pending.append((tp, r.offset + 1, fut))
+            if loop.time() >= next_commit:
+                await commit_acked()
+                next_commit = loop.time() + commit_interval_s
+        await asyncio.wait_for(producer.flush(), kafka.request_timeout_s)
+        await commit_acked()
+        return commits
+    finally:
+        for client in (consumer, producer):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.stop(), kafka.request_timeout_s)
+
+
+async def run_echo_side(
+    fig: RunFigures, settings: Settings, backlog: Backlog, timeout_s: float
+) -> None:
+    """Produce the backlog, start the echo, time it to the last echoed message, check bytes."""
+    k = settings.kafka
+    sink = f"{k.topic_prefix}.echo"
+    await ensure_topics(k, [k.requests_topic, sink])
+    fig.backlog_s = await produce_backlog(k, k.requests_topic, backlog)
+    stop = asyncio.Event()
+    assigned = asyncio.Event()
+    async with Arrivals(k, sink) as arrivals:
+        echo = asyncio.create_task(echo_loop(k, k.requests_topic, sink, stop, assigned))
+        try:
+            await _wait_event(assigned, echo, 60.0)
+            started = time.perf_counter()
+            complete = await arrivals.collect(len(backlog), timeout_s, echo)
+            fig.seconds = arrivals.last_at - started
+            if not complete:
+                fig.failure = (
+                    f"{len(arrivals.first)} of {len(backlog)} messages within {timeout_s:g} s"
+                    if not echo.done()
+                    else "the echo stopped early"
+                )
+        finally:
+            stop.set()
+            try:
+                fig.detail["commits"] = await _finish(echo, 30.0)
+            except KvpipeError as exc:
+                fig.failure = fig.failure or str(exc)
+            except Exception as exc:
+                fig.failure = fig.failure or f"the echo failed: {type(exc).__name__}: {exc}"
+    for key, value, _ in backlog:
+        msg = arrivals.first.get(key)
+        if msg is None:
+            fig.missing += 1
+        elif msg.value != value:
+            fig.wrong += 1
+        else:
+            fig.ok += 1
+    fig.duplicates = arrivals.duplicates
+
+
+# -- suites ------------------------------------------------------------------------------------
+
+Step = Callable[[RunFigures, Settings], Coroutine[Any, Any, None]]
+
+
+async def _run_once(side: Side, step: Step, settings: Settings) -> None:
+    """One run of one side; a failure is recorded in its figures, not raised."""
+    run = side.new_run()
+    try:
+        await step(run, settings)
+    except Exception as exc:
+        run.failure = run.failure or f"{type(exc).__name__}: {exc}"
+    finally:
+        await drop_topics(settings.kafka)
+
+
+async def compare(
+    cmp: Comparison,
+    steps: dict[str, tuple[Step, dict[str, Any]]],
+    *,
+    base: Settings,
+    tag: str,
+    rounds: int,
+    emit: Emit,
+) -> Comparison:
+    """Run both sides ``rounds`` times, order A B, B A, ..., each run on prefixes of its own."""
+    for i in range(rounds):
+        order = (cmp.first, cmp.second) if i % 2 == 0 else (cmp.second, cmp.first)
+        for side in order:
+            step, extra = steps[side.name]
+            await _run_once(side, step, side_settings(base, tag, f"{side.name}-{i}", extra))
+    emit(side_line(cmp.first))
+    emit(side_line(cmp.second))
+    emit(ratio_line(cmp))
+    return cmp
+
+
+async def bench_naive(
+    base: Settings, tag: str, requests: int, naive_requests: int, rounds: int, emit: Emit
+) -> Comparison:
+    """The cached worker against the article's method, on the article's model."""
+    from consumers.inference import serve
+
+    model = preset("article")
+    params = model.init(0)
+    rng = np.random.default_rng(1)
+    cached_inputs = rng.standard_normal((requests, model.input_dim)).astype(np.float32)
+    naive_inputs = rng.standard_normal((naive_requests, model.input_dim)).astype(np.float32)
+
+    async def cached(run: RunFigures, settings: Settings) -> None:
+        await run_worker_side(
+            run, settings, model, params, cached_inputs, serve, timeout_s=60.0 + requests / 10
+        )
+
+    async def naive(run: RunFigures, settings: Settings) -> None:
+        await run_worker_side(
+            run, settings, model, params, naive_inputs, serve_naive,
+            timeout_s=60.0 + naive_requests / 2,
+        )  # fmt: skip
+
+    cmp = Comparison(
+        "naive",
+        Side("naive", "cached", "cached worker", "req/s", requests),
+        Side("naive", "naive", "article method", "req/s", naive_requests),
+        NAIVE_GOAL,
+    )
+    steps: dict[str, tuple[Step, dict[str, Any]]] = {
+        "cached": (cached, {}),
+        "naive": (naive, {"worker.max_batch_size": 1}),
+    }
+    return await compare(cmp, steps, base=base, tag=tag, rounds=rounds, emit=emit)
+
+
+async def bench_echo(
+    base: Settings, tag: str, requests: int, rounds: int, emit: Emit
+) -> Comparison:
+    """The real worker on the small MLP against a bare consume -> produce echo."""
+    from consumers.inference import serve
+
+    model = preset("mlp")
+    params = model.init(0)
+    rng = np.random.default_rng(2)
+    inputs = rng.standard_normal((requests, model.input_dim)).astype(np.float32)
+    _, backlog = request_backlog(inputs)
+
+    async def echo(run: RunFigures, settings: Settings) -> None:
+        run.detail["message_bytes"] = len(backlog[0][1])
+        await run_echo_side(run, settings, backlog, timeout_s=60.0 + requests / 100)
+
+    async def worker(run: RunFigures, settings: Settings) -> None:
+        await run_worker_side(
+            run, settings, model, params, inputs, serve, timeout_s=60.0 + requests / 100
+        )
+
+    cmp = Comparison(
+        "echo",
+        Side("echo", "worker", "worker (mlp)", "msg/s", requests),
+        Side("echo", "echo", "bare aiokafka echo", "msg/s", requests),
+        ECHO_GOAL,
+    )
+    steps: dict[str, tuple[Step, dict[str, Any]]] = {"echo": (echo, {}), "worker": (worker, {})}
+    return await compare(cmp, steps, base=base, tag=tag, rounds=rounds, emit=emit)
+
+
+async def run_bench(
+    suites: Sequence[str],
+    *,
+    requests: int | None = None,
+    naive_requests: int = DEFAULT_NAIVE_REQUESTS,
+    rounds: int = DEFAULT_ROUNDS,
+    base: Settings | None = None,
+    emit: Emit = print,
+) -> dict[str, Comparison]:
+    """Run the suites on fresh local services (stopped afterwards, also on failure)."""
+    tag = uuid.uuid4().hex[:8]
+    out: dict[str, Comparison] = {}
+    async with LocalServices() as local:
+        settings = local.settings(base)
+        for suite in suites:
+            n = requests or DEFAULT_REQUESTS[suite]
+            if suite == "echo":
+                out[suite] = await bench_echo(settings, tag, n, rounds, emit)
+            elif suite == "naive":
+                out[suite] = await bench_naive(settings, tag, n, naive_requests, rounds, emit)
+            else:
+                raise ValueError(f"unknown suite {suite!r}")
+    return out
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    """``kvpipe bench``: 0 when every answer of every side was right, 1 otherwise."""
+    configure_logging(fmt=settings.log_format, level=getattr(args, "log_level", None) or "error")
+    suites = ["echo", "naive"] if args.suite == "all" else [args.suite]
+    requests: int | None = getattr(args, "requests", None)
+    naive_requests: int = getattr(args, "naive_requests", None) or DEFAULT_NAIVE_REQUESTS
+    rounds: int = getattr(args, "rounds", None) or DEFAULT_ROUNDS
+    if (requests is not None and requests <= 0) or naive_requests <= 0 or rounds <= 0:
+        raise ConfigError("--requests, --naive-requests and --rounds must be positive")
+    info = machine()
+    print(
+        f"kvpipe bench {args.suite}: nproc {info['nproc']}, {info['platform']}, "
+        f"python {info['python']}, numpy {info['numpy']}, aiokafka {info['aiokafka']}, "
+        f"redis-py {info['redis_py']}; {rounds} run(s) of each side, order A B, B A, ...",
+        flush=True,
+    )
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+
+    started = time.perf_counter()
+    results = asyncio.run(
+        run_bench(suites, requests=requests, naive_requests=naive_requests, rounds=rounds,
+                  base=settings, emit=emit)
+    )  # fmt: skip
+    passed = all(c.passed for c in results.values())
+    elapsed = time.perf_counter() - started
+    print(
+        f"total {elapsed:.1f} s; "
+        + (
+            "every answer checked and correct"
+            if passed
+            else "FAIL: some answers were wrong or missing; those figures are void"
+        )
+    )
+    if args.json:
+        doc = {
+            "machine": info,
+            "seconds": round(elapsed, 2),
+            "passed": passed,
+            "config": {
+                "requests": {s: requests or DEFAULT_REQUESTS[s] for s in suites},
+                "naive_requests": naive_requests,
+                "rounds": rounds,
+                "partitions": PARTITIONS,
+                "rtol": RTOL,
+                "atol": ATOL,
+            },
+            "suites": {name: c.as_dict() for name, c in results.items()},
+        }
+        try:
+            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot write {args.json}: {exc}") from None
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from pipeline.cli import main as cli_main
+
+    sys.exit(cli_main(["bench", *sys.argv[1:]]))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -41,6 +42,7 @@ class CacheStats:
     expirations: int = 0
     invalidations: int = 0
     stale_served: int = 0
+    refreshes: int = 0
     oversize: int = 0
     bytes: int = 0
     entries: int = 0
@@ -62,6 +64,7 @@ class _Entry:
     value: Any
     nbytes: int
     expires_at: float
+    refresh_at: float
 
 
 def default_size_of(value: object) -> int:
@@ -88,6 +91,7 @@ class ParamCache(Generic[V]):
         ttl_s: float,
         policy: str = "lru",
         jitter: float = 0.0,
+        refresh_ahead: float = 0.0,
         clock: Clock = time.monotonic,
         size_of: Callable[[Any], int] = default_size_of,
         rng: random.Random | None = None,
@@ -98,9 +102,12 @@ class ParamCache(Generic[V]):
             raise ValueError("ttl_s must be positive")
         if not 0.0 <= jitter < 1.0:
             raise ValueError("jitter must be in [0, 1)")
+        if not 0.0 <= refresh_ahead < 1.0:
+            raise ValueError("refresh_ahead must be in [0, 1)")
         self.capacity_bytes = capacity_bytes
         self.ttl_s = ttl_s
         self.jitter = jitter
+        self.refresh_ahead = refresh_ahead
         self._clock = clock
         self._size_of = size_of
         self._rng = rng or random.Random()
@@ -171,6 +178,8 @@ class ParamCache(Generic[V]):
         if entry is not None and now < entry.expires_at:
             self._stats.hits += 1
             self._policy.touch(key)
+            if now >= entry.refresh_at and not self._flights.in_flight(key):
+                self._refresh(key, load, ttl_s)
             value: V = entry.value
             return value, Source.HIT
         self._stats.misses += 1
@@ -187,6 +196,93 @@ class ParamCache(Generic[V]):
                 return stale_value, Source.STALE
             raise
         return value, Source.LOADED
+
+    def _refresh(
+        self, key: Hashable, load: Callable[[], Awaitable[V]], ttl_s: float | None
+    ) -> None:
+        """Reload a hot entry in the background before it expires; it keeps serving meanwhile."""
+        if self._closed:
+            return
+        self._stats.refreshes += 1
+        self._dirty.discard(key)
+        fut = self._flights.start_many(
+            [key], lambda keys: self._load_one(key, load, ttl_s), lambda k: KeyError(k)
+        )[key]
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def _load_one(
+        self, key: Hashable, load: Callable[[], Awaitable[V]], ttl_s: float | None
+    ) -> dict[Hashable, V]:
+        return {key: await self._load(key, load, ttl_s)}
+
+    async def get_many(
+        self,
+        keys: Iterable[Hashable],
+        load_many: Callable[[list[Hashable]], Awaitable[Mapping[Hashable, V]]],
+        *,
+        missing: Callable[[Hashable], BaseException],
+        ttl_s: float | None = None,
+    ) -> tuple[dict[Hashable, V], Source]:
+        """Values for many keys: hits from memory, every miss in one bulk load (single-flight
+        per key, so keys another caller is already loading are joined, not loaded twice)."""
+        out: dict[Hashable, V] = {}
+        misses: list[Hashable] = []
+        now = self._clock()
+        for key in dict.fromkeys(keys):
+            entry = self._entries.get(key)
+            if entry is not None and now < entry.expires_at:
+                self._stats.hits += 1
+                self._policy.touch(key)
+                out[key] = entry.value
+            else:
+                self._stats.misses += 1
+                misses.append(key)
+        if not misses:
+            return out, Source.HIT
+        for key in misses:
+            if not self._flights.in_flight(key):
+                self._dirty.discard(key)
+        futures = self._flights.start_many(
+            misses, lambda ks: self._load_many(ks, load_many, ttl_s), missing
+        )
+        outcomes = await asyncio.gather(
+            *(asyncio.shield(f) for f in futures.values()), return_exceptions=True
+        )
+        source = Source.LOADED
+        for key, outcome in zip(futures, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                stale = self._entries.get(key)
+                if isinstance(outcome, KvpipeError) and outcome.retryable and stale is not None:
+                    self._stats.stale_served += 1
+                    out[key] = stale.value
+                    source = Source.STALE
+                    continue
+                raise outcome
+            out[key] = outcome
+        return out, source
+
+    async def _load_many(
+        self,
+        keys: list[Hashable],
+        load_many: Callable[[list[Hashable]], Awaitable[Mapping[Hashable, V]]],
+        ttl_s: float | None,
+    ) -> Mapping[Hashable, V]:
+        started = time.perf_counter()
+        try:
+            values = await load_many(keys)
+        except BaseException:
+            self._stats.load_errors += 1
+            raise
+        finally:
+            self._stats.load_seconds += time.perf_counter() - started
+        self._stats.loads += len(values)
+        if not self._closed:
+            for key, value in values.items():
+                if key in self._dirty:
+                    self._dirty.discard(key)
+                else:
+                    self.put(key, value, ttl_s=ttl_s)
+        return values
 
     async def _load(
         self, key: Hashable, load: Callable[[], Awaitable[V]], ttl_s: float | None
@@ -222,7 +318,9 @@ class ParamCache(Generic[V]):
         ttl = self.ttl_s if ttl_s is None else ttl_s
         if self.jitter:
             ttl *= 1.0 - self.jitter * self._rng.random()
-        self._entries[key] = _Entry(value, nbytes, self._clock() + ttl)
+        now = self._clock()
+        refresh_at = now + ttl * (1.0 - self.refresh_ahead) if self.refresh_ahead else now + ttl
+        self._entries[key] = _Entry(value, nbytes, now + ttl, refresh_at)
         self._policy.add(key)
         self._stats.bytes += nbytes
         return True
@@ -254,6 +352,6 @@ class ParamCache(Generic[V]):
         entry = self._entries.get(key)
         if entry is None:
             return False
-        entry.expires_at = self._clock()
+        entry.expires_at = entry.refresh_at = self._clock()
         self._stats.expirations += 1
         return True

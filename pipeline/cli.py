@@ -384,11 +384,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: each prints figures and ratios")
     p.add_argument("suite", choices=["naive", "echo", "all"], nargs="?", default="all")
-    p.add_argument("--requests", type=int, metavar="N",
-                   help="requests of the cached side of naive and of both echo sides "
-                        "(default 2000 for naive, 5000 for echo)")
-    p.add_argument("--naive-requests", type=int, default=200, metavar="N",
-                   help="requests of the article-method side (slow: MBs from Redis each)")
+    p.add_argument(
+        "--requests",
+        type=int,
+        metavar="N",
+        help="requests per run of the cached side of naive and of both echo sides "
+        "(default 2000 for naive, 50000 for echo)",
+    )
+    p.add_argument(
+        "--naive-requests",
+        type=int,
+        default=200,
+        metavar="N",
+        help="requests per run of the article-method side (slow: MBs from Redis each)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        metavar="R",
+        help="runs of each side, order A B, B A, ... (default 2)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=cmd_bench)

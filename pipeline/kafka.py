@@ -125,6 +125,7 @@ class Producer:
         settings: KafkaSettings,
         *,
         linger_ms: int = 5,
+        batch_bytes: int = 1024 * 1024,
         send_timeout_s: float = 10.0,
     ) -> None:
         self.settings = settings
@@ -133,6 +134,7 @@ class Producer:
             **_options(settings),
             acks="all",
             linger_ms=linger_ms,
+            max_batch_size=batch_bytes,
             max_request_size=settings.max_message_bytes,
             enable_idempotence=False,
         )
@@ -162,11 +164,15 @@ class Producer:
     async def enqueue(
         self, topic: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
     ) -> asyncio.Future[Any]:
-        """Hand a message to the producer; the returned future resolves when acknowledged."""
+        """Hand a message to the producer; the returned future resolves when acknowledged.
+
+        This waits only while the producer's buffer is full; callers that must not wait
+        forever when the broker is gone bound a whole run of calls with one timeout (a
+        timer per message costs more than the send itself).
+        """
         try:
-            fut: asyncio.Future[Any] = await asyncio.wait_for(
-                self._producer.send(topic, value=value, key=key, headers=list(headers)),
-                self.send_timeout_s,
+            fut: asyncio.Future[Any] = await self._producer.send(
+                topic, value=value, key=key, headers=list(headers)
             )
         except MessageSizeTooLargeError as exc:
             raise MessageTooLarge(f"message of {len(value)} bytes refused: {exc}") from None
@@ -189,7 +195,12 @@ class Producer:
         self, topic: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
     ) -> None:
         """Send one message and wait for its acknowledgement."""
-        fut = await self.enqueue(topic, value, key=key, headers=headers)
+        try:
+            fut = await asyncio.wait_for(
+                self.enqueue(topic, value, key=key, headers=headers), self.send_timeout_s
+            )
+        except TimeoutError as exc:
+            raise _unavailable(self.settings, f"sending to {topic}", exc) from None
         await self.wait_acked([fut])
 
     async def flush(self) -> None:
@@ -256,6 +267,7 @@ class Consumer:
             max_poll_interval_ms=max_poll_interval_ms,
             fetch_max_wait_ms=fetch_max_wait_ms,
             metadata_max_age_ms=5_000,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         self._closed = False
 

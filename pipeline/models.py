@@ -30,9 +30,16 @@ class TensorSpec:
 
 
 class Model(Protocol):
-    """A stateless architecture: parameters come in, outputs go out."""
+    """A stateless architecture: parameters come in, outputs go out.
+
+    ``kind`` is ``"dense"`` (every parameter is a versioned tensor) or ``"embedding"`` (besides
+    its tensors, tables of rows read a few at a time; ``tables`` maps a table name to its
+    (rows, row width), and ``forward`` gets the rows of the batch as ``params[table]``).
+    """
 
     arch: dict[str, Any]
+    kind: str
+    tables: dict[str, tuple[int, int]]
     input_dim: int
     output_dim: int
 
@@ -84,6 +91,8 @@ class MLP:
         self.layers = [int(n) for n in layers]
         self.activation = activation
         self.softmax = softmax
+        self.kind = "dense"
+        self.tables: dict[str, tuple[int, int]] = {}
         self.input_dim = self.layers[0]
         self.output_dim = self.layers[-1]
         self.arch: dict[str, Any] = {
@@ -132,6 +141,8 @@ class LinearHeads:
         self.dim_in = int(dim_in)
         self.dim_out = int(dim_out)
         self.heads = int(heads)
+        self.kind = "dense"
+        self.tables: dict[str, tuple[int, int]] = {}
         self.input_dim = self.dim_in
         self.output_dim = self.dim_out * self.heads
         self.arch: dict[str, Any] = {
@@ -165,9 +176,70 @@ class LinearHeads:
         return out
 
 
+class EmbeddingScorer:
+    """Scores (user, item) id pairs: ``sigmoid(u . v + b_u + b_v + bias)``.
+
+    The user and item tables live in Redis row by row, each row ``dim`` floats then its bias
+    (``dim + 1`` float32); only the global ``bias`` is a versioned tensor. Inputs are integer
+    rows ``[user_id, item_id]``; the output is one probability per row.
+    """
+
+    def __init__(self, *, users: int, items: int, dim: int) -> None:
+        if min(users, items, dim) <= 0:
+            raise ConfigError("an embedding scorer needs positive users, items and dim")
+        self.users, self.items, self.dim = int(users), int(items), int(dim)
+        self.kind = "embedding"
+        self.tables: dict[str, tuple[int, int]] = {
+            "user": (self.users, self.dim + 1),
+            "item": (self.items, self.dim + 1),
+        }
+        self.input_dim = 2
+        self.output_dim = 1
+        self.arch: dict[str, Any] = {
+            "kind": "embedding",
+            "users": self.users,
+            "items": self.items,
+            "dim": self.dim,
+        }
+
+    def tensor_specs(self) -> dict[str, TensorSpec]:
+        return {"bias": TensorSpec((1,))}
+
+    def init(self, seed: int) -> dict[str, Array]:
+        return {"bias": np.zeros(1, dtype=np.float32)}
+
+    def init_tables(self, seed: int) -> dict[str, Array]:
+        """Seeded random tables: small vectors, zero biases."""
+        rng = np.random.default_rng(seed)
+        out: dict[str, Array] = {}
+        for name, (rows, width) in self.tables.items():
+            table = (rng.standard_normal((rows, width)) * 0.1).astype(np.float32)
+            table[:, -1] = 0.0
+            out[name] = table
+        return out
+
+    def check_ids(self, ids: npt.NDArray[Any]) -> str | None:
+        """Why ``ids`` cannot be scored (wrong width, out of range), or None when they can."""
+        if ids.ndim != 2 or ids.shape[1] != 2:
+            return f"ids must be rows of [user_id, item_id], got shape {ids.shape}"
+        if ids.size and (
+            ids.min() < 0 or ids[:, 0].max() >= self.users or ids[:, 1].max() >= self.items
+        ):
+            return f"ids out of range: users 0..{self.users - 1}, items 0..{self.items - 1}"
+        return None
+
+    def forward(self, params: Params, x: Array) -> Array:
+        u, v = params["user"], params["item"]
+        d = self.dim
+        logits = np.einsum("ij,ij->i", u[:, :d], v[:, :d]) + u[:, d] + v[:, d] + params["bias"][0]
+        scores: Array = (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        return scores.reshape(-1, 1)
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "article": {"kind": "linear_heads", "dim_in": 1000, "dim_out": 1000, "heads": 2},
     "mlp": {"kind": "mlp", "layers": [32, 64, 8], "activation": "relu", "softmax": False},
+    "embedding": {"kind": "embedding", "users": 10_000, "items": 100_000, "dim": 16},
 }
 
 
@@ -181,6 +253,10 @@ def build_model(arch: Mapping[str, Any]) -> Model:
                 activation=str(arch.get("activation", "relu")),
                 softmax=bool(arch.get("softmax", False)),
             )
+        if kind == "embedding":
+            return EmbeddingScorer(
+                users=int(arch["users"]), items=int(arch["items"]), dim=int(arch["dim"])
+            )
         if kind == "linear_heads":
             return LinearHeads(
                 dim_in=int(arch["dim_in"]),
@@ -189,11 +265,12 @@ def build_model(arch: Mapping[str, Any]) -> Model:
             )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"architecture {dict(arch)!r} is incomplete: {exc}") from None
-    raise ConfigError(f"unknown architecture kind {kind!r}; known: mlp, linear_heads")
+    raise ConfigError(f"unknown architecture kind {kind!r}; known: mlp, linear_heads, embedding")
 
 
 def preset(name: str) -> Model:
-    """A named architecture: ``article`` (2 heads of 1000x1000) or ``mlp`` (32-64-8)."""
+    """A named architecture: ``article`` (2 heads of 1000x1000), ``mlp`` (32-64-8) or
+    ``embedding`` (10k users x 100k items, dim 16)."""
     try:
         return build_model(PRESETS[name])
     except KeyError:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from pipeline.config import LimitSettings
 from pipeline.errors import KvpipeError, RequestError, UnreadableMessage
@@ -22,6 +23,7 @@ from pipeline.npy import from_npy, to_npy
 
 JSON = "application/json"
 NPY = "application/x-npy"
+_JSON_B = JSON.encode()
 
 H_CONTENT_TYPE = "content-type"
 H_ID = "kvpipe-id"
@@ -123,8 +125,12 @@ def header(headers: Headers | None, name: str) -> bytes | None:
     return found
 
 
-def _text_header(headers: Headers | None, name: str) -> str | None:
-    raw = header(headers, name)
+def _header_map(headers: Headers | None) -> dict[str, bytes]:
+    return {k.lower(): v for k, v in headers or ()}
+
+
+def _text_header(headers: dict[str, bytes], name: str) -> str | None:
+    raw = headers.get(name)
     if raw is None:
         return None
     if len(raw) > MAX_HEADER_BYTES:
@@ -184,8 +190,11 @@ def check_inputs(raw: Any, limits: LimitSettings) -> Array:
     return out
 
 
-def decode_request(value: bytes | None, headers: Headers | None, limits: LimitSettings) -> Request:
+def decode_request(
+    value: bytes | None, raw_headers: Headers | None, limits: LimitSettings
+) -> Request:
     """Read one request message; see the module docstring for the three outcomes."""
+    headers = _header_map(raw_headers)
     try:
         ctype = (_text_header(headers, H_CONTENT_TYPE) or JSON).split(";")[0].strip().lower()
     except RequestError as exc:
@@ -202,9 +211,12 @@ def decode_request(value: bytes | None, headers: Headers | None, limits: LimitSe
             code="too_large",
         )
     try:
-        body = json.loads(value)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise UnreadableMessage(f"not a JSON request: {exc}", code="unreadable") from None
+        body = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        try:  # the slow path: NaN/Infinity literals, which orjson refuses, and a precise error
+            body = json.loads(value)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise UnreadableMessage(f"not a JSON request: {exc}", code="unreadable") from None
     if not isinstance(body, dict):
         raise UnreadableMessage("a JSON request must be an object", code="unreadable")
     request = Request(id=_check_id(body.get("id")), model="", inputs=None)
@@ -220,7 +232,7 @@ def decode_request(value: bytes | None, headers: Headers | None, limits: LimitSe
     return request
 
 
-def _decode_npy(value: bytes, headers: Headers | None, limits: LimitSettings) -> Request:
+def _decode_npy(value: bytes, headers: dict[str, bytes], limits: LimitSettings) -> Request:
     try:
         rid = _check_id(_text_header(headers, H_ID))
     except RequestError as exc:
@@ -250,7 +262,7 @@ def _decode_npy(value: bytes, headers: Headers | None, limits: LimitSettings) ->
     return request
 
 
-def _routing(headers: Headers | None) -> tuple[str | None, int | None]:
+def _routing(headers: dict[str, bytes]) -> tuple[str | None, int | None]:
     reply_to = _text_header(headers, H_REPLY_TO)
     if reply_to is not None and not _TOPIC.match(reply_to):
         raise RequestError(f"reply-to {reply_to[:80]!r} is not a topic name", code="bad_request")
@@ -288,9 +300,10 @@ def encode_request(
     body: dict[str, Any] = {"id": id, "model": model}
     if version is not None:
         body["version"] = version
-    arr = np.asarray(inputs)
-    body["inputs"] = arr.tolist() if isinstance(inputs, np.ndarray) else inputs
-    return json.dumps(body, separators=(",", ":")).encode(), headers
+    if isinstance(inputs, np.ndarray):
+        inputs = np.ascontiguousarray(inputs)
+    body["inputs"] = inputs
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), headers
 
 
 def encode_result(
@@ -298,14 +311,15 @@ def encode_result(
 ) -> tuple[bytes, list[tuple[str, bytes]]]:
     """The value and headers of a result message; npy outputs when the request came as npy."""
     if content_type == NPY and result.outputs is not None:
-        meta = json.dumps(result.meta(), separators=(",", ":")).encode()
+        meta = orjson.dumps(result.meta())
         return to_npy(result.outputs), [
             (H_CONTENT_TYPE, NPY.encode()),
             (H_ID, result.id.encode()),
             (H_RESULT, meta),
         ]
-    value = json.dumps(result.to_json(), separators=(",", ":")).encode()
-    return value, [(H_CONTENT_TYPE, JSON.encode())]
+    body = result.meta()
+    body["outputs"] = None if result.outputs is None else np.ascontiguousarray(result.outputs)
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), [(H_CONTENT_TYPE, _JSON_B)]
 
 
 def decode_result(value: bytes, headers: Headers | None) -> Result:
@@ -316,10 +330,10 @@ def decode_result(value: bytes, headers: Headers | None) -> Result:
             meta_raw = header(headers, H_RESULT)
             if meta_raw is None:
                 raise ValueError("npy result without its kvpipe-result header")
-            meta = json.loads(meta_raw)
+            meta = orjson.loads(meta_raw)
             outputs: Array | None = from_npy(value).astype(np.float32, copy=False)
         else:
-            meta = json.loads(value)
+            meta = orjson.loads(value)
             raw = meta.get("outputs")
             outputs = None if raw is None else np.asarray(raw, dtype=np.float32)
         err = meta.get("error") or {}

@@ -458,8 +458,12 @@ class Worker:
         delay = 0.1
         while outgoing:
             futures: list[tuple[_Outgoing, asyncio.Future[Any] | None]] = []
-            for out in outgoing:
-                futures.append(await self._enqueue(out, key))
+            try:
+                async with asyncio.timeout(self.producer.send_timeout_s):
+                    for out in outgoing:
+                        futures.append(await self._enqueue(out, key))
+            except TimeoutError:
+                futures += [(out, None) for out in outgoing[len(futures) :]]
             live = [f for _, f in futures if f is not None]
             if live:
                 await asyncio.wait(live, timeout=self.producer.send_timeout_s)

@@ -247,3 +247,90 @@ async def test_invalidate_where_and_close_twice(
         assert cache.stats.bytes == 10
     await cache.aclose()
     assert len(cache) == 0
+
+
+async def test_refresh_ahead_reloads_hot_entries_in_the_background(
+    make_cache: Callable[..., ParamCache[object]], clock: FakeClock
+) -> None:
+    cache = make_cache(ttl_s=10.0, refresh_ahead=0.2)
+    version = 1
+
+    async def load() -> int:
+        return version
+
+    await cache.get("k", load)
+    version = 2
+    clock.now += 7.9
+    assert await cache.get("k", load) == (1, Source.HIT)
+    assert cache.stats.refreshes == 0
+    clock.now += 0.2  # inside the last 20% of the TTL: serve, and refresh behind
+    assert await cache.get("k", load) == (1, Source.HIT)
+    await asyncio.sleep(0.01)
+    assert cache.stats.refreshes == 1 and cache.stats.loads == 2
+    clock.now += 5  # past the first TTL: the refreshed entry is still fresh
+    assert await cache.get("k", load) == (2, Source.HIT)
+
+
+async def test_get_many_loads_all_misses_in_one_call(
+    make_cache: Callable[..., ParamCache[object]],
+) -> None:
+    cache = make_cache()
+    calls: list[list[object]] = []
+
+    async def load_many(keys: list[object]) -> dict[object, int]:
+        calls.append(list(keys))
+        await asyncio.sleep(0.01)
+        return {k: int(str(k)) * 10 for k in keys if k != "404"}
+
+    def missing(key: object) -> Exception:
+        return KeyError(key)
+
+    await cache.get("1", lambda: asyncio.sleep(0, 10))
+    values, src = await cache.get_many(["1", "2", "3", "2"], load_many, missing=missing)
+    assert values == {"1": 10, "2": 20, "3": 30} and src is Source.LOADED
+    assert calls == [["2", "3"]]
+    values, src = await cache.get_many(["2", "3"], load_many, missing=missing)
+    assert src is Source.HIT and len(calls) == 1
+    with pytest.raises(KeyError):
+        await cache.get_many(["404"], load_many, missing=missing)
+
+
+async def test_get_many_joins_rows_already_in_flight(
+    make_cache: Callable[..., ParamCache[object]],
+) -> None:
+    cache = make_cache()
+    calls: list[list[object]] = []
+    gate = asyncio.Event()
+
+    async def load_many(keys: list[object]) -> dict[object, str]:
+        calls.append(sorted(map(str, keys)))
+        await gate.wait()
+        return {k: f"v{k}" for k in keys}
+
+    first = asyncio.create_task(cache.get_many(["a", "b"], load_many, missing=KeyError))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(cache.get_many(["b", "c"], load_many, missing=KeyError))
+    await asyncio.sleep(0)
+    gate.set()
+    assert (await first)[0] == {"a": "va", "b": "vb"}
+    assert (await second)[0] == {"b": "vb", "c": "vc"}
+    assert calls == [["a", "b"], ["c"]]
+    assert cache.stats.loads == 3
+
+
+async def test_get_many_serves_stale_rows_when_redis_is_down(
+    make_cache: Callable[..., ParamCache[object]], clock: FakeClock
+) -> None:
+    cache = make_cache(ttl_s=5.0)
+
+    async def ok(keys: list[object]) -> dict[object, str]:
+        return {k: "old" for k in keys}
+
+    async def down(keys: list[object]) -> dict[object, str]:
+        raise StoreUnavailable("down")
+
+    await cache.get_many(["r1"], ok, missing=KeyError)
+    clock.now += 6
+    assert await cache.get_many(["r1"], down, missing=KeyError) == ({"r1": "old"}, Source.STALE)
+    with pytest.raises(StoreUnavailable):
+        await cache.get_many(["r1", "cold"], down, missing=KeyError)
