@@ -101,9 +101,7 @@ class LFUPolicy:
         bucket = self._buckets[freq]
         del bucket[key]
         if not bucket:
-            del self._buckets[freq]
-            if self._min == freq:
-                self._min = min(self._buckets, default=0)
+            del self._buckets[freq]  # a stale _min is found again by victim(), when needed
 
     def victim(self) -> Hashable | None:
         if not self._freq:

@@ -6,13 +6,13 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from pipeline.cache import ParamCache, Source
-from pipeline.errors import ConfigError, ParamsCorrupt
+from pipeline.errors import ConfigError, ParamsCorrupt, ParamsUnavailable
 from pipeline.models import Model, build_model
 from pipeline.store import Manifest, ParamStore
 
@@ -34,6 +34,11 @@ class Resolved:
     manifest: Manifest
     params: Mapping[str, npt.NDArray[Any]]
     source: Source
+
+
+def _row_id(key: Hashable) -> int:
+    """The row id of a ``("row", model, table, id)`` cache key."""
+    return int(cast(tuple[str, str, str, int], key)[3])
 
 
 class ModelRegistry:
@@ -106,6 +111,47 @@ class ModelRegistry:
         else:
             self._models.move_to_end(key)
         return model
+
+    async def rows(
+        self, resolved: Resolved, ids: npt.NDArray[np.int64]
+    ) -> tuple[dict[str, npt.NDArray[np.float32]], Source]:
+        """The embedding rows a batch needs, gathered per table in the order of ``ids``.
+
+        Cached rows come from memory; the batch's missing rows of one table come in one
+        Redis round trip, single-flight per row across concurrent batches.
+        """
+        tables = list(resolved.model.tables.items())
+        fetched = await asyncio.gather(
+            *(
+                self._table_rows(resolved.name, table, width, ids[:, column])
+                for column, (table, (_, width)) in enumerate(tables)
+            )
+        )
+        gathered = {table: mat for (table, _), (mat, _) in zip(tables, fetched, strict=True)}
+        return gathered, worst([src for _, src in fetched])
+
+    async def _table_rows(
+        self, name: str, table: str, width: int, column: npt.NDArray[np.int64]
+    ) -> tuple[npt.NDArray[np.float32], Source]:
+        unique = np.unique(column)
+        keys: list[Hashable] = [("row", name, table, int(i)) for i in unique]
+
+        async def load(missing: list[Hashable]) -> dict[Hashable, Any]:
+            found = await self.store.read_rows(name, table, [_row_id(k) for k in missing], width)
+            return {("row", name, table, i): row for i, row in found.items()}
+
+        def absent(key: Hashable) -> BaseException:
+            return ParamsUnavailable(
+                f"row {_row_id(key)} of {name!r} table {table!r} is not in Redis"
+            )
+
+        values, source = await self.cache.get_many(keys, load, missing=absent)
+        matrix = np.stack([values[k] for k in keys])
+        return matrix[np.searchsorted(unique, column)], source
+
+    def invalidate_rows(self, name: str, table: str, ids: list[int]) -> int:
+        """Drop cached rows an update rewrote."""
+        return sum(self.cache.invalidate(("row", name, table, int(i))) for i in ids)
 
     def invalidate_pointer(self, name: str) -> bool:
         """Forget the cached serving version of ``name`` so the next request reads it anew."""

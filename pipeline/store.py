@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from pipeline.kv import KeyValue
 from pipeline.models import build_model
 from pipeline.npy import from_npy, to_npy
 
+ROW_CHUNK = 5000
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -137,12 +138,61 @@ class ParamStore:
     def seq_key(self, model: str) -> str:
         return f"{self.prefix}:{model}:seq"
 
+    def table_key(self, model: str, table: str) -> str:
+        return f"{self.prefix}:{model}:emb:{table}"
+
+    async def write_rows(
+        self, model: str, table: str, ids: Sequence[int], rows: npt.NDArray[Any]
+    ) -> None:
+        """Write rows of an embedding table in place (float32 bytes per row id)."""
+        data = np.ascontiguousarray(rows, dtype="<f4")
+        if data.ndim != 2 or data.shape[0] != len(ids):
+            raise ConfigError(f"rows of shape {data.shape} do not match {len(ids)} ids")
+        key = self.table_key(model, table)
+        for start in range(0, len(ids), ROW_CHUNK):
+            chunk = range(start, min(start + ROW_CHUNK, len(ids)))
+            await self.kv.hset_many(key, {str(int(ids[i])): data[i].tobytes() for i in chunk})
+
+    async def read_rows(
+        self, model: str, table: str, ids: Sequence[int], width: int
+    ) -> dict[int, npt.NDArray[np.float32]]:
+        """Rows of an embedding table in one round trip; absent rows are left out."""
+        blobs = await self.kv.hmget(self.table_key(model, table), [str(i) for i in ids])
+        out: dict[int, npt.NDArray[np.float32]] = {}
+        for row_id, blob in zip(ids, blobs, strict=True):
+            if blob is None:
+                continue
+            if len(blob) != width * 4:
+                raise ParamsCorrupt(
+                    f"row {row_id} of {model!r} table {table!r} is {len(blob)} bytes, "
+                    f"expected {width * 4}"
+                )
+            row = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+            if not np.isfinite(row).all():
+                raise ParamsCorrupt(f"row {row_id} of {model!r} table {table!r} is not finite")
+            out[int(row_id)] = row
+        return out
+
     async def publish(
-        self, model: str, arch: Mapping[str, Any], tensors: Mapping[str, npt.ArrayLike]
+        self,
+        model: str,
+        arch: Mapping[str, Any],
+        tensors: Mapping[str, npt.ArrayLike],
+        *,
+        tables: Mapping[str, npt.NDArray[Any]] | None = None,
     ) -> Manifest:
-        """Write a new version (tensors and manifest first), then make it current in one step."""
+        """Write a new version (tensors and manifest first), then make it current in one step.
+
+        ``tables`` (embedding models) are written whole, before the pointer moves; later
+        training steps rewrite only the rows they touch (:meth:`write_rows`).
+        """
         check_model_name(model)
-        specs = build_model(arch).tensor_specs()
+        built = build_model(arch)
+        specs = built.tensor_specs()
+        for name, table in (tables or {}).items():
+            shape = built.tables.get(name)
+            if shape is None or tuple(table.shape) != shape:
+                raise ConfigError(f"table {name!r} of shape {table.shape} does not fit {shape}")
         if set(tensors) != set(specs):
             missing = sorted(set(specs) - set(tensors))
             extra = sorted(set(tensors) - set(specs))
@@ -169,6 +219,8 @@ class ParamStore:
         writes = {self.tensor_key(model, version, n): b for n, b in blobs.items()}
         writes[self.manifest_key(model, version)] = manifest.to_bytes()
         await self.kv.set_many(writes)
+        for name, table in (tables or {}).items():
+            await self.write_rows(model, name, range(table.shape[0]), table)
         summary = {"created_at": manifest.created_at, "nbytes": manifest.nbytes}
         await self.kv.hset_many(
             self.versions_key(model), {str(version): json.dumps(summary).encode()}

@@ -49,7 +49,7 @@ class Request:
 
     id: str
     model: str
-    inputs: Array | None
+    inputs: npt.NDArray[Any] | None  # float32 inputs, or int64 ids for embedding models
     version: int | None = None
     content_type: str = JSON
     reply_to: str | None = None
@@ -190,6 +190,29 @@ def check_inputs(raw: Any, limits: LimitSettings) -> Array:
     return out
 
 
+def check_ids(raw: Any, limits: LimitSettings) -> npt.NDArray[np.int64]:
+    """Turn rows of integer ids into an int64 matrix within the limits, or raise."""
+    try:
+        arr = np.asarray(raw)
+    except (ValueError, TypeError) as exc:
+        raise RequestError(f"ids are not a rectangular array: {exc}", code="bad_shape") from None
+    if arr.dtype.kind not in "iu":
+        raise RequestError(f"ids must be integers, got dtype {arr.dtype}", code="bad_dtype")
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise RequestError(
+            f"ids must be a non-empty list of rows (2-D), got shape {arr.shape}", code="bad_shape"
+        )
+    if arr.size > limits.max_elements or arr.shape[0] > limits.max_rows:
+        raise RequestError(
+            f"ids of shape {arr.shape} are over the limits ({limits.max_rows} rows, "
+            f"{limits.max_elements} elements)",
+            code="too_large",
+        )
+    if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
+        raise RequestError("ids are out of range", code="bad_ids")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
 def decode_request(
     value: bytes | None, raw_headers: Headers | None, limits: LimitSettings
 ) -> Request:
@@ -224,9 +247,12 @@ def decode_request(
         request.model = _check_model(body.get("model"))
         request.version = _check_version(body.get("version"))
         request.reply_to, request.deadline_ms = _routing(headers)
-        if "inputs" not in body:
-            raise RequestError("request has no inputs", code="bad_request")
-        request.inputs = check_inputs(body["inputs"], limits)
+        if "inputs" in body:
+            request.inputs = check_inputs(body["inputs"], limits)
+        elif "ids" in body:
+            request.inputs = check_ids(body["ids"], limits)
+        else:
+            raise RequestError("request has neither inputs nor ids", code="bad_request")
     except RequestError as exc:
         request.error = exc
     return request
@@ -256,7 +282,10 @@ def _decode_npy(value: bytes, headers: dict[str, bytes], limits: LimitSettings) 
         except ValueError as exc:
             code = "too_large" if "over the limit" in str(exc) else "bad_input"
             raise RequestError(str(exc), code=code) from None
-        request.inputs = check_inputs(arr, limits)
+        if arr.dtype.kind in "iu":
+            request.inputs = check_ids(arr, limits)
+        else:
+            request.inputs = check_inputs(arr, limits)
     except RequestError as exc:
         request.error = exc
     return request
@@ -280,13 +309,16 @@ def encode_request(
     *,
     id: str,
     model: str,
-    inputs: npt.ArrayLike,
+    inputs: npt.ArrayLike | None = None,
+    ids: npt.ArrayLike | None = None,
     version: int | None = None,
     content_type: str = JSON,
     reply_to: str | None = None,
     deadline_ms: int | None = None,
 ) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """The value and headers of a request message."""
+    """The value and headers of a request message: ``inputs`` (floats) or ``ids`` (integers)."""
+    if (inputs is None) == (ids is None):
+        raise ValueError("give exactly one of inputs and ids")
     headers: list[tuple[str, bytes]] = [(H_CONTENT_TYPE, content_type.encode())]
     if reply_to is not None:
         headers.append((H_REPLY_TO, reply_to.encode()))
@@ -296,13 +328,16 @@ def encode_request(
         headers += [(H_ID, id.encode()), (H_MODEL, model.encode())]
         if version is not None:
             headers.append((H_VERSION, str(version).encode()))
+        if ids is not None:
+            return to_npy(np.asarray(ids, dtype=np.int64)), headers
         return to_npy(np.asarray(inputs, dtype=np.float32)), headers
     body: dict[str, Any] = {"id": id, "model": model}
     if version is not None:
         body["version"] = version
-    if isinstance(inputs, np.ndarray):
-        inputs = np.ascontiguousarray(inputs)
-    body["inputs"] = inputs
+    field, data = ("inputs", inputs) if ids is None else ("ids", ids)
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data)
+    body[field] = data
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), headers
 
 

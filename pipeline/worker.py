@@ -12,20 +12,23 @@ import os
 import socket
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 
+from pipeline.cache import Source
 from pipeline.config import Settings
 from pipeline.errors import BrokerUnavailable, KvpipeError, RequestError, UnreadableMessage
 from pipeline.kafka import CommitRejected, Consumer, Message, MessageTooLarge, Partition, Producer
+from pipeline.models import Model
 from pipeline.offsets import OffsetTracker
-from pipeline.registry import ModelRegistry, Resolved
+from pipeline.registry import ModelRegistry, Resolved, worst
 from pipeline.wire import (
     H_DLQ_REASON,
     H_DLQ_SOURCE,
@@ -73,6 +76,28 @@ class _Outgoing:
     value: bytes
     headers: list[tuple[str, bytes]]
     result: Result | None
+
+
+def _stack(requests: list[Request]) -> npt.NDArray[Any]:
+    arrays = [r.inputs for r in requests if r.inputs is not None]
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _input_problem(model: Model, request: Request) -> KvpipeError | None:
+    """Why ``request`` cannot run on ``model`` (width, dtype, id range), or None."""
+    x = request.inputs
+    assert x is not None
+    if model.kind == "embedding":
+        if x.dtype.kind not in "iu":
+            return RequestError('this model scores integer ids: send "ids"', code="bad_dtype")
+        why = model.check_ids(x)  # type: ignore[attr-defined]
+        return None if why is None else RequestError(why, code="bad_ids")
+    if x.shape[1] != model.input_dim:
+        return RequestError(
+            f"inputs have {x.shape[1]} columns; the model takes {model.input_dim}",
+            code="bad_shape",
+        )
+    return None
 
 
 def default_worker_id() -> str:
@@ -319,8 +344,16 @@ class Worker:
     async def _run_batch(self, model: str, version: int | None, items: list[_Item]) -> None:
         started = time.perf_counter()
         started_wall = time.time() * 1000
+        answers: list[tuple[_Item, Result]] = []
         try:
             resolved = await self.registry.resolve(model, version)
+            good = self._admit(resolved, items, answers)
+            params, source = resolved.params, resolved.source
+            if good and resolved.model.kind == "embedding":
+                ids = _stack([it.request for it in good])
+                rows, rows_source = await self.registry.rows(resolved, ids)
+                params = {**params, **rows}
+                source = worst([source, rows_source])
         except KvpipeError as exc:
             log.warning(
                 "params_failed",
@@ -330,27 +363,18 @@ class Worker:
                 error=str(exc),
                 requests=len(items),
             )
-            await self._reply(
-                [(it, error_result(it.request, exc, worker=self.worker_id)) for it in items]
-            )
+            answered = {id(it) for it, _ in answers}
+            answers += [
+                (it, error_result(it.request, exc, worker=self.worker_id))
+                for it in items
+                if id(it) not in answered
+            ]
+            await self._reply(answers)
             return
         loaded = time.perf_counter()
-        good: list[_Item] = []
-        answers: list[tuple[_Item, Result]] = []
-        for it in items:
-            assert it.request.inputs is not None
-            if it.request.inputs.shape[1] != resolved.model.input_dim:
-                err: KvpipeError = RequestError(
-                    f"inputs have {it.request.inputs.shape[1]} columns; model {model!r} "
-                    f"v{resolved.version} takes {resolved.model.input_dim}",
-                    code="bad_shape",
-                )
-                answers.append((it, error_result(it.request, err, worker=self.worker_id)))
-            else:
-                good.append(it)
         if good:
             try:
-                outputs = await self._compute(resolved, [it.request for it in good])
+                outputs = await self._compute(resolved.model, params, [it.request for it in good])
             except Exception as exc:
                 log.exception("compute_failed", model=model, version=resolved.version)
                 failure = KvpipeError(f"compute failed: {type(exc).__name__}: {exc}")
@@ -359,52 +383,58 @@ class Worker:
                 ]
             else:
                 computed = time.perf_counter()
-                load_ms = (loaded - started) * 1000
-                compute_ms = (computed - loaded) * 1000
-                done_wall = time.time() * 1000
                 self.stats.batches += 1
                 self.stats.batched_rows += sum(it.request.rows for it in good)
+                timings = {
+                    "load_ms": round((loaded - started) * 1000, 3),
+                    "compute_ms": round((computed - loaded) * 1000, 3),
+                }
+                done_wall = time.time() * 1000
                 for it, out in zip(good, outputs, strict=True):
-                    answers.append(
-                        (
-                            it,
-                            Result(
-                                id=it.request.id,
-                                model=model,
-                                status="ok",
-                                version=resolved.version,
-                                outputs=out,
-                                cache=resolved.source.value,
-                                stale=resolved.source.value == "stale",
-                                worker=self.worker_id,
-                                timings={
-                                    "queue_ms": round(
-                                        max(0.0, started_wall - it.message.timestamp_ms), 3
-                                    ),
-                                    "load_ms": round(load_ms, 3),
-                                    "compute_ms": round(compute_ms, 3),
-                                    "total_ms": round(
-                                        max(0.0, done_wall - it.message.timestamp_ms), 3
-                                    ),
-                                },
-                            ),
-                        )
+                    sent = it.message.timestamp_ms
+                    result = Result(
+                        id=it.request.id,
+                        model=model,
+                        status="ok",
+                        version=resolved.version,
+                        outputs=out,
+                        cache=source.value,
+                        stale=source is Source.STALE,
+                        worker=self.worker_id,
+                        timings={
+                            "queue_ms": round(max(0.0, started_wall - sent), 3),
+                            **timings,
+                            "total_ms": round(max(0.0, done_wall - sent), 3),
+                        },
                     )
+                    answers.append((it, result))
         for _, res in answers:
-            if res.version is None and res.status == "error":
+            if res.version is None:
                 res.version = resolved.version
         await self._reply(answers)
 
-    async def _compute(self, resolved: Resolved, requests: list[Request]) -> list[Any]:
-        arrays = [r.inputs for r in requests]
-        x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)  # type: ignore[arg-type]
+    def _admit(
+        self, resolved: Resolved, items: list[_Item], answers: list[tuple[_Item, Result]]
+    ) -> list[_Item]:
+        """The items this model can run; the others get their error result in ``answers``."""
+        model = resolved.model
+        good: list[_Item] = []
+        for it in items:
+            problem = _input_problem(model, it.request)
+            if problem is None:
+                good.append(it)
+            else:
+                answers.append((it, error_result(it.request, problem, worker=self.worker_id)))
+        return good
+
+    async def _compute(
+        self, model: Model, params: Mapping[str, Any], requests: list[Request]
+    ) -> list[Any]:
+        x = _stack(requests)
+        if model.kind == "dense" and x.dtype != np.float32:
+            x = x.astype(np.float32)
         loop = asyncio.get_running_loop()
-        y = await loop.run_in_executor(
-            self._executor,
-            resolved.model.forward,  # type: ignore[arg-type]
-            resolved.params,
-            x,
-        )
+        y = await loop.run_in_executor(self._executor, model.forward, params, x)
         bounds = np.cumsum([r.rows for r in requests])[:-1]
         return list(np.split(y, bounds))
 
