@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from consumers.updates import start_listener
 from pipeline.cache import ParamCache
 from pipeline.config import Settings, settings_from_env
 from pipeline.errors import KvpipeError
@@ -60,8 +61,9 @@ async def serve(
         producer = await stack.enter_async_context(
             Producer(k, send_timeout_s=settings.worker.send_timeout_s)
         )
+        listener = await start_listener(stack, settings, registry, stop)
         worker = await stack.enter_async_context(
-            Worker(settings, registry=registry, producer=producer)
+            Worker(settings, registry=registry, producer=producer, listener=listener)
         )
         structlog.contextvars.bind_contextvars(worker=worker.worker_id)
         if on_ready is not None:

@@ -103,6 +103,7 @@ class WorkerSettings:
     send_timeout_s: float = 10.0
     shutdown_timeout_s: float = 20.0
     worker_id: str = ""
+    listen_updates: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,6 +144,15 @@ def _positive_float(raw: str) -> float:
     if not value > 0:
         raise ValueError("must be a positive number")
     return value
+
+
+def _flag(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be 1/0, true/false, yes/no or on/off")
 
 
 def _choice(*options: str) -> Callable[[str], str]:
@@ -249,6 +259,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
         _positive_int,
         "Threads running numpy compute",
     ),
+    EnvVar(
+        "KVPIPE_LISTEN_UPDATES",
+        "worker.listen_updates",
+        _flag,
+        "Apply training announcements from PREFIX.updates (off: the pointer TTL alone)",
+    ),
     EnvVar("KVPIPE_WORKER_ID", "worker.worker_id", str, "Name of this worker in results and logs"),
     EnvVar(
         "KVPIPE_LOG_FORMAT",
@@ -334,3 +350,7 @@ def env_table() -> str:
         shown = f"`{value}`" if value != "" else "(host-pid)"
         rows.append(f"| `{var.name}` | {shown} | {var.help} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(env_table())

@@ -95,6 +95,10 @@ class KeyValue(Protocol):
         """Let ``key`` expire after ``seconds`` (<= 0 removes it now); False when absent."""
         ...
 
+    async def persist(self, key: str) -> bool:
+        """Remove the expiry of ``key``; False when absent or without one."""
+        ...
+
     async def exists(self, key: str) -> bool:
         """Whether ``key`` exists."""
         ...
@@ -446,6 +450,14 @@ class RedisPyKV:
             return bool(await self._client.pexpire(k, ms))
 
         return await self._run(_what("PEXPIRE", key), op)
+
+    async def persist(self, key: str) -> bool:
+        k = _key(key)
+
+        async def op() -> bool:
+            return bool(await self._client.persist(k))
+
+        return await self._run(_what("PERSIST", key), op)
 
     async def exists(self, key: str) -> bool:
         k = _key(key)
@@ -819,6 +831,14 @@ class AsyncioRedisKV:
             return _int(await p.pexpire(k, ms)) > 0
 
         return await self._run(_what("PEXPIRE", key), op)
+
+    async def persist(self, key: str) -> bool:
+        k = _key(key)
+
+        async def op(p: Any) -> bool:
+            return _int(await p.persist(k)) > 0
+
+        return await self._run(_what("PERSIST", key), op)
 
     async def exists(self, key: str) -> bool:
         k = _key(key)

@@ -228,7 +228,7 @@ class EmbeddingScorer:
             return f"ids out of range: users 0..{self.users - 1}, items 0..{self.items - 1}"
         return None
 
-    def forward(self, params: Params, x: Array) -> Array:
+    def forward(self, params: Params, x: npt.NDArray[Any]) -> Array:
         u, v = params["user"], params["item"]
         d = self.dim
         logits = np.einsum("ij,ij->i", u[:, :d], v[:, :d]) + u[:, d] + v[:, d] + params["bias"][0]

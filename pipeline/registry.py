@@ -153,6 +153,15 @@ class ModelRegistry:
         """Drop cached rows an update rewrote."""
         return sum(self.cache.invalidate(("row", name, table, int(i))) for i in ids)
 
+    def set_version(self, name: str, version: int) -> None:
+        """Serve ``version`` from the next batch on (an announcement said it is current).
+
+        A pointer read already in flight is discarded, so it cannot put an older version back.
+        """
+        key = ("ptr", name)
+        self.cache.invalidate(key)
+        self.cache.put(key, int(version), ttl_s=self.version_ttl_s)
+
     def invalidate_pointer(self, name: str) -> bool:
         """Forget the cached serving version of ``name`` so the next request reads it anew."""
         return self.cache.invalidate(("ptr", name))

@@ -114,14 +114,18 @@ class VersionInfo:
     nbytes: int
     current: bool
     available: bool
+    expires_at: float | None = None
 
 
 class ParamStore:
     """Reads and writes versioned parameters through a :class:`KeyValue` adapter."""
 
-    def __init__(self, kv: KeyValue, *, prefix: str = "kvpipe") -> None:
+    def __init__(
+        self, kv: KeyValue, *, prefix: str = "kvpipe", retention_s: float | None = None
+    ) -> None:
         self.kv = kv
         self.prefix = prefix
+        self.retention_s = retention_s
 
     def current_key(self, model: str) -> str:
         return f"{self.prefix}:{model}:current"
@@ -226,7 +230,41 @@ class ParamStore:
             self.versions_key(model), {str(version): json.dumps(summary).encode()}
         )
         await self.kv.set(self.current_key(model), str(version).encode())
+        if self.retention_s is not None:
+            await self.expire_old(model, keep=(version, version - 1))
         return manifest
+
+    def version_keys(self, model: str, version: int, tensors: Sequence[str]) -> list[str]:
+        return [self.manifest_key(model, version)] + [
+            self.tensor_key(model, version, t) for t in tensors
+        ]
+
+    async def expire_old(self, model: str, *, keep: Sequence[int]) -> list[int]:
+        """Let versions other than ``keep`` (current, previous) expire after the retention
+        period; forget listed versions that are gone. Returns the versions newly scheduled."""
+        assert self.retention_s is not None
+        rows = await self.kv.hgetall(self.versions_key(model))
+        now = time.time()
+        scheduled: list[int] = []
+        for field, raw in rows.items():
+            version = int(field)
+            summary = json.loads(raw)
+            if version in keep:
+                continue
+            expires_at = summary.get("expires_at")
+            if expires_at is not None:
+                if expires_at < now:
+                    await self.kv.hdel(self.versions_key(model), field)
+                continue
+            manifest_raw = await self.kv.get(self.manifest_key(model, version))
+            if manifest_raw is not None:
+                names = list(Manifest.from_bytes(manifest_raw).tensors)
+                for key in self.version_keys(model, version, names):
+                    await self.kv.expire(key, self.retention_s)
+            summary["expires_at"] = now + self.retention_s
+            await self.kv.hset_many(self.versions_key(model), {field: json.dumps(summary).encode()})
+            scheduled.append(version)
+        return scheduled
 
     async def current_version(self, model: str) -> int:
         """The version being served; ModelNotFound when none was ever published."""
@@ -298,18 +336,39 @@ class ParamStore:
                     nbytes=int(summary["nbytes"]),
                     current=version == current,
                     available=available,
+                    expires_at=summary.get("expires_at"),
                 )
             )
         return sorted(infos, key=lambda i: i.version)
 
     async def set_current(self, model: str, version: int) -> None:
-        """Serve ``version`` (rollback or roll forward); it must still be complete in Redis."""
+        """Serve ``version`` (rollback or roll forward); it must still be complete in Redis.
+
+        Its keys stop expiring (a version being served is never retired), and the version
+        it replaces becomes the kept previous one.
+        """
         manifest = await self.manifest(model, version)
         names = list(manifest.tensors)
         for name in names:
             if not await self.kv.exists(self.tensor_key(model, version, name)):
                 raise VersionNotFound(f"tensor {name!r} of {model!r} v{version} is gone")
+        for key in self.version_keys(model, version, names):
+            await self.kv.persist(key)
+        raw = await self.kv.hget(self.versions_key(model), str(version))
+        if raw is not None:
+            summary = json.loads(raw)
+            if summary.pop("expires_at", None) is not None:
+                await self.kv.hset_many(
+                    self.versions_key(model), {str(version): json.dumps(summary).encode()}
+                )
+        try:
+            previous: int | None = await self.current_version(model)
+        except ModelNotFound:
+            previous = None
         await self.kv.set(self.current_key(model), str(version).encode())
+        if self.retention_s is not None:
+            keep = (version,) if previous is None else (version, previous)
+            await self.expire_old(model, keep=keep)
 
 
 def verify_tensor(manifest: Manifest, name: str, blob: bytes) -> npt.NDArray[Any]:

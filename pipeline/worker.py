@@ -29,6 +29,7 @@ from pipeline.kafka import CommitRejected, Consumer, Message, MessageTooLarge, P
 from pipeline.models import Model
 from pipeline.offsets import OffsetTracker
 from pipeline.registry import ModelRegistry, Resolved, worst
+from pipeline.updates import UpdateListener
 from pipeline.wire import (
     H_DLQ_REASON,
     H_DLQ_SOURCE,
@@ -113,10 +114,12 @@ class Worker:
         *,
         registry: ModelRegistry,
         producer: Producer,
+        listener: UpdateListener | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.producer = producer
+        self.listener = listener
         self.worker_id = settings.worker.worker_id or default_worker_id()
         self.stats = WorkerStats()
         self._kafka = settings.kafka
@@ -246,6 +249,7 @@ class Worker:
             "cache_hit_rate": round(cache.hit_rate, 4),
             "cache_bytes": cache.bytes,
             "cache_loads": cache.loads,
+            "updates_applied": None if self.listener is None else self.listener.stats.applied,
         }
 
     # -- rebalance -------------------------------------------------------------------------

@@ -182,6 +182,13 @@ class MemoryKV:
             self._expires[key] = self.clock() + ms / 1000
         return True
 
+    async def persist(self, key: str) -> bool:
+        _check_key(key)
+        await self._call("persist")
+        if self._live(key) is None:
+            return False
+        return self._expires.pop(key, None) is not None
+
     async def exists(self, key: str) -> bool:
         _check_key(key)
         await self._call("exists")

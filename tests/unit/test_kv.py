@@ -35,6 +35,7 @@ PROTOCOL_METHODS = (
     "incr",
     "delete",
     "expire",
+    "persist",
     "exists",
     "hget",
     "hmget",
