@@ -806,9 +806,29 @@ async def run_bench(
     return out
 
 
+def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
+    """Hit rates of the shipped eviction policies beside Belady's optimum (no services)."""
+    from pipeline.simulation import format_table, run_cache_bench
+
+    accesses = getattr(args, "accesses", None) or 10**6
+    print(
+        f"cache   simulation: {accesses} accesses per trace, seed 0 (LRU, LFU, Belady's MIN)",
+        flush=True,
+    )
+    out = run_cache_bench(seed=0, accesses=accesses)
+    print(format_table(out["rows"]), flush=True)
+    print(f"cache   {out['seconds']:.1f} s", flush=True)
+    return out
+
+
 def main(args: argparse.Namespace, settings: Settings) -> int:
     """``kvpipe bench``: 0 when every answer of every side was right, 1 otherwise."""
     configure_logging(fmt=settings.log_format, level=getattr(args, "log_level", None) or "error")
+    if args.suite == "cache":
+        cache_doc: dict[str, Any] = {"machine": machine(), "cache": bench_cache(args)}
+        if args.json:
+            Path(args.json).write_text(json.dumps(cache_doc, indent=2) + "\n")
+        return 0
     suites = ["echo", "naive"] if args.suite == "all" else [args.suite]
     requests: int | None = getattr(args, "requests", None)
     naive_requests: int = getattr(args, "naive_requests", None) or DEFAULT_NAIVE_REQUESTS
@@ -832,6 +852,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                   base=settings, emit=emit)
     )  # fmt: skip
     passed = all(c.passed for c in results.values())
+    cache = bench_cache(args) if args.suite == "all" else None
     elapsed = time.perf_counter() - started
     print(
         f"total {elapsed:.1f} s; "
@@ -855,6 +876,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
                 "atol": ATOL,
             },
             "suites": {name: c.as_dict() for name, c in results.items()},
+            "cache": cache,
         }
         try:
             Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")

@@ -294,6 +294,90 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.inference import install_stop_signals
+    from consumers.trainer import Publish, TrainSettings, train
+
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
+    every_steps = args.every_steps
+    if every_steps is None:
+        every_steps = 10**12 if args.every_seconds is not None else 100
+    cfg = TrainSettings(
+        model=args.model,
+        preset=args.preset,
+        synthetic=args.synthetic,
+        steps=args.steps,
+        publish_every_steps=every_steps,
+        publish_every_s=args.every_seconds,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        retention_s=args.retention,
+    )
+
+    def show(pub: Publish) -> None:
+        if args.json:
+            print(
+                json.dumps({"version": pub.version, "step": pub.step, "loss": pub.loss}), flush=True
+            )
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        report = await train(settings, cfg, stop, on_publish=show)
+        if not args.json:
+            last = report.publishes[-1].version if report.publishes else None
+            print(
+                f"trained {report.steps} steps, published {len(report.publishes)} versions "
+                f"(last v{last}), final loss {report.last_loss:.5f}"
+            )
+        return 0
+
+    return asyncio.run(run())
+
+
+async def _versions(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.kv import open_kv
+    from pipeline.store import ParamStore
+
+    async with open_kv(settings.redis) as kv:
+        rows = await ParamStore(kv, prefix=settings.redis.key_prefix).versions(args.model)
+    if not rows:
+        raise ConfigError(f"model {args.model!r} has no versions; publish one first")
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows]))
+        return 0
+    print(f"{'':2}{'version':>8}  {'created (UTC)':<20} {'MB':>8}  state")
+    for r in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.created_at))
+        if not r.available:
+            state = "expired"
+        elif r.expires_at is not None:
+            state = f"expires in {max(0, r.expires_at - time.time()):.0f} s"
+        else:
+            state = "kept"
+        mark = "* " if r.current else "  "
+        print(f"{mark}{r.version:>8}  {created:<20} {r.nbytes / 1e6:>8.2f}  {state}")
+    return 0
+
+
+async def _rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.kafka import Producer, ensure_topics
+    from pipeline.kv import open_kv
+    from pipeline.store import ParamStore
+    from pipeline.updates import Announcement, announce
+
+    async with open_kv(settings.redis) as kv:
+        store = ParamStore(kv, prefix=settings.redis.key_prefix, retention_s=args.retention)
+        await store.set_current(args.model, args.to)
+    k = settings.kafka
+    await ensure_topics(k, [k.updates_topic])
+    async with Producer(k) as producer:
+        await announce(producer, k, Announcement(args.model, "rollback", args.to))
+    print(f"{args.model} now serves v{args.to}; announced on {k.updates_topic}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.bench import main as bench_main
 
@@ -382,8 +466,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=cmd_demo)
 
+    p = sub.add_parser("train", help="online SGD that publishes and announces versions")
+    _add_connection_flags(p)
+    p.add_argument("--model", required=True)
+    p.add_argument(
+        "--preset",
+        choices=["mlp", "embedding"],
+        help="start a new model from this preset when none is published",
+    )
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="learn a seeded synthetic task instead of reading PREFIX.training",
+    )
+    p.add_argument("--steps", type=int, help="stop after N steps (default: until SIGTERM)")
+    p.add_argument("--every-steps", type=int, help="publish every N steps (default 100)")
+    p.add_argument("--every-seconds", type=float, help="publish every T seconds")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, help="learning rate (0.05 MLP, 0.5 embedding)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--retention",
+        type=float,
+        default=3600.0,
+        help="seconds old versions are kept (never the current or previous)",
+    )
+    p.add_argument("--json", action="store_true", help="print each publish as JSON")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("versions", help="list a model's versions, the serving one marked *")
+    _add_connection_flags(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=lambda a, s: _run(_versions(a, s)))
+
+    p = sub.add_parser("rollback", help="serve an earlier version again and announce it")
+    _add_connection_flags(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--to", type=int, required=True, metavar="N", help="the version to serve")
+    p.add_argument(
+        "--retention", type=float, default=3600.0, help="seconds the replaced versions are kept"
+    )
+    p.set_defaults(handler=lambda a, s: _run(_rollback(a, s)))
+
     p = sub.add_parser("bench", help="benchmarks: each prints figures and ratios")
-    p.add_argument("suite", choices=["naive", "echo", "all"], nargs="?", default="all")
+    p.add_argument("suite", choices=["naive", "echo", "cache", "all"], nargs="?", default="all")
+    p.add_argument(
+        "--accesses",
+        type=int,
+        metavar="N",
+        help="accesses per trace of the cache simulation (default 1000000)",
+    )
     p.add_argument(
         "--requests",
         type=int,
