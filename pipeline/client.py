@@ -123,8 +123,9 @@ class InferenceClient:
     async def submit(
         self,
         model: str,
-        inputs: npt.ArrayLike,
+        inputs: npt.ArrayLike | None = None,
         *,
+        ids: npt.ArrayLike | None = None,
         id: str | None = None,
         version: int | None = None,
         reply_to: str | None = None,
@@ -132,12 +133,14 @@ class InferenceClient:
         content_type: str | None = None,
         wait: bool = True,
     ) -> str:
-        """Produce one request; returns its id. ``wait=False`` returns once it is queued."""
+        """Produce one request (``inputs`` rows, or ``ids`` for an embedding model); returns
+        its id. ``wait=False`` returns once it is queued."""
         rid = id or uuid.uuid4().hex
         value, headers = encode_request(
             id=rid,
             model=model,
             inputs=inputs,
+            ids=ids,
             version=version,
             content_type=content_type or self.content_type,
             reply_to=reply_to,

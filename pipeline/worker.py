@@ -79,6 +79,15 @@ class _Outgoing:
     result: Result | None
 
 
+QUIET_CODES = frozenset({
+    # the client's own mistakes, answered in the result; not worth a warning each
+    "unknown_model", "unknown_version", "bad_shape", "bad_dtype", "bad_ids", "non_finite",
+    "too_large", "bad_request", "bad_input", "deadline_exceeded",
+    # logged once per batch as params_failed
+    "params_unavailable", "params_corrupt",
+})  # fmt: skip
+
+
 def _stack(requests: list[Request]) -> npt.NDArray[Any]:
     arrays = [r.inputs for r in requests if r.inputs is not None]
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
@@ -465,23 +474,14 @@ class Worker:
             else:
                 self.stats.errors += 1
                 self.stats.errors_by_code[result.error_code or "internal"] += 1
-                if result.error_code not in (
-                    "unknown_model",
-                    "unknown_version",
-                    "bad_shape",
-                    "bad_dtype",
-                    "non_finite",
-                    "too_large",
-                    "bad_request",
-                    "bad_input",
-                ):
-                    log.warning(
-                        "request_failed",
-                        request_id=result.id,
-                        model=result.model,
-                        code=result.error_code,
-                        error=result.error_message,
-                    )
+                level = log.debug if result.error_code in QUIET_CODES else log.warning
+                level(
+                    "request_failed",
+                    request_id=result.id,
+                    model=result.model,
+                    code=result.error_code,
+                    error=result.error_message,
+                )
             topic = item.request.reply_to or self._kafka.results_topic
             value, headers = encode_result(result, item.request.content_type)
             outgoing.append(_Outgoing(item, topic, value, headers, result))
