@@ -251,7 +251,38 @@ def cmd_local(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.demo import Wave, run_demo, run_train_demo
+
+    if args.train:
+        configure_logging(
+            fmt=settings.log_format, level=args.log_level or "warning", dependencies="error"
+        )
+        print(
+            "kvpipe demo --train: a worker serves an embedding scorer (2k users x 5k items) "
+            "while the trainer learns it and publishes every 0.5 s",
+            file=sys.stderr,
+        )
+
+        def show(wave: Wave) -> None:
+            if not args.json:
+                print(
+                    f"wave {wave.index}: versions {wave.versions}  accuracy "
+                    f"{wave.accuracy:.3f}  errors {wave.errors}",
+                    flush=True,
+                )
+
+        trained = asyncio.run(run_train_demo(seed=args.seed, base=settings, emit=show))
+        if args.json:
+            print(json.dumps(trained.as_dict()))
+        else:
+            first, last = trained.waves[0].accuracy, trained.waves[-1].accuracy
+            print(f"accuracy {first:.3f} -> {last:.3f} over {trained.publishes} publishes")
+            print(
+                "PASS: served accuracy rose as versions were published"
+                if trained.passed
+                else "FAIL: accuracy did not rise (or requests failed)"
+            )
+        return 0 if trained.passed else 1
 
     configure_logging(
         fmt=settings.log_format, level=args.log_level or "warning", dependencies="error"
@@ -461,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end to end on fresh local services; exits 0 when all correct")
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--preset", choices=["article", "mlp"], default="mlp")
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="serve while training: accuracy of served results per wave",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

@@ -192,3 +192,128 @@ async def _exchange(
             await asyncio.wait_for(reader, timeout_s)
         seconds = max(arrived_at.values(), default=started) - started
     return results, sent_at, arrived_at, seconds
+
+
+@dataclass
+class Wave:
+    """One round of requests during the training demo."""
+
+    index: int
+    versions: list[int]
+    accuracy: float
+    errors: int
+
+
+@dataclass
+class TrainDemoReport:
+    """Accuracy of served results, wave by wave, while the trainer publishes."""
+
+    waves: list[Wave] = field(default_factory=list)
+    publishes: int = 0
+
+    @property
+    def passed(self) -> bool:
+        if len(self.waves) < 2 or any(w.errors for w in self.waves):
+            return False
+        return self.waves[-1].accuracy >= self.waves[0].accuracy + 0.15
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "waves": [asdict(w) for w in self.waves],
+            "publishes": self.publishes,
+            "passed": self.passed,
+        }
+
+
+TRAIN_ARCH = {"kind": "embedding", "users": 2000, "items": 5000, "dim": 16}
+
+
+async def run_train_demo(
+    *,
+    waves: int = 8,
+    per_wave: int = 500,
+    seed: int = 0,
+    base: Settings | None = None,
+    emit: Callable[[Wave], None] | None = None,
+) -> TrainDemoReport:
+    """A worker serves an embedding scorer while the trainer learns it; accuracy per wave."""
+    from consumers.inference import serve
+    from consumers.trainer import Publish, TrainSettings, train
+    from pipeline.models import EmbeddingScorer, build_model
+    from pipeline.training import SyntheticClicks, accuracy
+
+    model = build_model(TRAIN_ARCH)
+    assert isinstance(model, EmbeddingScorer)
+    task = SyntheticClicks(model, seed=seed)
+    report = TrainDemoReport()
+    async with LocalServices() as local:
+        settings = with_values(local.settings(base), {
+            "worker.worker_id": "demo-worker",
+            "kafka.session_timeout_ms": 2000,
+            "kafka.heartbeat_interval_ms": 300,
+        })  # fmt: skip
+        async with open_kv(settings.redis) as kv:
+            tables = model.init_tables(seed + 1)
+            await ParamStore(kv, prefix=settings.redis.key_prefix).publish(
+                "recs", model.arch, model.init(seed), tables=tables
+            )
+        stop = asyncio.Event()
+        workers: list[Worker] = []
+        ready = asyncio.Event()
+
+        def on_ready(worker: Worker) -> None:
+            workers.append(worker)
+            ready.set()
+
+        def on_publish(_: Publish) -> None:
+            report.publishes += 1
+
+        serving = asyncio.create_task(serve(settings, stop, on_ready=on_ready))
+        training: asyncio.Task[Any] | None = None
+        try:
+            await _wait_ready(ready, serving)
+            await _wait_ready(workers[0].assigned, serving)
+            cfg = TrainSettings(
+                model="recs",
+                synthetic=True,
+                publish_every_steps=10**9,
+                publish_every_s=0.5,
+                batch_size=256,
+                seed=seed,
+            )
+            async with InferenceClient(settings.kafka) as client, client.stream() as stream:
+                for w in range(waves):
+                    ids, labels = task.batch(per_wave)
+                    rids = [f"w{w}-{i}" for i in range(per_wave)]
+                    for i, rid in enumerate(rids):
+                        await client.submit("recs", ids=ids[i : i + 1], id=rid, wait=False)
+                    await client.flush()
+                    got: dict[str, Result] = {}
+                    while len(got) < per_wave:
+                        for r in await stream.next_batch(0.2):
+                            if r.id.startswith(f"w{w}-"):
+                                got[r.id] = r
+                    ok = [got[rid] for rid in rids if got[rid].ok]
+                    scores = np.array([r.outputs[0, 0] for r in ok if r.outputs is not None])
+                    wave = Wave(
+                        index=w,
+                        versions=sorted({r.version or 0 for r in ok}),
+                        accuracy=round(accuracy(scores, labels[: len(scores)]), 4)
+                        if len(ok) == per_wave
+                        else 0.0,
+                        errors=per_wave - len(ok),
+                    )
+                    report.waves.append(wave)
+                    if emit is not None:
+                        emit(wave)
+                    if training is None:
+                        training = asyncio.create_task(
+                            train(settings, cfg, stop, on_publish=on_publish)
+                        )
+                    await asyncio.sleep(1.0)
+        finally:
+            stop.set()
+            if training is not None:
+                await asyncio.wait_for(training, 30)
+            await asyncio.wait_for(serving, settings.worker.shutdown_timeout_s + 15)
+    return report

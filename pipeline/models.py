@@ -232,7 +232,7 @@ class EmbeddingScorer:
         u, v = params["user"], params["item"]
         d = self.dim
         logits = np.einsum("ij,ij->i", u[:, :d], v[:, :d]) + u[:, d] + v[:, d] + params["bias"][0]
-        scores: Array = (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        scores: Array = (1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))).astype(np.float32)
         return scores.reshape(-1, 1)
 
 

@@ -147,3 +147,25 @@ async def test_versions_and_rollback(store: ParamStore) -> None:
     await store.kv.delete("t:m:v2:t:w0")
     with pytest.raises(VersionNotFound):
         await store.set_current("m", 2)
+
+
+async def test_retention_never_retires_current_or_previous() -> None:
+    clock_now = [1000.0]
+    kv = MemoryKV(clock=lambda: clock_now[0])
+    store = ParamStore(kv, prefix="t", retention_s=60.0)
+    model = preset("mlp")
+    for seed in range(4):
+        await store.publish("m", model.arch, model.init(seed))
+    ttl = {v: kv.ttl(f"t:m:v{v}:manifest") for v in (1, 2, 3, 4)}
+    assert ttl[3] is None and ttl[4] is None  # previous and current are kept
+    assert ttl[1] is not None and ttl[2] is not None
+    assert all(kv.ttl(f"t:m:v1:t:{n}") is not None for n in ("w0", "b0", "w1", "b1"))
+    await store.set_current("m", 2)  # roll back: v2 is kept again, v4 becomes "previous"
+    assert kv.ttl("t:m:v2:manifest") is None and kv.ttl("t:m:v2:t:w0") is None
+    assert kv.ttl("t:m:v4:manifest") is None
+    assert kv.ttl("t:m:v3:manifest") is not None
+    clock_now[0] += 61
+    rows = {r.version: r for r in await store.versions("m")}
+    assert not rows[1].available and rows[2].available and rows[2].current
+    with pytest.raises(VersionNotFound):
+        await store.set_current("m", 1)
