@@ -99,6 +99,7 @@ class WorkerSettings:
     max_in_flight: int = 4096
     fetch_max_records: int = 1000
     compute_threads: int = 2
+    blas_threads: int = 1
     commit_interval_s: float = 0.2
     send_timeout_s: float = 10.0
     shutdown_timeout_s: float = 20.0
@@ -258,6 +259,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "worker.compute_threads",
         _positive_int,
         "Threads running numpy compute",
+    ),
+    EnvVar(
+        "KVPIPE_BLAS_THREADS",
+        "worker.blas_threads",
+        _positive_int,
+        "BLAS threads per compute thread (1: parallelism comes from the compute threads)",
     ),
     EnvVar(
         "KVPIPE_LISTEN_UPDATES",

@@ -21,6 +21,7 @@ from typing import Any, Self
 import numpy as np
 import numpy.typing as npt
 import structlog
+from threadpoolctl import threadpool_limits
 
 from pipeline.cache import Source
 from pipeline.config import Settings
@@ -154,6 +155,9 @@ class Worker:
         return self._tracker.in_flight
 
     async def __aenter__(self) -> Self:
+        # Compute threads already use the cores; BLAS threads inside each would oversubscribe
+        # them and starve the event loop (measured: about 30% fewer requests per second).
+        threadpool_limits(limits=self._cfg.blas_threads, user_api="blas")
         self._executor = ThreadPoolExecutor(
             max_workers=self._cfg.compute_threads, thread_name_prefix="kvpipe-compute"
         )
