@@ -29,8 +29,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +46,7 @@ from pipeline.local import LocalServices
 from pipeline.logging import configure_logging
 from pipeline.models import Model, preset
 from pipeline.registry import ModelRegistry, Resolved
+from pipeline.resource import AsyncResource
 from pipeline.store import ParamStore
 from pipeline.wire import JSON, decode_result, encode_request
 from pipeline.worker import Worker, WorkerStats
@@ -306,30 +306,19 @@ async def serve_naive(
 # -- measuring -----------------------------------------------------------------------------------
 
 
-class Arrivals:
+class Arrivals(AsyncResource):
     """A topic read from its start without a group; notes when each distinct key first came."""
 
     def __init__(self, kafka: KafkaSettings, topic: str) -> None:
-        self._consumer = Consumer(kafka, [topic], group_id=None)
+        self._consumer = Consumer(kafka, [topic], group_id=None, assign_from="start")
         self.first: dict[bytes, Message] = {}
         self.duplicates = 0
         self.last_at = 0.0
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
         await self._consumer.start()
-        try:
-            await self._consumer.assign_all(from_end=False)
-        except BaseException:
-            await self._consumer.aclose()
-            raise
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
         await self._consumer.aclose()
 
     async def collect(self, want: int, timeout_s: float, alive: asyncio.Task[Any]) -> bool:

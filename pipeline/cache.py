@@ -9,11 +9,11 @@ import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from pipeline.errors import KvpipeError
 from pipeline.eviction import make_policy
+from pipeline.resource import AsyncResource
 from pipeline.singleflight import SingleFlight
 
 V = TypeVar("V")
@@ -75,7 +75,7 @@ def default_size_of(value: object) -> int:
     return sys.getsizeof(value)
 
 
-class ParamCache(Generic[V]):
+class ParamCache(AsyncResource, Generic[V]):
     """Async cache of parameters keyed by hashable tuples.
 
     Concurrent misses for one key share one load (single-flight); failed loads are not
@@ -138,17 +138,6 @@ class ParamCache(Generic[V]):
 
     def keys(self) -> Iterator[Hashable]:
         return iter(list(self._entries))
-
-    async def __aenter__(self) -> ParamCache[V]:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Cancel running loads and drop every entry; safe to call twice."""

@@ -259,7 +259,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         )
         print(
             "kvpipe demo --train: a worker serves an embedding scorer (2k users x 5k items) "
-            "while the trainer learns it and publishes every 0.5 s",
+            "while the trainer learns it and publishes every 1000 steps",
             file=sys.stderr,
         )
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from types import TracebackType
-from typing import Self
 
 import numpy.typing as npt
 
 from pipeline.config import KafkaSettings
 from pipeline.errors import KvpipeError, UnreadableMessage
 from pipeline.kafka import Consumer, Producer, ensure_topics
+from pipeline.resource import AsyncResource
 from pipeline.wire import JSON, Result, decode_result, encode_request
 
 
@@ -23,31 +22,18 @@ class ResultTimeout(KvpipeError):
     retryable = True
 
 
-class ResultStream:
+class ResultStream(AsyncResource):
     """Results read from a topic (every partition, no consumer group), in arrival order."""
 
     def __init__(self, settings: KafkaSettings, topic: str, *, from_beginning: bool) -> None:
-        self._consumer = Consumer(settings, [topic], group_id=None)
-        self._from_beginning = from_beginning
+        self._consumer = Consumer(
+            settings, [topic], group_id=None, assign_from="start" if from_beginning else "end"
+        )
         self._buffer: list[Result] = []
         self.skipped = 0
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
         await self._consumer.start()
-        try:
-            await self._consumer.assign_all(from_end=not self._from_beginning)
-        except BaseException:
-            await self._consumer.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         await self._consumer.aclose()
@@ -69,7 +55,7 @@ class ResultStream:
                 yield result
 
 
-class InferenceClient:
+class InferenceClient(AsyncResource):
     """Submit requests and read their results.
 
     ``async with InferenceClient(settings) as client:`` then ``await client.submit(...)`` to
@@ -94,17 +80,8 @@ class InferenceClient:
         self._reply_lock = asyncio.Lock()
         self._closed = False
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
         await self._producer.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Stop the reply reader and the producer; safe to call twice."""
@@ -202,7 +179,7 @@ class InferenceClient:
                 return
             await ensure_topics(self.settings, [self.reply_topic], partitions=1)
             self._replies = ResultStream(self.settings, self.reply_topic, from_beginning=True)
-            await self._replies.__aenter__()
+            await self._replies.start()
             self._reader = asyncio.get_running_loop().create_task(self._read_replies())
 
     async def _read_replies(self) -> None:

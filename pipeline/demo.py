@@ -265,8 +265,11 @@ async def run_train_demo(
             workers.append(worker)
             ready.set()
 
+        published = asyncio.Event()
+
         def on_publish(_: Publish) -> None:
             report.publishes += 1
+            published.set()
 
         serving = asyncio.create_task(serve(settings, stop, on_ready=on_ready))
         training: asyncio.Task[Any] | None = None
@@ -310,7 +313,16 @@ async def run_train_demo(
                         training = asyncio.create_task(
                             train(settings, cfg, stop, on_publish=on_publish)
                         )
-                    await asyncio.sleep(1.0)
+                    target = report.publishes + 2  # the next wave runs two versions later
+                    while report.publishes < target:
+                        waiter = asyncio.create_task(published.wait())
+                        await asyncio.wait({waiter, training}, return_when=asyncio.FIRST_COMPLETED)
+                        waiter.cancel()
+                        published.clear()
+                        if training.done():
+                            training.result()  # the trainer failed: raise its error
+                            break
+                    await asyncio.sleep(0.2)  # let the announcement reach the worker
         finally:
             stop.set()
             if training is not None:

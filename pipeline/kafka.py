@@ -11,8 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -25,6 +24,7 @@ from aiokafka.errors import (
 
 from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerUnavailable, KvpipeError
+from pipeline.resource import AsyncResource
 
 Headers = Sequence[tuple[str, bytes]]
 
@@ -117,7 +117,7 @@ async def ensure_topics(
         await asyncio.wait_for(admin.close(), settings.request_timeout_s)
 
 
-class Producer:
+class Producer(AsyncResource):
     """An aiokafka producer with bounded start, send and stop."""
 
     def __init__(
@@ -141,24 +141,8 @@ class Producer:
         self._started = False
         self._closed = False
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     async def start(self) -> None:
-        try:
-            await _bounded(self.settings, "starting the producer", self._producer.start())
-        except BaseException:
-            await self.aclose()
-            raise
+        await _bounded(self.settings, "starting the producer", self._producer.start())
         self._started = True
 
     async def enqueue(
@@ -234,8 +218,12 @@ async def _noop(_: list[Partition]) -> None:
     return None
 
 
-class Consumer:
-    """An aiokafka consumer with manual, explicit commits and bounded start and stop."""
+class Consumer(AsyncResource):
+    """An aiokafka consumer with manual, explicit commits and bounded start and stop.
+
+    With a ``group_id`` it subscribes; without one and with ``assign_from`` it takes every
+    partition of the topics at start, from their start or their end.
+    """
 
     def __init__(
         self,
@@ -243,6 +231,7 @@ class Consumer:
         topics: Sequence[str],
         *,
         group_id: str | None,
+        assign_from: Literal["start", "end"] | None = None,
         auto_offset_reset: str = "earliest",
         on_revoked: RebalanceCallback = _noop,
         on_assigned: RebalanceCallback = _noop,
@@ -255,6 +244,7 @@ class Consumer:
         self.settings = settings
         self.topics = list(topics)
         self.group_id = group_id
+        self.assign_from = assign_from
         self.stop_timeout_s = stop_timeout_s
         self._listener = _Listener(on_revoked, on_assigned)
         self._consumer = AIOKafkaConsumer(
@@ -271,26 +261,12 @@ class Consumer:
         )
         self._closed = False
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     async def start(self) -> None:
-        try:
-            await _bounded(self.settings, "starting the consumer", self._consumer.start())
-            if self.group_id is not None:
-                self._consumer.subscribe(self.topics, listener=self._listener)
-        except BaseException:
-            await self.aclose()
-            raise
+        await _bounded(self.settings, "starting the consumer", self._consumer.start())
+        if self.group_id is not None:
+            self._consumer.subscribe(self.topics, listener=self._listener)
+        elif self.assign_from is not None:
+            await self.assign_all(from_end=self.assign_from == "end")
 
     async def assign_all(self, *, from_end: bool = True) -> list[Partition]:
         """Without a group: take every partition of the topics, from the end or the start."""

@@ -11,8 +11,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 import orjson
 import structlog
@@ -21,6 +20,7 @@ from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerUnavailable, UnreadableMessage
 from pipeline.kafka import Consumer, Producer
 from pipeline.registry import ModelRegistry
+from pipeline.resource import AsyncResource
 
 log = structlog.get_logger("kvpipe.updates")
 
@@ -99,7 +99,7 @@ class ListenerStats:
     lag_ms_last: float = 0.0
 
 
-class UpdateListener:
+class UpdateListener(AsyncResource):
     """Applies every announcement on the updates topic to ``registry`` while running."""
 
     def __init__(self, kafka: KafkaSettings, registry: ModelRegistry) -> None:
@@ -107,26 +107,16 @@ class UpdateListener:
         self.registry = registry
         self.stats = ListenerStats()
         self._consumer = Consumer(
-            kafka, [kafka.updates_topic], group_id=None, auto_offset_reset="latest"
+            kafka,
+            [kafka.updates_topic],
+            group_id=None,
+            assign_from="end",
+            auto_offset_reset="latest",
         )
         self._closed = False
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
         await self._consumer.start()
-        try:
-            await self._consumer.assign_all(from_end=True)
-        except BaseException:
-            await self._consumer.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Stop reading; safe to call twice."""

@@ -15,8 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +29,7 @@ from pipeline.kafka import CommitRejected, Consumer, Message, MessageTooLarge, P
 from pipeline.models import Model
 from pipeline.offsets import OffsetTracker
 from pipeline.registry import ModelRegistry, Resolved, worst
+from pipeline.resource import AsyncResource
 from pipeline.updates import UpdateListener
 from pipeline.wire import (
     H_DLQ_REASON,
@@ -115,7 +115,7 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class Worker:
+class Worker(AsyncResource):
     """One member of the worker group. ``async with Worker(...) as w: await w.run(stop)``."""
 
     def __init__(
@@ -154,7 +154,7 @@ class Worker:
     def in_flight(self) -> int:
         return self._tracker.in_flight
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
         # Compute threads already use the cores; BLAS threads inside each would oversubscribe
         # them and starve the event loop (measured: about 30% fewer requests per second).
         threadpool_limits(limits=self._cfg.blas_threads, user_api="blas")
@@ -170,20 +170,7 @@ class Worker:
             session_timeout_ms=self._kafka.session_timeout_ms,
             heartbeat_interval_ms=self._kafka.heartbeat_interval_ms,
         )
-        try:
-            await self._consumer.start()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+        await self._consumer.start()
 
     async def aclose(self) -> None:
         """Cancel leftover work, leave the group, stop compute threads; safe twice."""

@@ -68,7 +68,7 @@ async def test_consistency_and_propagation_while_training(
     x = np.random.default_rng(0).standard_normal((n, 32)).astype(np.float32)
     arrivals: dict[str, tuple[float, Result]] = {}
     async with ResultStream(k, k.results_topic, from_beginning=True) as stream:
-        await start_worker(settings)
+        running = await start_worker(settings)
 
         async def read() -> None:
             while len(arrivals) < n:
@@ -84,6 +84,8 @@ async def test_consistency_and_propagation_while_training(
     versions = sorted({r.version for _, r in arrivals.values()})
     assert all(r.ok for _, r in arrivals.values())
     assert len(versions) >= 10, f"results ran on only {versions}"
+    listener = running.worker.listener
+    assert listener is not None and listener.stats.applied >= len(versions) - 1
     model = preset("mlp")
     params = {v: await load_version(settings, "live", v) for v in versions}
     mismatched = 0

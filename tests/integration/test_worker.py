@@ -33,9 +33,8 @@ async def publish(settings: Any, name: str, preset_name: str = "mlp", seed: int 
 
 async def read_all(settings: Any, topic: str, want: int, timeout: float = 30.0) -> list[Any]:
     stream_messages: list[Any] = []
-    consumer = Consumer(settings.kafka, [topic], group_id=None)
+    consumer = Consumer(settings.kafka, [topic], group_id=None, assign_from="start")
     async with consumer:
-        await consumer.assign_all(from_end=False)
         import asyncio
 
         loop = asyncio.get_running_loop()
