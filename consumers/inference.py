@@ -21,8 +21,9 @@ from pipeline.cache import ParamCache
 from pipeline.config import Settings, settings_from_env
 from pipeline.errors import KvpipeError
 from pipeline.kafka import Producer, ensure_topics
-from pipeline.kv import open_kv
+from pipeline.kv import KeyValue, open_kv
 from pipeline.logging import configure_logging
+from pipeline.metrics import ReadyCheck, StatusServer, WorkerMetrics
 from pipeline.registry import ModelRegistry
 from pipeline.store import ParamStore
 from pipeline.worker import Worker, WorkerStats
@@ -62,14 +63,42 @@ async def serve(
             Producer(k, send_timeout_s=settings.worker.send_timeout_s)
         )
         listener = await start_listener(stack, settings, registry, stop)
+        metrics = WorkerMetrics() if settings.worker.metrics_port is not None else None
         worker = await stack.enter_async_context(
-            Worker(settings, registry=registry, producer=producer, listener=listener)
+            Worker(
+                settings, registry=registry, producer=producer, listener=listener, metrics=metrics
+            )
         )
+        if metrics is not None:
+            assert settings.worker.metrics_port is not None
+            await stack.enter_async_context(
+                StatusServer(
+                    metrics,
+                    _ready_check(worker, kv),
+                    host=settings.worker.metrics_host,
+                    port=settings.worker.metrics_port,
+                )
+            )
         structlog.contextvars.bind_contextvars(worker=worker.worker_id)
         if on_ready is not None:
             on_ready(worker)
         await worker.run(stop)
         return worker.stats
+
+
+def _ready_check(worker: Worker, kv: KeyValue) -> ReadyCheck:
+    """Ready: the consumer owns partitions and Redis answers a PING."""
+
+    async def check() -> tuple[bool, str]:
+        if not worker.assigned.is_set():
+            return False, "no partitions assigned yet"
+        try:
+            await asyncio.wait_for(kv.ping(), 2.0)
+        except (KvpipeError, TimeoutError) as exc:
+            return False, f"redis unreachable: {exc}"
+        return True, "ready"
+
+    return check
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

@@ -105,6 +105,8 @@ class WorkerSettings:
     shutdown_timeout_s: float = 20.0
     worker_id: str = ""
     listen_updates: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,6 +146,13 @@ def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0:
         raise ValueError("must be a positive number")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number, 0 for any free port")
     return value
 
 
@@ -272,6 +281,18 @@ ENV_VARS: tuple[EnvVar, ...] = (
         _flag,
         "Apply training announcements from PREFIX.updates (off: the pointer TTL alone)",
     ),
+    EnvVar(
+        "KVPIPE_METRICS_PORT",
+        "worker.metrics_port",
+        _port,
+        "Serve /metrics, /healthz and /readyz on this port (unset: off; 0: any free port)",
+    ),
+    EnvVar(
+        "KVPIPE_METRICS_HOST",
+        "worker.metrics_host",
+        str,
+        "Address the status server listens on (0.0.0.0 in containers)",
+    ),
     EnvVar("KVPIPE_WORKER_ID", "worker.worker_id", str, "Name of this worker in results and logs"),
     EnvVar(
         "KVPIPE_LOG_FORMAT",
@@ -354,7 +375,7 @@ def env_table() -> str:
         value: Any = defaults
         for part in var.path.split("."):
             value = getattr(value, part)
-        shown = f"`{value}`" if value != "" else "(host-pid)"
+        shown = "(host-pid)" if value == "" else "(off)" if value is None else f"`{value}`"
         rows.append(f"| `{var.name}` | {shown} | {var.help} |")
     return "\n".join(rows)
 

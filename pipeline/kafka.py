@@ -309,6 +309,20 @@ class Consumer(AsyncResource):
                 )
         return out
 
+    async def lag(self) -> dict[Partition, int]:
+        """Messages between this consumer's position and the end, per assigned partition."""
+        out: dict[Partition, int] = {}
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                position = await asyncio.wait_for(self._consumer.position(tp), 2.0)
+            except (KafkaError, TimeoutError):
+                continue
+            out[Partition(tp.topic, tp.partition)] = max(0, high - position)
+        return out
+
     async def commit(self, offsets: dict[Partition, int]) -> None:
         """Commit positions (the next offset to read) for the given partitions."""
         if not offsets:

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from collections import Counter, defaultdict
+from collections import Counter as Tally
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from pipeline.cache import Source
 from pipeline.config import Settings
 from pipeline.errors import BrokerUnavailable, KvpipeError, RequestError, UnreadableMessage
 from pipeline.kafka import CommitRejected, Consumer, Message, MessageTooLarge, Partition, Producer
+from pipeline.metrics import WorkerMetrics
 from pipeline.models import Model
 from pipeline.offsets import OffsetTracker
 from pipeline.registry import ModelRegistry, Resolved, worst
@@ -125,11 +127,15 @@ class Worker(AsyncResource):
         registry: ModelRegistry,
         producer: Producer,
         listener: UpdateListener | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.producer = producer
         self.listener = listener
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.bind(self._live_figures)
         self.worker_id = settings.worker.worker_id or default_worker_id()
         self.stats = WorkerStats()
         self._kafka = settings.kafka
@@ -225,6 +231,7 @@ class Worker(AsyncResource):
                 next_commit = now + self._cfg.commit_interval_s
             if now >= next_stats:
                 log.info("worker_stats", **self.snapshot())
+                await self._record_lag()
                 next_stats = now + 10.0
         await self.drain()
 
@@ -240,6 +247,28 @@ class Worker(AsyncResource):
             left_uncommitted=self._tracker.in_flight,
             **self.stats.as_dict(),
         )
+
+    def _live_figures(self) -> dict[str, Any]:
+        live: dict[str, Any] = {
+            "cache": self.registry.cache.stats,
+            "in_flight": self._tracker.in_flight,
+            "assigned_partitions": 0
+            if self._consumer is None
+            else len(self._consumer.assignment()),
+        }
+        if self.listener is not None:
+            live["updates_applied"] = self.listener.stats.applied
+        return live
+
+    async def _record_lag(self) -> None:
+        if self.metrics is None or self._consumer is None:
+            return
+        try:
+            lags = await self._consumer.lag()
+        except BrokerUnavailable:
+            return
+        for partition, lag in lags.items():
+            self.metrics.consumer_lag.labels(str(partition)).set(lag)
 
     def snapshot(self) -> dict[str, Any]:
         cache = self.registry.cache.stats
@@ -307,6 +336,8 @@ class Worker(AsyncResource):
     def _dispatch(self, messages: Sequence[Message]) -> None:
         groups: dict[tuple[str, int | None], list[_Item]] = defaultdict(list)
         now_ms = time.time() * 1000
+        if self.metrics is not None:
+            self.metrics.requests.inc(len(messages))
         for msg in messages:
             self._tracker.add(msg.partition, msg.offset)
             self.stats.received += 1
@@ -387,8 +418,19 @@ class Worker(AsyncResource):
                 ]
             else:
                 computed = time.perf_counter()
+                n_rows = sum(it.request.rows for it in good)
                 self.stats.batches += 1
-                self.stats.batched_rows += sum(it.request.rows for it in good)
+                self.stats.batched_rows += n_rows
+                if self.metrics is not None:
+                    queue_s = max(0.0, started_wall - good[0].message.timestamp_ms) / 1000
+                    self.metrics.record_batch(
+                        model,
+                        resolved.version,
+                        n_rows,
+                        queue_s,
+                        loaded - started,
+                        computed - loaded,
+                    )
                 timings = {
                     "load_ms": round((loaded - started) * 1000, 3),
                     "compute_ms": round((computed - loaded) * 1000, 3),
@@ -456,9 +498,16 @@ class Worker(AsyncResource):
         out = _Outgoing(item, self._kafka.dlq_topic, msg.value or b"", headers, None)
         await self._deliver([out], key=lambda o: msg.key)
         self.stats.dead_lettered += 1
+        if self.metrics is not None:
+            self.metrics.dead_letters.inc()
 
     async def _reply(self, answers: list[tuple[_Item, Result]]) -> None:
         outgoing: list[_Outgoing] = []
+        if self.metrics is not None:
+            self.metrics.record_results(
+                Tally((r.model, r.status, r.error_code or "") for _, r in answers),
+                [r.timings["total_ms"] / 1000 for _, r in answers if "total_ms" in r.timings],
+            )
         for item, result in answers:
             if result.ok:
                 self.stats.ok += 1

@@ -27,6 +27,7 @@ async def spawn_worker(settings: Any, worker_id: str) -> asyncio.subprocess.Proc
         **settings_to_env(settings),
         "KVPIPE_WORKER_ID": worker_id,
         "KVPIPE_MAX_BATCH": "1",
+        "KVPIPE_MAX_IN_FLIGHT": "64",  # SIGTERM drains at most this many; the rest wait
         "KVPIPE_LOG_FORMAT": "json",
     }
     return await asyncio.create_subprocess_exec(
