@@ -28,7 +28,8 @@ from pipeline.cache import CacheStats
 from pipeline.resource import AsyncResource
 
 log = structlog.get_logger("kvpipe.metrics")
-disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only double what a scrape needs
+# the *_created series only double what a scrape needs
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0)  # fmt: skip
