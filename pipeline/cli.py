@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.config import ENV_VARS, Settings, settings_from_env, validate, with_values
 from pipeline.errors import ConfigError, KvpipeError
 from pipeline.logging import configure_logging
+from pipeline.progress import progress
 
 PROG = "kvpipe"
 
@@ -180,16 +181,18 @@ async def _produce(args: argparse.Namespace, settings: Settings) -> int:
     started = time.perf_counter()
     ids = []
     async with InferenceClient(settings.kafka, content_type=NPY if args.npy else JSON) as c:
-        for rid, inputs, model in rows:
-            ids.append(
-                await c.submit(
+        with progress("produce", len(rows), enabled=not args.json) as update:
+            for n, (rid, inputs, model) in enumerate(rows, 1):
+                rid = await c.submit(
                     model or args.model,
                     inputs,
                     id=rid or uuid.uuid4().hex,
                     version=args.version,
                     wait=False,
                 )
-            )
+                ids.append(rid)
+                if n % 100 == 0 or n == len(rows):
+                    update(n)
         await c.flush()
     seconds = time.perf_counter() - started
     if args.json:
@@ -287,28 +290,21 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(
         fmt=settings.log_format, level=args.log_level or "warning", dependencies="error"
     )
-    tty = sys.stderr.isatty() and not args.json
-
-    def progress(done: int, total: int) -> None:
-        if tty:
-            print(f"\r  results {done}/{total}", end="", file=sys.stderr, flush=True)
-
     print(
         f"kvpipe demo: starting local Redis and broker, publishing the {args.preset!r} model, "
         f"sending {args.requests} requests",
         file=sys.stderr,
     )
-    report = asyncio.run(
-        run_demo(
-            requests=args.requests,
-            preset=args.preset,
-            seed=args.seed,
-            base=settings,
-            progress=progress,
+    with progress("results", args.requests, enabled=not args.json) as update:
+        report = asyncio.run(
+            run_demo(
+                requests=args.requests,
+                preset=args.preset,
+                seed=args.seed,
+                base=settings,
+                progress=lambda done, total: update(done),
+            )
         )
-    )
-    if tty:
-        print(file=sys.stderr)
     if args.json:
         print(json.dumps(report.as_dict()))
     else:
