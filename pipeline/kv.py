@@ -360,7 +360,9 @@ class RedisPyKV:
                 socket_timeout=settings.timeout_s,
                 socket_connect_timeout=settings.connect_timeout_s,
                 health_check_interval=HEALTH_CHECK_INTERVAL_S,
-                retry=Retry(NoBackoff(), 0),
+                # One immediate retry on a dropped connection (a restarted Redis closes the
+                # pooled ones); never on a timeout, which would double the wait.
+                retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
                 decode_responses=False,
             )
         except (ValueError, TypeError) as exc:

@@ -187,12 +187,8 @@ async def test_redis_outage_stale_then_recovery(
             store = ParamStore(kv, prefix=settings.redis.key_prefix)
             await store.publish("warm", model.arch, params)
             await store.publish("cold", model.arch, params)
-        recovered = None
-        for i in range(50):
-            recovered = await ask("cold", f"r{i}")
-            if recovered.ok:
-                break
-        assert recovered is not None and recovered.ok and not recovered.stale
+        recovered = await ask("cold", "r0")  # the first request after the restart
+        assert recovered.ok and not recovered.stale
         after = await ask("warm", "w-after")
         assert after.ok
         assert running.task.done() is False  # the same worker, never restarted
