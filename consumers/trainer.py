@@ -9,6 +9,7 @@ falls and the served model measurably improves.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -215,7 +216,7 @@ async def train(
                 model=cfg.model,
                 version=pub.version,
                 step=pub.step,
-                loss=round(pub.loss, 5),
+                loss=None if math.isnan(pub.loss) else round(pub.loss, 5),
                 ms=round(pub.seconds * 1000, 1),
             )
             if on_publish is not None:

@@ -80,8 +80,11 @@ class ParamCache(AsyncResource, Generic[V]):
 
     Concurrent misses for one key share one load (single-flight); failed loads are not
     cached. Every entry expires ``ttl_s`` after it was written (minus up to ``jitter`` of it,
-    so a fleet does not reload in one instant); an expired entry is kept until evicted and is
-    served, marked stale, when its reload fails with a retryable error (Redis unreachable).
+    so a fleet does not reload in one instant); an entry read in the last ``refresh_ahead``
+    of its life is reloaded in the background while it keeps serving; an expired entry is kept
+    until evicted and is served, marked stale, when its reload fails with a retryable error
+    (Redis unreachable). ``entry_overhead_bytes`` is added to every entry's size so the budget
+    counts Python's own per-entry cost, which dominates for small embedding rows.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class ParamCache(AsyncResource, Generic[V]):
         policy: str = "lru",
         jitter: float = 0.0,
         refresh_ahead: float = 0.0,
+        entry_overhead_bytes: int = 0,
         clock: Clock = time.monotonic,
         size_of: Callable[[Any], int] = default_size_of,
         rng: random.Random | None = None,
@@ -108,6 +112,7 @@ class ParamCache(AsyncResource, Generic[V]):
         self.ttl_s = ttl_s
         self.jitter = jitter
         self.refresh_ahead = refresh_ahead
+        self.entry_overhead_bytes = entry_overhead_bytes
         self._clock = clock
         self._size_of = size_of
         self._rng = rng or random.Random()
@@ -293,7 +298,7 @@ class ParamCache(AsyncResource, Generic[V]):
 
     def put(self, key: Hashable, value: V, *, ttl_s: float | None = None) -> bool:
         """Insert or replace ``key``; evict to stay within budget. False if it cannot fit."""
-        nbytes = self._size_of(value)
+        nbytes = self._size_of(value) + self.entry_overhead_bytes
         self._drop(key)
         if nbytes > self.capacity_bytes:
             self._stats.oversize += 1

@@ -106,8 +106,9 @@ def _arch_from_tensors(
 
 async def _publish(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.kv import open_kv
-    from pipeline.models import build_model, preset
+    from pipeline.models import EmbeddingScorer, build_model, preset
     from pipeline.store import ParamStore, check_model_name
+    from pipeline.updates import Announcement
 
     check_model_name(args.model)
     if args.from_file:
@@ -126,17 +127,40 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
         model = preset(args.preset) if not args.arch else build_model(json.loads(args.arch))
         arch = model.arch
         arrays = model.init(args.seed)
+    built = build_model(arch)
+    tables = built.init_tables(args.seed) if isinstance(built, EmbeddingScorer) else None
     async with open_kv(settings.redis) as kv:
-        manifest = await ParamStore(kv, prefix=settings.redis.key_prefix).publish(
-            args.model, arch, arrays
-        )
+        store = ParamStore(kv, prefix=settings.redis.key_prefix, retention_s=args.retention)
+        manifest = await store.publish(args.model, arch, arrays, tables=tables)
     if args.json:
         print(
             json.dumps({"model": args.model, "version": manifest.version, "bytes": manifest.nbytes})
         )
     else:
         print(manifest.version)
+    if args.announce:
+        ann = Announcement(
+            args.model, "embedding" if tables is not None else "dense", manifest.version
+        )
+        try:
+            await _announce(settings, ann)
+        except KvpipeError as exc:
+            raise KvpipeError(
+                f"published {args.model} v{manifest.version}, but could not announce it "
+                f"(workers will see it within KVPIPE_VERSION_TTL): {exc}",
+                code=exc.code,
+            ) from None
     return 0
+
+
+async def _announce(settings: Settings, announcement: Any) -> None:
+    from pipeline.kafka import Producer, ensure_topics
+    from pipeline.updates import announce
+
+    k = settings.kafka
+    await ensure_topics(k, [k.updates_topic])
+    async with Producer(k) as producer:
+        await announce(producer, k, announcement)
 
 
 def _read_inputs(path: Path) -> list[tuple[str | None, Any, str | None]]:
@@ -389,19 +413,15 @@ async def _versions(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.kafka import Producer, ensure_topics
     from pipeline.kv import open_kv
     from pipeline.store import ParamStore
-    from pipeline.updates import Announcement, announce
+    from pipeline.updates import Announcement
 
     async with open_kv(settings.redis) as kv:
         store = ParamStore(kv, prefix=settings.redis.key_prefix, retention_s=args.retention)
         await store.set_current(args.model, args.to)
-    k = settings.kafka
-    await ensure_topics(k, [k.updates_topic])
-    async with Producer(k) as producer:
-        await announce(producer, k, Announcement(args.model, "rollback", args.to))
-    print(f"{args.model} now serves v{args.to}; announced on {k.updates_topic}")
+    await _announce(settings, Announcement(args.model, "rollback", args.to))
+    print(f"{args.model} now serves v{args.to}; announced on {settings.kafka.updates_topic}")
     return 0
 
 
@@ -431,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partitions", type=int, help="partitions of topics it creates")
     p.add_argument("--cache-bytes", type=int, help="cache capacity in bytes")
     p.add_argument("--cache-ttl", type=float, help="cache TTL in seconds")
-    p.add_argument("--cache-policy", choices=["lru", "lfu"])
+    p.add_argument("--cache-policy", choices=["lru", "lfu", "wtinylfu"])
     p.add_argument("--max-batch", type=int, help="largest micro-batch (rows)")
     p.add_argument("--worker-id", help="name of this worker in results and logs")
     p.set_defaults(handler=cmd_serve)
@@ -446,10 +466,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.npz",
         help="tensors from an .npz (w0,b0,... or weight1,bias1,...)",
     )
-    src.add_argument("--preset", choices=["article", "mlp"], help="a seeded random init")
+    src.add_argument(
+        "--preset", choices=["article", "mlp", "embedding"], help="a seeded random init"
+    )
     p.add_argument("--arch", help='architecture JSON, e.g. \'{"kind":"mlp","layers":[4,8,2]}\'')
     p.add_argument("--activation", default="relu", help="MLP activation when guessing the arch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--retention",
+        type=float,
+        help="seconds older versions are kept (never the current or previous)",
+    )
+    p.add_argument(
+        "--no-announce",
+        dest="announce",
+        action="store_false",
+        help="do not announce on PREFIX.updates (workers see it within the version TTL)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=lambda a, s: _run(_publish(a, s)))
 

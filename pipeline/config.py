@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pipeline.errors import ConfigError
 
 RedisBackend = Literal["redis-py", "asyncio-redis"]
-EvictionPolicy = Literal["lru", "lfu"]
+EvictionPolicy = Literal["lru", "lfu", "wtinylfu"]
 LogFormat = Literal["auto", "json", "console"]
 
 MiB = 1024 * 1024
@@ -249,7 +249,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "Seconds a cached serving-version pointer lives",
     ),
     EnvVar(
-        "KVPIPE_CACHE_POLICY", "cache.policy", _choice("lru", "lfu"), "Eviction policy: lru or lfu"
+        "KVPIPE_CACHE_POLICY",
+        "cache.policy",
+        _choice("lru", "lfu", "wtinylfu"),
+        "Eviction policy: lru, lfu or wtinylfu",
     ),
     EnvVar(
         "KVPIPE_MAX_BATCH",

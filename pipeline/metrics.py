@@ -165,6 +165,11 @@ class WorkerMetrics:
         for seconds in totals_s:
             observe(seconds)
 
+    def forget_partition(self, partition: str) -> None:
+        """Stop reporting lag for a partition this worker no longer owns."""
+        with contextlib.suppress(KeyError):
+            self.consumer_lag.remove(partition)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -55,12 +55,22 @@ class ModelRegistry:
         self.cache = cache
         self.version_ttl_s = version_ttl_s
         self._models: OrderedDict[tuple[str, int], Model] = OrderedDict()
+        self._serving: dict[str, int] = {}
 
     async def current_version(self, name: str) -> tuple[int, Source]:
         version, source = await self.cache.get(
             ("ptr", name), lambda: self.store.current_version(name), ttl_s=self.version_ttl_s
         )
+        self._moved_to(name, int(version))
         return int(version), source
+
+    def _moved_to(self, name: str, version: int) -> None:
+        """When the serving version changes, drop the one it replaced from the cache: its
+        hit counts would otherwise keep it over the new version's tensors under LFU."""
+        before = self._serving.get(name)
+        self._serving[name] = version
+        if before is not None and before != version:
+            self.drop_version(name, before)
 
     async def resolve(self, name: str, version: int | None = None) -> Resolved:
         """The model at ``version`` (the serving one when None), all tensors of one version."""
@@ -161,6 +171,7 @@ class ModelRegistry:
         key = ("ptr", name)
         self.cache.invalidate(key)
         self.cache.put(key, int(version), ttl_s=self.version_ttl_s)
+        self._moved_to(name, int(version))
 
     def invalidate_pointer(self, name: str) -> bool:
         """Forget the cached serving version of ``name`` so the next request reads it anew."""

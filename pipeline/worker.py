@@ -296,6 +296,9 @@ class Worker(AsyncResource):
             self.stats.commit_failures += 1
             log.warning("commit_on_revoke_failed", error=str(exc))
         dropped = self._tracker.forget(partitions)
+        if self.metrics is not None:
+            for p in partitions:
+                self.metrics.forget_partition(str(p))
         log.info(
             "partitions_revoked",
             partitions=[str(p) for p in partitions],

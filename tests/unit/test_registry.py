@@ -69,8 +69,8 @@ async def test_new_version_seen_after_pointer_ttl_and_never_mixed(  # type: igno
     assert r2.version == 2
     for resolved, params in ((r1, p1), (r2, p2)):
         assert all(np.array_equal(resolved.params[k], params[k]) for k in params)
-    pinned = await registry.resolve("m", 1)
-    assert pinned.version == 1 and pinned.source is Source.HIT
+    pinned = await registry.resolve("m", 1)  # v1 was dropped when v2 took over: reloaded
+    assert pinned.version == 1 and pinned.source is Source.LOADED
 
 
 async def test_invalidate_pointer_makes_the_next_resolve_read_it(make_registry) -> None:  # type: ignore[no-untyped-def]
@@ -108,3 +108,26 @@ async def test_unknown_model_and_corrupt_arch(make_registry) -> None:  # type: i
     await kv.set("t:m:v1:manifest", raw)
     with pytest.raises(ParamsCorrupt):
         await registry.resolve("m")
+
+
+async def test_a_version_switch_drops_the_replaced_version(  # type: ignore[no-untyped-def]
+    make_registry, clock: Clock
+) -> None:
+    registry, _ = await make_registry(policy="lfu")
+    model = preset("mlp")
+    await registry.store.publish("m", model.arch, model.init(1))
+    for _ in range(5):
+        await registry.resolve("m")  # v1 gets high LFU counts
+    await registry.store.publish("m", model.arch, model.init(2))
+    registry.set_version("m", 2)
+    await registry.resolve("m")
+    keys = set(registry.cache.keys())
+    assert not any(
+        isinstance(k, tuple) and k[:3] in (("t", "m", 1), ("manifest", "m", 1)) for k in keys
+    )
+    assert ("t", "m", 2, "w0") in keys
+    clock.now += 5  # the pointer TTL path drops it too
+    await registry.store.publish("m", model.arch, model.init(3))
+    assert (await registry.resolve("m")).version == 3
+    keys_after = set(registry.cache.keys())
+    assert not any(isinstance(k, tuple) and k[:3] == ("t", "m", 2) for k in keys_after)
