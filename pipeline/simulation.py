@@ -1,8 +1,9 @@
 """Offline cache hit-rate simulation: the shipped eviction policies against Belady's optimum.
 
 Every entry has size 1 and capacity counts entries. :func:`simulate` drives the very policy
-classes :class:`pipeline.cache.Cache` uses (via :func:`pipeline.eviction.make_policy`) the way
-the cache does: a hit touches, a miss evicts ``victim()`` when full, removes it, then adds.
+classes :class:`pipeline.cache.ParamCache` uses (via :func:`pipeline.eviction.make_policy`, given
+the capacity as its hint) the way the cache does: a hit touches, a miss evicts ``victim()`` when
+full, removes it, then adds.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.eviction import make_policy
+
+POLICIES = ("lru", "lfu", "wtinylfu")
+"""The shipped policies, in table order."""
 
 Trace = npt.NDArray[np.int64]
 TraceLike = npt.NDArray[np.integer[Any]] | Sequence[int]
@@ -115,11 +119,12 @@ def scan_trace(
 
 
 def simulate(policy_name: str, trace: TraceLike, capacity: int) -> SimResult:
-    """Replay ``trace`` through the real ``make_policy(policy_name)`` with room for ``capacity``
-    entries: a hit touches; a miss evicts the victim when full, then adds (demand paging)."""
+    """Replay ``trace`` through the real ``make_policy(policy_name, capacity)`` with room for
+    ``capacity`` entries: a hit touches; a miss evicts the victim when full, then adds (demand
+    paging)."""
     if capacity < 1:
         raise ValueError("capacity must be >= 1")
-    policy = make_policy(policy_name)
+    policy = make_policy(policy_name, capacity)
     add, touch, remove, victim = policy.add, policy.touch, policy.remove, policy.victim
     cached: set[Hashable] = set()
     contains, admit, drop = cached.__contains__, cached.add, cached.remove
@@ -183,7 +188,7 @@ def belady(trace: TraceLike, capacity: int) -> SimResult:
 
 
 def hit_rate_table(
-    traces: Mapping[str, tuple[TraceLike, int]], policies: Iterable[str] = ("lru", "lfu")
+    traces: Mapping[str, tuple[TraceLike, int]], policies: Iterable[str] = POLICIES
 ) -> list[TableRow]:
     """One row per named ``(trace, capacity)``: each policy's hit rate, Belady's, and the ratios."""
     names = list(policies)
@@ -209,7 +214,7 @@ def run_cache_bench(
     seed: int = 0,
     accesses: int = 10**6,
     keys: int = 10**5,
-    policies: Iterable[str] = ("lru", "lfu"),
+    policies: Iterable[str] = POLICIES,
 ) -> dict[str, Any]:
     """The standard set: the article's example, Zipf s=0.8/1.0/1.2 at 1% capacity, and a scan mix.
 

@@ -9,8 +9,9 @@ from functools import cache
 import numpy as np
 import pytest
 
-from pipeline.eviction import LFUPolicy, LRUPolicy, Policy
+from pipeline.eviction import LFUPolicy, LRUPolicy, Policy, WTinyLFUPolicy
 from pipeline.simulation import (
+    POLICIES,
     SimResult,
     article_trace,
     belady,
@@ -96,8 +97,8 @@ def test_belady_matches_exhaustive_search_on_tiny_traces() -> None:
         trace = [rng.randrange(capacity + 3) for _ in range(rng.randrange(4, 13))]
         opt = brute_force_opt(trace, capacity)
         assert belady(trace, capacity).hits == opt, (trace, capacity)
-        assert simulate("lru", trace, capacity).hits <= opt
-        assert simulate("lfu", trace, capacity).hits <= opt
+        for name in POLICIES:
+            assert simulate(name, trace, capacity).hits <= opt
 
 
 def test_policies_and_belady_match_plain_references_on_longer_traces() -> None:
@@ -112,8 +113,9 @@ def test_policies_and_belady_match_plain_references_on_longer_traces() -> None:
 
 def test_simulate_drives_the_real_policy_classes() -> None:
     trace = zipf_trace(300, 5000, 1.0, seed=3).tolist()
-    for name, cls in (("lru", LRUPolicy), ("lfu", LFUPolicy)):
-        policy: Policy = cls()
+    makers = (("lru", LRUPolicy), ("lfu", LFUPolicy), ("wtinylfu", lambda: WTinyLFUPolicy(30)))
+    for name, make in makers:
+        policy: Policy = make()
         present: set[int] = set()
         hits = 0
         for key in trace:
@@ -139,8 +141,21 @@ def test_belady_bounds_every_policy_on_zipf_traces() -> None:
         trace = zipf_trace(2000, 20_000, s, seed)
         for capacity in (10, 100):
             opt = belady(trace, capacity).hits
-            assert simulate("lru", trace, capacity).hits <= opt
-            assert simulate("lfu", trace, capacity).hits <= opt
+            for name in POLICIES:
+                assert simulate(name, trace, capacity).hits <= opt
+
+
+def test_wtinylfu_beats_lru_on_zipf_and_resists_scans() -> None:
+    for seed in (0, 1):
+        trace = zipf_trace(5000, 40_000, 1.0, seed)
+        opt = belady(trace, 50).hits
+        lru = simulate("lru", trace, 50).hits
+        wtinylfu = simulate("wtinylfu", trace, 50).hits
+        assert lru < wtinylfu <= opt
+        assert wtinylfu >= 0.8 * opt  # about 0.85; LRU reaches about 0.63
+    scan = scan_trace(5000, 40_000, 100, 0.3, 1.0, seed=2)
+    lru_rate = simulate("lru", scan, 50).hit_rate
+    assert simulate("wtinylfu", scan, 50).hit_rate >= lru_rate - 0.02
 
 
 def test_next_use() -> None:
@@ -204,12 +219,15 @@ def test_hit_rate_table_and_format() -> None:
     assert [r["trace"] for r in rows] == ["z", "loop"]
     z = rows[0]
     assert z["capacity"] == 20 and z["accesses"] == 3000
-    assert set(z["hit_rate"]) == {"lru", "lfu", "opt"}
+    assert set(z["hit_rate"]) == {"lru", "lfu", "wtinylfu", "opt"}
     assert z["hit_rate"]["opt"] == belady(traces["z"][0], 20).hit_rate
     assert z["ratio_to_opt"]["lru"] == pytest.approx(z["hit_rate"]["lru"] / z["hit_rate"]["opt"])
     text = format_table(rows)
     lines = text.splitlines()
-    assert lines[0].split() == ["trace", "capacity", "LRU", "LFU", "OPT", "LRU/OPT", "LFU/OPT"]
+    assert lines[0].split() == [
+        *("trace", "capacity", "LRU", "LFU", "WTINYLFU", "OPT"),
+        *("LRU/OPT", "LFU/OPT", "WTINYLFU/OPT"),
+    ]
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1
     only_lru = hit_rate_table(traces, policies=["lru"])
     assert set(only_lru[0]["ratio_to_opt"]) == {"lru"}
@@ -224,5 +242,6 @@ def test_run_cache_bench_small_is_json_able() -> None:
     assert len(out["rows"]) == 5
     assert out["rows"][0]["capacity"] == 100 and out["rows"][1]["capacity"] == 10
     for row in out["rows"]:
-        assert row["hit_rate"]["opt"] >= max(row["hit_rate"]["lru"], row["hit_rate"]["lfu"])
+        assert out["policies"] == ["lru", "lfu", "wtinylfu"]
+        assert row["hit_rate"]["opt"] >= max(row["hit_rate"][name] for name in POLICIES)
     assert "OPT" in format_table(out["rows"])
