@@ -801,7 +801,8 @@ def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
 
     accesses = getattr(args, "accesses", None) or 10**6
     print(
-        f"cache   simulation: {accesses} accesses per trace, seed 0 (LRU, LFU, W-TinyLFU, Belady's MIN)",
+        f"cache   simulation: {accesses} accesses per trace, seed 0 "
+        "(LRU, LFU, W-TinyLFU, Belady's MIN)",
         flush=True,
     )
     out = run_cache_bench(seed=0, accesses=accesses)
