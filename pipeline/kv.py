@@ -35,6 +35,7 @@ from redis.backoff import NoBackoff
 
 from pipeline.config import RedisSettings, redact_url
 from pipeline.errors import ConfigError, KvpipeError, StoreUnavailable
+from pipeline.resource import AsyncResource
 
 __all__ = ["AsyncioRedisKV", "KeyValue", "RedisPyKV", "open_kv"]
 
@@ -339,7 +340,7 @@ def _from_redis_py(exc: BaseException, url: str, what: str, secrets: Sequence[st
     return KvpipeError(f"Redis at {url}: {what} failed: {reason}", code="store_error")
 
 
-class RedisPyKV:
+class RedisPyKV(AsyncResource):
     """:class:`KeyValue` over ``redis.asyncio``: a blocking pool of ``pool_size`` connections.
 
     One attempt per call (redis-py's own retries are switched off); a pooled connection the
@@ -532,21 +533,9 @@ class RedisPyKV:
         await self._client.aclose()
         await self._pool.disconnect()
 
-    async def __aenter__(self) -> Self:
-        try:
-            await self.ping()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    async def start(self) -> None:
+        """Connect: one PING round trip, so a missing Redis fails here, fast."""
+        await self.ping()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,7 +624,7 @@ async def _pipelined(calls: Sequence[Awaitable[Any]]) -> list[Any]:
     return results
 
 
-class AsyncioRedisKV:
+class AsyncioRedisKV(AsyncResource):
     """:class:`KeyValue` over ``asyncio_redis``, which is guarded here, not trusted.
 
     The library's own AUTH/SELECT are fire-and-forget tasks, its reconnect loop waits forever
@@ -915,18 +904,6 @@ class AsyncioRedisKV:
         if self._readers:
             await asyncio.wait(list(self._readers), timeout=1.0)
 
-    async def __aenter__(self) -> Self:
-        try:
-            await self.ping()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+    async def start(self) -> None:
+        """Connect: one PING round trip, so a missing Redis fails here, fast."""
+        await self.ping()

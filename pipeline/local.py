@@ -25,14 +25,14 @@ import time
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 from aiokafka import AIOKafkaClient
 
 from pipeline.config import Settings, with_values
 from pipeline.errors import LocalServiceError
+from pipeline.resource import AsyncResource
 
 __all__ = [
     "HOST",
@@ -214,7 +214,7 @@ def _kill_live() -> None:
         service.kill()
 
 
-class _LocalService:
+class _LocalService(AsyncResource):
     """One child process on 127.0.0.1: start, stop, crash, freeze and restart it."""
 
     _label: ClassVar[str] = "service"
@@ -389,16 +389,8 @@ class _LocalService:
         self._may_move_port = False
         await self.start()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
+        """Stop (``async with`` calls this on the way out, also after a failed start)."""
         await self.stop()
 
 
@@ -559,7 +551,7 @@ class KafkaBroker(_LocalService):
 # ---------------------------------------------------------------------------- both
 
 
-class LocalServices:
+class LocalServices(AsyncResource):
     """A Redis and a broker together, and settings pointing at them."""
 
     def __init__(
@@ -601,16 +593,8 @@ class LocalServices:
         """Stop both (each SIGTERM, then SIGKILL)."""
         await asyncio.gather(self._redis.stop(), self._broker.stop(), return_exceptions=True)
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
+        """Stop (``async with`` calls this on the way out, also after a failed start)."""
         await self.stop()
 
 

@@ -12,10 +12,9 @@ import collections
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from types import TracebackType
-from typing import Self
 
 from pipeline.errors import KvpipeError
+from pipeline.resource import AsyncResource
 
 _Value = bytes | dict[str, bytes]
 
@@ -45,7 +44,7 @@ def _ttl_ms(ex: float | None) -> int | None:
     return max(1, math.ceil(ex * 1000))
 
 
-class MemoryKV:
+class MemoryKV(AsyncResource):
     """An in-memory :class:`~pipeline.kv.KeyValue` for unit tests.
 
     - ``clock``: seconds, monotonic; inject a fake one to expire keys without sleeping.
@@ -250,14 +249,5 @@ class MemoryKV:
         self.calls["aclose"] += 1
         self.closed = True
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
         await self.ping()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
