@@ -10,7 +10,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -30,6 +30,8 @@ from pipeline.worker import Worker, WorkerStats
 
 log = structlog.get_logger("kvpipe.inference")
 
+MakeRegistry = Callable[[ParamStore, ParamCache[Any], Settings], ModelRegistry]
+
 #: Python's own cost of one cache entry (array object, key tuple, entry, policy links),
 #: counted in the byte budget beside the data; measured about 560 bytes on CPython 3.11.
 ENTRY_OVERHEAD_BYTES = 560
@@ -40,7 +42,7 @@ async def serve(
     stop: asyncio.Event,
     *,
     on_ready: Callable[[Worker], None] | None = None,
-    make_registry: Callable[[ParamStore, ParamCache[Any], Settings], ModelRegistry] | None = None,
+    make_registry: MakeRegistry | None = None,
 ) -> WorkerStats:
     """Run one worker until ``stop`` is set; returns its counters after the drain.
 
@@ -90,6 +92,53 @@ async def serve(
             on_ready(worker)
         await worker.run(stop)
         return worker.stats
+
+
+async def start_serving(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    make_registry: MakeRegistry | None = None,
+    timeout_s: float = 60.0,
+) -> tuple[Worker, asyncio.Task[WorkerStats]]:
+    """Run :func:`serve` as a task; return once its worker owns partitions.
+
+    Raises what stopped the worker if it stops first, and stops it if it is not ready in
+    time. Setting ``stop`` and awaiting the task drains it.
+    """
+    ready: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+
+    def on_ready(worker: Worker) -> None:
+        if not ready.done():
+            ready.set_result(worker)
+
+    task = asyncio.create_task(
+        serve(settings, stop, on_ready=on_ready, make_registry=make_registry)
+    )
+    try:
+        worker = await _before(ready, task, timeout_s)
+        await _before(worker.assigned.wait(), task, timeout_s)
+    except BaseException:
+        stop.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+    return worker, task
+
+
+async def _before(step: Awaitable[Any], task: asyncio.Task[Any], timeout_s: float) -> Any:
+    """``step``'s result, unless ``task`` ends first (its error is raised) or time runs out."""
+    waiter = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait(
+        {waiter, task}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+    )
+    if waiter in done:
+        return waiter.result()
+    waiter.cancel()
+    if task in done:
+        task.result()
+        raise KvpipeError("the worker stopped before it was ready")
+    raise KvpipeError(f"the worker was not ready within {timeout_s:g} s")
 
 
 def _ready_check(worker: Worker, kv: KeyValue) -> ReadyCheck:

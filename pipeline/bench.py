@@ -36,7 +36,7 @@ import numpy.typing as npt
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumers.inference import serve
+from consumers.inference import MakeRegistry, start_serving
 from pipeline.cache import ParamCache, Source
 from pipeline.config import KafkaSettings, Settings, with_values
 from pipeline.errors import ConfigError, KvpipeError, UnreadableMessage
@@ -49,7 +49,7 @@ from pipeline.registry import ModelRegistry, Resolved
 from pipeline.resource import AsyncResource
 from pipeline.store import ParamStore
 from pipeline.wire import JSON, decode_result, encode_request
-from pipeline.worker import Worker, WorkerStats
+from pipeline.worker import WorkerStats
 
 MODEL = "bench"
 NAIVE_GOAL = 50.0
@@ -296,13 +296,6 @@ def naive_registry(store: ParamStore, cache: ParamCache[Any], settings: Settings
     return NaiveRegistry(store, cache, concurrency=settings.redis.pool_size)
 
 
-async def serve_naive(
-    settings: Settings, stop: asyncio.Event, *, on_ready: Callable[[Worker], None]
-) -> WorkerStats:
-    """``consumers.inference.serve`` with a :class:`NaiveRegistry` in place of the cached one."""
-    return await serve(settings, stop, on_ready=on_ready, make_registry=naive_registry)
-
-
 # -- measuring -----------------------------------------------------------------------------------
 
 
@@ -465,16 +458,13 @@ def verify_results(
     return sources
 
 
-WorkerServe = Callable[..., Coroutine[Any, Any, WorkerStats]]
-
-
 async def run_worker_side(
     fig: RunFigures,
     settings: Settings,
     model: Model,
     params: dict[str, Array],
     inputs: Array,
-    serve: WorkerServe,
+    make_registry: MakeRegistry | None,
     timeout_s: float,
 ) -> None:
     """Publish, produce the backlog, start a worker, time it to the last result, verify."""
@@ -487,19 +477,10 @@ async def run_worker_side(
     ids, backlog = request_backlog(inputs)
     fig.backlog_s = await produce_backlog(k, k.requests_topic, backlog)
     del backlog
-    workers: list[Worker] = []
-    ready = asyncio.Event()
-
-    def on_ready(worker: Worker) -> None:
-        workers.append(worker)
-        ready.set()
-
     stop = asyncio.Event()
     async with Arrivals(k, k.results_topic) as arrivals:
-        serving = asyncio.create_task(serve(settings, stop, on_ready=on_ready))
+        worker, serving = await start_serving(settings, stop, make_registry=make_registry)
         try:
-            await _wait_event(ready, serving, 60.0)
-            await _wait_event(workers[0].assigned, serving, 60.0)
             started = time.perf_counter()
             complete = await arrivals.collect(len(ids), timeout_s, serving)
             fig.seconds = arrivals.last_at - started
@@ -525,15 +506,14 @@ async def run_worker_side(
         fig.detail["batches"] = stats.batches
         fig.detail["mean_batch_rows"] = round(stats.batched_rows / max(1, stats.batches), 2)
         fig.detail["commits"] = stats.commits
-    if workers:
-        registry = workers[0].registry
-        if isinstance(registry, NaiveRegistry):
-            fig.detail["redis_fetches"] = registry.fetches
-            fig.detail["redis_mb_fetched"] = round(registry.bytes_fetched / 1e6, 1)
-        else:
-            cache = registry.cache.stats
-            fig.detail["cache_hit_rate"] = round(cache.hit_rate, 4)
-            fig.detail["cache_loads"] = cache.loads
+    registry = worker.registry
+    if isinstance(registry, NaiveRegistry):
+        fig.detail["redis_fetches"] = registry.fetches
+        fig.detail["redis_mb_fetched"] = round(registry.bytes_fetched / 1e6, 1)
+    else:
+        cache = registry.cache.stats
+        fig.detail["cache_hit_rate"] = round(cache.hit_rate, 4)
+        fig.detail["cache_loads"] = cache.loads
 
 
 # -- the echo baseline ---------------------------------------------------------------------------
@@ -707,7 +687,6 @@ async def bench_naive(
     base: Settings, tag: str, requests: int, naive_requests: int, rounds: int, emit: Emit
 ) -> Comparison:
     """The cached worker against the article's method, on the article's model."""
-    from consumers.inference import serve
 
     model = preset("article")
     params = model.init(0)
@@ -717,12 +696,12 @@ async def bench_naive(
 
     async def cached(run: RunFigures, settings: Settings) -> None:
         await run_worker_side(
-            run, settings, model, params, cached_inputs, serve, timeout_s=60.0 + requests / 10
+            run, settings, model, params, cached_inputs, None, timeout_s=60.0 + requests / 10
         )
 
     async def naive(run: RunFigures, settings: Settings) -> None:
         await run_worker_side(
-            run, settings, model, params, naive_inputs, serve_naive,
+            run, settings, model, params, naive_inputs, naive_registry,
             timeout_s=60.0 + naive_requests / 2,
         )  # fmt: skip
 
@@ -743,7 +722,6 @@ async def bench_echo(
     base: Settings, tag: str, requests: int, rounds: int, emit: Emit
 ) -> Comparison:
     """The real worker on the small MLP against a bare consume -> produce echo."""
-    from consumers.inference import serve
 
     model = preset("mlp")
     params = model.init(0)
@@ -757,7 +735,7 @@ async def bench_echo(
 
     async def worker(run: RunFigures, settings: Settings) -> None:
         await run_worker_side(
-            run, settings, model, params, inputs, serve, timeout_s=60.0 + requests / 100
+            run, settings, model, params, inputs, None, timeout_s=60.0 + requests / 100
         )
 
     cmp = Comparison(

@@ -13,13 +13,11 @@ import numpy as np
 
 from pipeline.client import InferenceClient
 from pipeline.config import Settings, with_values
-from pipeline.errors import KvpipeError
 from pipeline.kv import open_kv
 from pipeline.local import LocalServices
 from pipeline.models import preset as preset_model
 from pipeline.store import ParamStore
 from pipeline.wire import JSON, NPY, Result
-from pipeline.worker import Worker
 
 DEMO_MODEL = "demo"
 
@@ -67,7 +65,7 @@ async def run_demo(
     progress: Callable[[int, int], None] | None = None,
 ) -> DemoReport:
     """Run the whole demo on fresh local services and stop everything it started."""
-    from consumers.inference import serve
+    from consumers.inference import start_serving
 
     model = preset_model(preset)
     params = model.init(seed)
@@ -87,17 +85,8 @@ async def run_demo(
             )
         report.version = manifest.version
         stop = asyncio.Event()
-        workers: list[Worker] = []
-        ready = asyncio.Event()
-
-        def on_ready(worker: Worker) -> None:
-            workers.append(worker)
-            ready.set()
-
-        serving = asyncio.create_task(serve(settings, stop, on_ready=on_ready))
+        worker, serving = await start_serving(settings, stop)
         try:
-            await _wait_ready(ready, serving)
-            await _wait_ready(workers[0].assigned, serving)
             rng = np.random.default_rng(seed + 1)
             inputs = rng.standard_normal((requests, model.input_dim)).astype(np.float32)
             results, sent_at, arrived_at, seconds = await _exchange(
@@ -136,20 +125,10 @@ async def run_demo(
     report.latency_p50_ms = round(_percentile(latencies, 50), 2)
     report.latency_p99_ms = round(_percentile(latencies, 99), 2)
     report.worker_total_p50_ms = round(_percentile(totals, 50), 2)
-    if workers:
-        stats = workers[0].registry.cache.stats
-        report.cache_hit_rate = round(stats.hit_rate, 4)
-        report.cache_loads = stats.loads
+    stats = worker.registry.cache.stats
+    report.cache_hit_rate = round(stats.hit_rate, 4)
+    report.cache_loads = stats.loads
     return report
-
-
-async def _wait_ready(ready: asyncio.Event, serving: asyncio.Task[Any]) -> None:
-    waiter = asyncio.create_task(ready.wait())
-    done, _ = await asyncio.wait({waiter, serving}, return_when=asyncio.FIRST_COMPLETED)
-    if serving in done:
-        waiter.cancel()
-        serving.result()  # raises the worker's start-up error
-        raise KvpipeError("the worker stopped before it was ready")
 
 
 async def _exchange(
@@ -237,7 +216,7 @@ async def run_train_demo(
     emit: Callable[[Wave], None] | None = None,
 ) -> TrainDemoReport:
     """A worker serves an embedding scorer while the trainer learns it; accuracy per wave."""
-    from consumers.inference import serve
+    from consumers.inference import start_serving
     from consumers.trainer import Publish, TrainSettings, train
     from pipeline.models import EmbeddingScorer, build_model
     from pipeline.training import SyntheticClicks, accuracy
@@ -258,24 +237,15 @@ async def run_train_demo(
                 "recs", model.arch, model.init(seed), tables=tables
             )
         stop = asyncio.Event()
-        workers: list[Worker] = []
-        ready = asyncio.Event()
-
-        def on_ready(worker: Worker) -> None:
-            workers.append(worker)
-            ready.set()
-
         published = asyncio.Event()
 
         def on_publish(_: Publish) -> None:
             report.publishes += 1
             published.set()
 
-        serving = asyncio.create_task(serve(settings, stop, on_ready=on_ready))
+        _, serving = await start_serving(settings, stop)
         training: asyncio.Task[Any] | None = None
         try:
-            await _wait_ready(ready, serving)
-            await _wait_ready(workers[0].assigned, serving)
             cfg = TrainSettings(
                 model="recs",
                 synthetic=True,

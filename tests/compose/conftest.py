@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import pytest
 import pytest_asyncio
 
-from consumers.inference import serve
+from consumers.inference import start_serving
 from pipeline.config import Settings, settings_from_env, with_values
 from pipeline.local import KafkaBroker, RedisServer
-from pipeline.worker import Worker
 
 
 @dataclass
@@ -50,11 +49,8 @@ async def stack(redis_server: RedisServer, kafka_broker: KafkaBroker) -> AsyncIt
         "kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 300,
     })  # fmt: skip
     stop = asyncio.Event()
-    ready: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(settings, stop, on_ready=ready.set_result))
+    _, task = await start_serving(settings, stop, timeout_s=30)
     try:
-        worker = await asyncio.wait_for(asyncio.shield(ready), 30)
-        await asyncio.wait_for(worker.assigned.wait(), 30)
         yield Stack(settings, external=False)
     finally:
         stop.set()

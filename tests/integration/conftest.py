@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from consumers.inference import serve
+from consumers.inference import start_serving
 from pipeline.client import InferenceClient, ResultStream
 from pipeline.config import Settings, with_values
 from pipeline.kafka import ensure_topics
@@ -62,15 +62,7 @@ async def start_worker() -> AsyncIterator[Callable[[Settings], Awaitable[Running
 
     async def start(settings: Settings) -> RunningWorker:
         stop = asyncio.Event()
-        ready: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(
-            serve(settings, stop, on_ready=lambda w: ready.done() or ready.set_result(w))
-        )
-        done, _ = await asyncio.wait({ready, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            task.result()
-        worker = ready.result()
-        await asyncio.wait_for(worker.assigned.wait(), 30)
+        worker, task = await start_serving(settings, stop, timeout_s=30)
         rw = RunningWorker(worker, task, stop)
         running.append(rw)
         return rw
