@@ -42,6 +42,7 @@ class CacheStats:
     expirations: int = 0
     invalidations: int = 0
     stale_served: int = 0
+    backed_off: int = 0
     refreshes: int = 0
     oversize: int = 0
     bytes: int = 0
@@ -57,6 +58,13 @@ class CacheStats:
         out = asdict(self)
         out["hit_rate"] = self.hit_rate
         return out
+
+
+@dataclass
+class _Failure:
+    until: float
+    delay: float
+    error: KvpipeError
 
 
 @dataclass
@@ -85,6 +93,11 @@ class ParamCache(AsyncResource, Generic[V]):
     until evicted and is served, marked stale, when its reload fails with a retryable error
     (Redis unreachable). ``entry_overhead_bytes`` is added to every entry's size so the budget
     counts Python's own per-entry cost, which dominates for small embedding rows.
+
+    A failed load is not kept as a value, but for a short, doubling back-off
+    (``failure_backoff_s``: first and longest delay) the key answers with that failure (or its
+    stale value) without asking Redis again, so an outage or a flood of requests for a missing
+    model cannot turn into a retry storm. A success ends the back-off.
     """
 
     def __init__(
@@ -96,6 +109,7 @@ class ParamCache(AsyncResource, Generic[V]):
         jitter: float = 0.0,
         refresh_ahead: float = 0.0,
         entry_overhead_bytes: int = 0,
+        failure_backoff_s: tuple[float, float] = (0.05, 2.0),
         clock: Clock = time.monotonic,
         size_of: Callable[[Any], int] = default_size_of,
         rng: random.Random | None = None,
@@ -113,6 +127,8 @@ class ParamCache(AsyncResource, Generic[V]):
         self.jitter = jitter
         self.refresh_ahead = refresh_ahead
         self.entry_overhead_bytes = entry_overhead_bytes
+        self.failure_backoff_s = failure_backoff_s
+        self._failures: dict[Hashable, _Failure] = {}
         self._clock = clock
         self._size_of = size_of
         self._rng = rng or random.Random()
@@ -180,6 +196,10 @@ class ParamCache(AsyncResource, Generic[V]):
         if not self._flights.in_flight(key):
             self._dirty.discard(key)  # a new load starts after any earlier invalidation
         try:
+            failure = self._failures.get(key)
+            if failure is not None and now < failure.until:
+                self._stats.backed_off += 1
+                raise failure.error
             value, _ = await self._flights.do(key, lambda: self._load(key, load, ttl_s))
         except KvpipeError as exc:
             stale = self._entries.get(key)
@@ -284,17 +304,32 @@ class ParamCache(AsyncResource, Generic[V]):
         started = time.perf_counter()
         try:
             value = await load()
+        except KvpipeError as exc:
+            self._stats.load_errors += 1
+            self._failed(key, exc)
+            raise
         except BaseException:
             self._stats.load_errors += 1
             raise
         finally:
             self._stats.load_seconds += time.perf_counter() - started
         self._stats.loads += 1
+        self._failures.pop(key, None)
         if key in self._dirty:
             self._dirty.discard(key)  # invalidated while loading: serve, do not keep
         elif not self._closed:
             self.put(key, value, ttl_s=ttl_s)
         return value
+
+    def _failed(self, key: Hashable, error: KvpipeError) -> None:
+        first, longest = self.failure_backoff_s
+        if first <= 0:
+            return
+        previous = self._failures.get(key)
+        delay = first if previous is None else min(longest, previous.delay * 2)
+        self._failures[key] = _Failure(self._clock() + delay, delay, error)
+        if len(self._failures) > 10_000:  # forget the oldest; a flood of distinct bad keys
+            self._failures.pop(next(iter(self._failures)))
 
     def put(self, key: Hashable, value: V, *, ttl_s: float | None = None) -> bool:
         """Insert or replace ``key``; evict to stay within budget. False if it cannot fit."""
@@ -329,6 +364,7 @@ class ParamCache(AsyncResource, Generic[V]):
 
     def invalidate(self, key: Hashable) -> bool:
         """Forget ``key`` now; a load already running for it will not be kept."""
+        self._failures.pop(key, None)
         if self._flights.in_flight(key):
             self._dirty.add(key)
         dropped = self._drop(key)

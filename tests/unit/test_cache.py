@@ -165,7 +165,49 @@ async def test_failed_load_reaches_every_waiter_and_is_not_cached(
     out = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(o is err for o in out)
     assert cache.stats.load_errors == 1 and "k" not in cache
+
+
+async def test_failures_back_off_then_retry(
+    make_cache: Callable[..., ParamCache[object]], clock: FakeClock
+) -> None:
+    cache = make_cache(failure_backoff_s=(0.1, 0.4))
+    calls = 0
+
+    async def down() -> int:
+        nonlocal calls
+        calls += 1
+        raise StoreUnavailable("redis down")
+
+    for _ in range(100):  # a burst of lookups during the outage: one Redis call, not 100
+        with pytest.raises(StoreUnavailable):
+            await cache.get("k", down)
+    assert calls == 1 and cache.stats.backed_off == 99
+    clock.now += 0.1
+    with pytest.raises(StoreUnavailable):
+        await cache.get("k", down)
+    assert calls == 2  # retried once the back-off passed; the next back-off is longer
+    clock.now += 0.1
+    with pytest.raises(StoreUnavailable):
+        await cache.get("k", down)
+    assert calls == 2
+    clock.now += 0.1
     assert await cache.get("k", lambda: asyncio.sleep(0, 5)) == (5, Source.LOADED)
+    clock.now += 11  # expired; a failure now serves the stale value during the back-off
+    assert await cache.get("k", down) == (5, Source.STALE)
+    assert await cache.get("k", down) == (5, Source.STALE)
+    assert calls == 3
+
+
+async def test_invalidate_ends_a_back_off(make_cache: Callable[..., ParamCache[object]]) -> None:
+    cache = make_cache()
+
+    async def missing() -> int:
+        raise ParamsCorrupt("nope")
+
+    with pytest.raises(ParamsCorrupt):
+        await cache.get("k", missing)
+    cache.invalidate("k")
+    assert await cache.get("k", lambda: asyncio.sleep(0, 1)) == (1, Source.LOADED)
 
 
 async def test_cancelled_waiter_does_not_fail_the_others(
