@@ -90,9 +90,10 @@ class ParamCache(AsyncResource, Generic[V]):
     cached. Every entry expires ``ttl_s`` after it was written (minus up to ``jitter`` of it,
     so a fleet does not reload in one instant); an entry read in the last ``refresh_ahead``
     of its life is reloaded in the background while it keeps serving; an expired entry is kept
-    until evicted and is served, marked stale, when its reload fails with a retryable error
-    (Redis unreachable). ``entry_overhead_bytes`` is added to every entry's size so the budget
-    counts Python's own per-entry cost, which dominates for small embedding rows.
+    until evicted and is served, marked stale, when its reload fails because Redis could not be
+    asked (``serve_stale`` errors); never when Redis answered that the data is gone.
+    ``entry_overhead_bytes`` is added to every entry's size so the budget counts Python's own
+    per-entry cost, which dominates for small embedding rows.
 
     A failed load is not kept as a value, but for a short, doubling back-off
     (``failure_backoff_s``: first and longest delay) the key answers with that failure (or its
@@ -203,7 +204,7 @@ class ParamCache(AsyncResource, Generic[V]):
             value, _ = await self._flights.do(key, lambda: self._load(key, load, ttl_s))
         except KvpipeError as exc:
             stale = self._entries.get(key)
-            if exc.retryable and stale is not None:
+            if exc.serve_stale and stale is not None:
                 self._stats.stale_served += 1
                 self._policy.touch(key)
                 stale_value: V = stale.value
@@ -266,7 +267,7 @@ class ParamCache(AsyncResource, Generic[V]):
         for key, outcome in zip(futures, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 stale = self._entries.get(key)
-                if isinstance(outcome, KvpipeError) and outcome.retryable and stale is not None:
+                if isinstance(outcome, KvpipeError) and outcome.serve_stale and stale is not None:
                     self._stats.stale_served += 1
                     out[key] = stale.value
                     source = Source.STALE

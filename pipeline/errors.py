@@ -12,6 +12,9 @@ class KvpipeError(Exception):
 
     code: str = "internal"
     retryable: bool = False
+    #: True only when the store could not be asked at all: then an expired cached value may
+    #: be served (marked stale). Never when the store answered that the data is gone.
+    serve_stale: bool = False
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -40,6 +43,7 @@ class StoreUnavailable(ServiceError):
     """Redis could not be reached or did not answer in time."""
 
     code = "params_unavailable"
+    serve_stale = True
 
 
 class BrokerUnavailable(ServiceError):

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Awaitable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from pipeline.cache import ParamCache, Source
-from pipeline.errors import ConfigError, ParamsCorrupt, ParamsUnavailable
+from pipeline.errors import ConfigError, ModelNotFound, ParamsCorrupt, ParamsUnavailable
 from pipeline.models import Model, build_model
 from pipeline.store import Manifest, ParamStore
+
+T = TypeVar("T")
 
 _RANK = {Source.HIT: 0, Source.LOADED: 1, Source.STALE: 2}
 
@@ -56,13 +58,31 @@ class ModelRegistry:
         self.version_ttl_s = version_ttl_s
         self._models: OrderedDict[tuple[str, int], Model] = OrderedDict()
         self._serving: dict[str, int] = {}
+        self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
 
     async def current_version(self, name: str) -> tuple[int, Source]:
         version, source = await self.cache.get(
-            ("ptr", name), lambda: self.store.current_version(name), ttl_s=self.version_ttl_s
+            ("ptr", name),
+            lambda: self._gone_if_served(name, None, self._read_pointer(name)),
+            ttl_s=self.version_ttl_s,
         )
         self._moved_to(name, int(version))
         return int(version), source
+
+    async def _read_pointer(self, name: str) -> int:
+        """The serving version, with its manifest read in the same breath and cached.
+
+        A version number can name other parameters after Redis lost its data and the model was
+        published again (the counter restarts): the manifest's creation time tells, and cached
+        pieces of the old meaning are dropped before they could be served.
+        """
+        version = await self.store.current_version(name)
+        manifest = await self.store.manifest(name, version)
+        known = self.cache.peek(("manifest", name, version))
+        if isinstance(known, Manifest) and known.created_at != manifest.created_at:
+            self.drop_version(name, version)
+        self.cache.put(("manifest", name, version), manifest)
+        return version
 
     def _moved_to(self, name: str, version: int) -> None:
         """When the serving version changes, drop the one it replaced from the cache: its
@@ -80,7 +100,8 @@ class ModelRegistry:
             sources.append(src)
         v = version
         manifest, src = await self.cache.get(
-            ("manifest", name, v), lambda: self.store.manifest(name, v)
+            ("manifest", name, v),
+            lambda: self._gone_if_served(name, v, self.store.manifest(name, v)),
         )
         sources.append(src)
         model = self._model_for(manifest)
@@ -90,10 +111,31 @@ class ModelRegistry:
         )
         params = {t: arr for t, (arr, _) in zip(names, loaded, strict=True)}
         sources.extend(s for _, s in loaded)
+        self._seen[(name, v)] = None
+        if len(self._seen) > 10_000:  # versions served long ago: forget the oldest
+            self._seen.popitem(last=False)
         return Resolved(name, v, model, manifest, params, worst(sources))
 
     def _tensor_loader(self, manifest: Manifest, tensor: str) -> Any:
-        return lambda: self.store.tensor(manifest, tensor)
+        return lambda: self._gone_if_served(
+            manifest.model, manifest.version, self.store.tensor(manifest, tensor)
+        )
+
+    async def _gone_if_served(self, name: str, version: int | None, load: Awaitable[T]) -> T:
+        """Redis answering "no such model/version" for a model this worker has served means
+        the data was lost (a flush, a failover to an empty replica), not a client's typo:
+        say ``params_unavailable`` (retry later), and never serve the old value for it."""
+        try:
+            return await load
+        except ModelNotFound as exc:
+            served = name in self._serving if version is None else (name, version) in self._seen
+            if not served:
+                raise
+            self.drop_model(name)
+            raise ParamsUnavailable(
+                f"model {name!r} was being served but Redis no longer has it ({exc}); "
+                "publish it again"
+            ) from None
 
     def _model_for(self, manifest: Manifest) -> Model:
         key = (manifest.model, manifest.version)
@@ -177,8 +219,22 @@ class ModelRegistry:
         """Forget the cached serving version of ``name`` so the next request reads it anew."""
         return self.cache.invalidate(("ptr", name))
 
+    def drop_model(self, name: str) -> int:
+        """Drop every cached piece of every version of a model (its data is gone)."""
+        for key in [k for k in self._models if k[0] == name]:
+            del self._models[key]
+        return self.cache.invalidate_where(
+            lambda key: (
+                isinstance(key, tuple)
+                and len(key) >= 3
+                and key[0] in ("manifest", "t")
+                and key[1] == name
+            )
+        )
+
     def drop_version(self, name: str, version: int) -> int:
         """Drop every cached piece of one version."""
+        self._models.pop((name, version), None)
 
         def match(key: Hashable) -> bool:
             return (

@@ -72,6 +72,6 @@ async def test_metrics_health_and_readiness(
             == 1
         )
         assert sample(body, "kvpipe_served_version", model="m") == 1
-        assert sample(body, "kvpipe_cache_loads_total") == 6
+        assert sample(body, "kvpipe_cache_loads_total") == 5  # pointer (+manifest), 4 tensors
         assert sample(body, "kvpipe_requests_total") == 52
         assert (await http_get(port, "/nope"))[0] == 404

@@ -231,4 +231,4 @@ async def test_embedding_rows_single_round_trip_and_row_updates(
     assert got["oob"].error_code == "bad_ids"
     stats = running.worker.registry.cache.stats
     distinct = len(set(ids[:, 0])) + len(set(ids[:, 1]))
-    assert stats.loads == distinct + 3  # every row once, plus pointer, manifest, bias
+    assert stats.loads == distinct + 2  # every row once, plus the pointer (+manifest), bias

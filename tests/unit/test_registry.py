@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache import ParamCache, Source
-from pipeline.errors import ModelNotFound, ParamsCorrupt, StoreUnavailable
+from pipeline.errors import ModelNotFound, ParamsCorrupt, ParamsUnavailable, StoreUnavailable
 from pipeline.models import preset
 from pipeline.registry import ModelRegistry
 from pipeline.store import ParamStore
@@ -131,3 +131,42 @@ async def test_a_version_switch_drops_the_replaced_version(  # type: ignore[no-u
     assert (await registry.resolve("m")).version == 3
     keys_after = set(registry.cache.keys())
     assert not any(isinstance(k, tuple) and k[:3] == ("t", "m", 2) for k in keys_after)
+
+
+async def test_flushed_redis_is_params_unavailable_never_stale(  # type: ignore[no-untyped-def]
+    make_registry, clock: Clock
+) -> None:
+    registry, kv = await make_registry(ttl_s=60.0)
+    model = preset("mlp")
+    await registry.store.publish("m", model.arch, model.init(1))
+    await registry.resolve("m")
+    await kv.delete(*kv.keys())  # FLUSHALL
+    assert (await registry.resolve("m")).source is Source.HIT  # warm until the pointer TTL
+    clock.now += 1.0
+    with pytest.raises(ParamsUnavailable, match="publish it again"):
+        await registry.resolve("m")
+    with pytest.raises(ModelNotFound):
+        await registry.resolve("never-served")
+    params = model.init(2)
+    await registry.store.publish("m", model.arch, params)
+    clock.now += 3.0  # past the failure back-off
+    again = await registry.resolve("m")
+    assert again.version == 1  # the counter restarted with the data...
+    assert np.array_equal(again.params["w0"], params["w0"])  # ...and v1 now means new params
+
+
+async def test_a_reused_version_number_is_never_served_from_old_pieces(  # type: ignore[no-untyped-def]
+    make_registry, clock: Clock
+) -> None:
+    registry, kv = await make_registry(ttl_s=60.0)
+    model = preset("mlp")
+    await registry.store.publish("m", model.arch, model.init(1))
+    await registry.resolve("m")
+    await kv.delete(*kv.keys())
+    params = model.init(2)
+    clock.now += 0.5
+    await registry.store.publish("m", model.arch, params)  # v1 again, other parameters
+    clock.now += 0.6  # the pointer expires; Redis never looked empty to this worker
+    again = await registry.resolve("m")
+    assert again.version == 1
+    assert np.array_equal(again.params["w0"], params["w0"])
