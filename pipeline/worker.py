@@ -148,6 +148,7 @@ class Worker(AsyncResource):
         self._stopping = False
         self._abandon = asyncio.Event()
         self.assigned = asyncio.Event()
+        self._corrupt_logged: set[tuple[str, str]] = set()
         self._closed = False
 
     @property
@@ -393,14 +394,7 @@ class Worker(AsyncResource):
                 params = {**params, **rows}
                 source = worst([source, rows_source])
         except KvpipeError as exc:
-            log.warning(
-                "params_failed",
-                model=model,
-                version=version,
-                code=exc.code,
-                error=str(exc),
-                requests=len(items),
-            )
+            self._log_params_failure(model, version, exc, len(items))
             answered = {id(it) for it, _ in answers}
             answers += [
                 (it, error_result(it.request, exc, worker=self.worker_id))
@@ -461,6 +455,26 @@ class Worker(AsyncResource):
             if res.version is None:
                 res.version = resolved.version
         await self._reply(answers)
+
+    def _log_params_failure(
+        self, model: str, version: int | None, exc: KvpipeError, requests: int
+    ) -> None:
+        """A warning per failed batch, except corrupt parameters: once per message."""
+        if exc.code == "params_corrupt":
+            key = (model, str(exc))
+            if key in self._corrupt_logged:
+                return
+            self._corrupt_logged.add(key)
+            log.error("params_corrupt", model=model, version=version, error=str(exc))
+            return
+        log.warning(
+            "params_failed",
+            model=model,
+            version=version,
+            code=exc.code,
+            error=str(exc),
+            requests=requests,
+        )
 
     def _admit(
         self, resolved: Resolved, items: list[_Item], answers: list[tuple[_Item, Result]]
