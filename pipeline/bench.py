@@ -54,7 +54,8 @@ from pipeline.worker import WorkerStats
 MODEL = "bench"
 NAIVE_GOAL = 50.0
 ECHO_GOAL = 0.3
-DEFAULT_REQUESTS = {"naive": 2000, "echo": 50000}
+BATCHING_GOAL = 2.5
+DEFAULT_REQUESTS = {"naive": 2000, "echo": 50000, "batching": 3000}
 DEFAULT_NAIVE_REQUESTS = 200
 DEFAULT_ROUNDS = 2
 PARTITIONS = 4
@@ -718,6 +719,35 @@ async def bench_naive(
     return await compare(cmp, steps, base=base, tag=tag, rounds=rounds, emit=emit)
 
 
+async def bench_batching(
+    base: Settings, tag: str, requests: int, rounds: int, emit: Emit
+) -> Comparison:
+    """Saturated throughput on the article's model: micro-batches against batch size 1."""
+
+    model = preset("article")
+    params = model.init(0)
+    inputs = (
+        np.random.default_rng(3).standard_normal((requests, model.input_dim)).astype(np.float32)
+    )
+
+    async def side(run: RunFigures, settings: Settings) -> None:
+        await run_worker_side(
+            run, settings, model, params, inputs, None, timeout_s=60.0 + requests / 10
+        )
+
+    cmp = Comparison(
+        "batching",
+        Side("batching", "batched", "micro-batches", "req/s", requests),
+        Side("batching", "single", "batch size 1", "req/s", requests),
+        BATCHING_GOAL,
+    )
+    steps: dict[str, tuple[Step, dict[str, Any]]] = {
+        "batched": (side, {}),
+        "single": (side, {"worker.max_batch_size": 1}),
+    }
+    return await compare(cmp, steps, base=base, tag=tag, rounds=rounds, emit=emit)
+
+
 async def bench_echo(
     base: Settings, tag: str, requests: int, rounds: int, emit: Emit
 ) -> Comparison:
@@ -768,6 +798,8 @@ async def run_bench(
                 out[suite] = await bench_echo(settings, tag, n, rounds, emit)
             elif suite == "naive":
                 out[suite] = await bench_naive(settings, tag, n, naive_requests, rounds, emit)
+            elif suite == "batching":
+                out[suite] = await bench_batching(settings, tag, n, rounds, emit)
             else:
                 raise ValueError(f"unknown suite {suite!r}")
     return out
@@ -797,7 +829,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(cache_doc, indent=2) + "\n")
         return 0
-    suites = ["echo", "naive"] if args.suite == "all" else [args.suite]
+    suites = ["echo", "naive", "batching"] if args.suite == "all" else [args.suite]
     requests: int | None = getattr(args, "requests", None)
     naive_requests: int = getattr(args, "naive_requests", None) or DEFAULT_NAIVE_REQUESTS
     rounds: int = getattr(args, "rounds", None) or DEFAULT_ROUNDS

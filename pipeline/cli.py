@@ -575,7 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=lambda a, s: _run(_rollback(a, s)))
 
     p = sub.add_parser("bench", help="benchmarks: each prints figures and ratios")
-    p.add_argument("suite", choices=["naive", "echo", "cache", "all"], nargs="?", default="all")
+    p.add_argument(
+        "suite", choices=["naive", "echo", "batching", "cache", "all"], nargs="?", default="all"
+    )
     p.add_argument(
         "--accesses",
         type=int,
@@ -587,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="requests per run of the cached side of naive and of both echo sides "
-        "(default 2000 for naive, 50000 for echo)",
+        "(default 2000 for naive, 50000 for echo, 3000 for batching)",
     )
     p.add_argument(
         "--naive-requests",
