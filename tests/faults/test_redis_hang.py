@@ -28,6 +28,7 @@ async def test_redis_paused_for_five_seconds(fault_stack: Any) -> None:
     got: dict[str, Result] = {}
     loop = asyncio.get_running_loop()
     arrived: list[tuple[float, str]] = []
+    warm = asyncio.Event()
     async with (
         InferenceClient(settings.kafka) as client,
         client.stream(from_beginning=True) as stream,
@@ -39,6 +40,8 @@ async def test_redis_paused_for_five_seconds(fault_stack: Any) -> None:
                     if r.id not in got:
                         got[r.id] = r
                         arrived.append((loop.time(), r.id))
+                if len(got) >= 500:
+                    warm.set()
 
         reader = asyncio.create_task(read())
         paused_at = resumed_at = 0.0
@@ -48,8 +51,7 @@ async def test_redis_paused_for_five_seconds(fault_stack: Any) -> None:
                 await client.flush()
                 await asyncio.sleep(0.05)  # ~1,000 requests/s for 3 s, then the pause
             if i == 1000:
-                while len(got) < 500:  # the model is warm in the worker's cache
-                    await asyncio.sleep(0.05)
+                await asyncio.wait_for(warm.wait(), 60)  # the model is warm in the cache
                 fleet.redis.pause()
                 paused_at = loop.time()
         await client.flush()
