@@ -80,6 +80,8 @@ class CacheSettings:
     ttl_s: float = 300.0
     version_ttl_s: float = 2.0
     policy: EvictionPolicy = "lru"
+    result_models: tuple[str, ...] = ()
+    result_bytes: int = 64 * MiB
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +149,10 @@ def _positive_float(raw: str) -> float:
     if not value > 0:
         raise ValueError("must be a positive number")
     return value
+
+
+def _names(raw: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in raw.split(",") if n.strip())
 
 
 def _port(raw: str) -> int:
@@ -255,6 +261,18 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "Eviction policy: lru, lfu or wtinylfu",
     ),
     EnvVar(
+        "KVPIPE_RESULT_CACHE",
+        "cache.result_models",
+        _names,
+        "Dense models whose outputs are memoized by (model, version, input digest); * for all",
+    ),
+    EnvVar(
+        "KVPIPE_RESULT_CACHE_BYTES",
+        "cache.result_bytes",
+        _positive_int,
+        "Byte budget of the result cache",
+    ),
+    EnvVar(
         "KVPIPE_MAX_BATCH",
         "worker.max_batch_size",
         _positive_int,
@@ -333,6 +351,8 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
         value: Any = settings
         for part in var.path.split("."):
             value = getattr(value, part)
+        if isinstance(value, tuple):
+            value = ",".join(value)
         if value not in ("", None):
             env[var.name] = str(value)
     return env
@@ -378,7 +398,12 @@ def env_table() -> str:
         value: Any = defaults
         for part in var.path.split("."):
             value = getattr(value, part)
-        shown = "(host-pid)" if value == "" else "(off)" if value is None else f"`{value}`"
+        if var.path == "worker.worker_id":
+            shown = "(host-pid)"
+        elif value is None or value in ("", ()):
+            shown = "(off)"
+        else:
+            shown = f"`{','.join(value) if isinstance(value, tuple) else value}`"
         rows.append(f"| `{var.name}` | {shown} | {var.help} |")
     return "\n".join(rows)
 

@@ -8,6 +8,7 @@ unreadable bytes go to the dead-letter topic, wrong requests get an error result
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import socket
 import time
@@ -23,7 +24,7 @@ import numpy.typing as npt
 import structlog
 from threadpoolctl import threadpool_limits
 
-from pipeline.cache import Source
+from pipeline.cache import ParamCache, Source
 from pipeline.config import Settings
 from pipeline.errors import BrokerUnavailable, KvpipeError, RequestError, UnreadableMessage
 from pipeline.kafka import CommitRejected, Consumer, Message, MessageTooLarge, Partition, Producer
@@ -59,6 +60,8 @@ class WorkerStats:
     commits: int = 0
     commit_failures: int = 0
     send_retries: int = 0
+    memo_hits: int = 0
+    memo_misses: int = 0
     errors_by_code: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -149,6 +152,13 @@ class Worker(AsyncResource):
         self._abandon = asyncio.Event()
         self.assigned = asyncio.Event()
         self._corrupt_logged: set[tuple[str, str]] = set()
+        self._memo: ParamCache[Any] | None = None
+        if settings.cache.result_models:
+            self._memo = ParamCache(
+                capacity_bytes=settings.cache.result_bytes,
+                ttl_s=settings.cache.ttl_s,
+                entry_overhead_bytes=400,
+            )
         self._closed = False
 
     @property
@@ -404,6 +414,28 @@ class Worker(AsyncResource):
             await self._reply(answers)
             return
         loaded = time.perf_counter()
+        memo_hits = self._memo_lookup(resolved, good)
+        if memo_hits:
+            hit_ids = {id(it) for it, _ in memo_hits}
+            good = [it for it in good if id(it) not in hit_ids]
+            memo_timings = {"load_ms": round((loaded - started) * 1000, 3), "compute_ms": 0.0}
+            done_wall = time.time() * 1000
+            answers += [
+                (
+                    it,
+                    self._ok_result(
+                        it,
+                        resolved.version,
+                        out,
+                        "memo",
+                        False,
+                        started_wall,
+                        done_wall,
+                        memo_timings,
+                    ),
+                )
+                for it, out in memo_hits
+            ]
         if good:
             try:
                 outputs = await self._compute(resolved.model, params, [it.request for it in good])
@@ -428,33 +460,98 @@ class Worker(AsyncResource):
                         loaded - started,
                         computed - loaded,
                     )
+                self._memo_store(resolved, good, outputs)
                 timings = {
                     "load_ms": round((loaded - started) * 1000, 3),
                     "compute_ms": round((computed - loaded) * 1000, 3),
                 }
                 done_wall = time.time() * 1000
-                for it, out in zip(good, outputs, strict=True):
-                    sent = it.message.timestamp_ms
-                    result = Result(
-                        id=it.request.id,
-                        model=model,
-                        status="ok",
-                        version=resolved.version,
-                        outputs=out,
-                        cache=source.value,
-                        stale=source is Source.STALE,
-                        worker=self.worker_id,
-                        timings={
-                            "queue_ms": round(max(0.0, started_wall - sent), 3),
-                            **timings,
-                            "total_ms": round(max(0.0, done_wall - sent), 3),
-                        },
+                answers += [
+                    (
+                        it,
+                        self._ok_result(
+                            it,
+                            resolved.version,
+                            out,
+                            source.value,
+                            source is Source.STALE,
+                            started_wall,
+                            done_wall,
+                            timings,
+                        ),
                     )
-                    answers.append((it, result))
+                    for it, out in zip(good, outputs, strict=True)
+                ]
         for _, res in answers:
             if res.version is None:
                 res.version = resolved.version
         await self._reply(answers)
+
+    def _ok_result(
+        self,
+        it: _Item,
+        version: int,
+        outputs: Any,
+        cache: str,
+        stale: bool,
+        started_wall: float,
+        done_wall: float,
+        timings: dict[str, float],
+    ) -> Result:
+        sent = it.message.timestamp_ms
+        return Result(
+            id=it.request.id,
+            model=it.request.model,
+            status="ok",
+            version=version,
+            outputs=outputs,
+            cache=cache,
+            stale=stale,
+            worker=self.worker_id,
+            timings={
+                "queue_ms": round(max(0.0, started_wall - sent), 3),
+                **timings,
+                "total_ms": round(max(0.0, done_wall - sent), 3),
+            },
+        )
+
+    def _memo_key(self, resolved: Resolved, request: Request) -> tuple[str, str, int, bytes]:
+        x = request.inputs
+        assert x is not None
+        digest = hashlib.blake2b(x.tobytes(), digest_size=16)
+        digest.update(f"{x.dtype.str}{x.shape}".encode())
+        return ("out", resolved.name, resolved.version, digest.digest())
+
+    def _memo_on(self, resolved: Resolved) -> bool:
+        """Result memoization: opted in per model, dense models only (embedding rows change
+        without a new version, so their outputs cannot be keyed by version)."""
+        if self._memo is None or resolved.model.kind != "dense":
+            return False
+        chosen = self.settings.cache.result_models
+        return "*" in chosen or resolved.name in chosen
+
+    def _memo_lookup(self, resolved: Resolved, items: list[_Item]) -> list[tuple[_Item, Any]]:
+        if not items or not self._memo_on(resolved):
+            return []
+        assert self._memo is not None
+        hits = []
+        for it in items:
+            out = self._memo.peek(self._memo_key(resolved, it.request))
+            if out is None:
+                self.stats.memo_misses += 1
+            else:
+                self.stats.memo_hits += 1
+                hits.append((it, out))
+        return hits
+
+    def _memo_store(self, resolved: Resolved, items: list[_Item], outputs: list[Any]) -> None:
+        if not self._memo_on(resolved):
+            return
+        assert self._memo is not None
+        for it, out in zip(items, outputs, strict=True):
+            out = np.array(out)  # its own buffer: a split view would pin the whole batch
+            out.flags.writeable = False
+            self._memo.put(self._memo_key(resolved, it.request), out)
 
     def _log_params_failure(
         self, model: str, version: int | None, exc: KvpipeError, requests: int

@@ -1,0 +1,45 @@
+"""The result cache: repeated inputs are answered from memory, never across versions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.client import InferenceClient
+from pipeline.kv import open_kv
+from pipeline.models import preset
+from pipeline.store import ParamStore
+
+pytestmark = pytest.mark.integration
+
+
+async def test_repeats_are_memoized_per_version(
+    make_settings: Any, start_worker: Any, make_client: Any
+) -> None:
+    settings = make_settings(cache__result_models=("m",), cache__version_ttl_s=0.3)
+    model = preset("mlp")
+    p1, p2 = model.init(1), model.init(2)
+    async with open_kv(settings.redis) as kv:
+        store = ParamStore(kv, prefix=settings.redis.key_prefix)
+        await store.publish("m", model.arch, p1)
+        await make_client(settings)
+        running = await start_worker(settings)
+        x = np.random.default_rng(4).standard_normal((70, 32)).astype(np.float32)
+        async with InferenceClient(settings.kafka) as client:
+            first = await asyncio.gather(*(client.infer("m", x[i : i + 1]) for i in range(70)))
+            repeats = await asyncio.gather(*(client.infer("m", x[i : i + 1]) for i in range(30)))
+            await store.publish("m", model.arch, p2)
+            await asyncio.sleep(0.4)  # the pointer TTL: v2 is served from now on
+            after = await asyncio.gather(*(client.infer("m", x[i : i + 1]) for i in range(30)))
+    assert {r.cache for r in first} <= {"hit", "loaded"}
+    assert all(r.cache == "memo" and r.version == 1 for r in repeats)
+    for i, r in enumerate(repeats):
+        np.testing.assert_allclose(r.outputs, model.forward(p1, x[i : i + 1]), rtol=1e-4, atol=1e-5)  # type: ignore[arg-type]
+    assert all(r.version == 2 and r.cache != "memo" for r in after)
+    for i, r in enumerate(after):
+        np.testing.assert_allclose(r.outputs, model.forward(p2, x[i : i + 1]), rtol=1e-4, atol=1e-5)  # type: ignore[arg-type]
+    stats = running.worker.stats
+    assert stats.memo_hits == 30 and stats.memo_misses == 100
