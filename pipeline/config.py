@@ -98,6 +98,7 @@ class WorkerSettings:
     """The inference loop: batching, concurrency, commits and shutdown."""
 
     max_batch_size: int = 128
+    max_wait_ms: float = 0.0
     max_in_flight: int = 4096
     fetch_max_records: int = 1000
     compute_threads: int = 2
@@ -169,6 +170,13 @@ def _flag(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ValueError("must be 1/0, true/false, yes/no or on/off")
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:
+        raise ValueError("must be zero or a positive number")
+    return value
 
 
 def _choice(*options: str) -> Callable[[str], str]:
@@ -277,6 +285,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "worker.max_batch_size",
         _positive_int,
         "Largest micro-batch the worker computes at once",
+    ),
+    EnvVar(
+        "KVPIPE_MAX_WAIT_MS",
+        "worker.max_wait_ms",
+        _non_negative_float,
+        "Longest a request waits for its micro-batch to fill (0: run what each fetch brings)",
     ),
     EnvVar(
         "KVPIPE_MAX_IN_FLIGHT",

@@ -152,6 +152,9 @@ class Worker(AsyncResource):
         self._abandon = asyncio.Event()
         self.assigned = asyncio.Event()
         self._corrupt_logged: set[tuple[str, str]] = set()
+        self._pending: dict[tuple[str, int | None], list[_Item]] = {}
+        self._pending_rows: dict[tuple[str, int | None], int] = {}
+        self._timers: dict[tuple[str, int | None], asyncio.TimerHandle] = {}
         self._memo: ParamCache[Any] | None = None
         if settings.cache.result_models:
             self._memo = ParamCache(
@@ -195,6 +198,8 @@ class Worker(AsyncResource):
             return
         self._closed = True
         self._abandon.set()
+        for timer in self._timers.values():
+            timer.cancel()
         tasks = list(self._tracker_tasks)
         for task in tasks:
             task.cancel()
@@ -249,6 +254,8 @@ class Worker(AsyncResource):
     async def drain(self) -> None:
         """Wait (bounded) for fetched work to be answered, then commit what is complete."""
         self._stopping = True
+        for key in list(self._pending):
+            self._flush(key)
         idle = await self._tracker.wait_idle(None, self._cfg.shutdown_timeout_s)
         await self._commit()
         log.info(
@@ -377,18 +384,36 @@ class Worker(AsyncResource):
                 )
                 continue
             groups[(request.model, request.version)].append(item)
+        for key, items in groups.items():
+            self._pending.setdefault(key, []).extend(items)
+            self._pending_rows[key] = self._pending_rows.get(key, 0) + sum(
+                it.request.rows for it in items
+            )
+            wait_s = self._cfg.max_wait_ms / 1000
+            if self._stopping or wait_s <= 0 or self._pending_rows[key] >= self._cfg.max_batch_size:
+                self._flush(key)
+            elif key not in self._timers:
+                self._timers[key] = asyncio.get_running_loop().call_later(wait_s, self._flush, key)
+
+    def _flush(self, key: tuple[str, int | None]) -> None:
+        """Run what waits for one (model, version) as batches of at most max_batch_size rows."""
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        items = self._pending.pop(key, [])
+        self._pending_rows.pop(key, None)
+        model, version = key
         limit = self._cfg.max_batch_size
-        for (model, version), items in groups.items():
-            chunk: list[_Item] = []
-            rows = 0
-            for item in items:
-                if chunk and rows + item.request.rows > limit:
-                    self._spawn(self._run_batch(model, version, chunk))
-                    chunk, rows = [], 0
-                chunk.append(item)
-                rows += item.request.rows
-            if chunk:
+        chunk: list[_Item] = []
+        rows = 0
+        for item in items:
+            if chunk and rows + item.request.rows > limit:
                 self._spawn(self._run_batch(model, version, chunk))
+                chunk, rows = [], 0
+            chunk.append(item)
+            rows += item.request.rows
+        if chunk:
+            self._spawn(self._run_batch(model, version, chunk))
 
     async def _run_batch(self, model: str, version: int | None, items: list[_Item]) -> None:
         started = time.perf_counter()

@@ -162,3 +162,39 @@ async def test_cold_burst_reads_each_tensor_once_from_redis(
     }
     # the version pointer, the manifest and four tensors: six GETs for 200 requests
     assert reads == {"cmdstat_get": 6}, json.dumps(stats)
+
+
+@pytest.mark.parametrize(("max_wait_ms", "most_batches"), [(300.0, 4), (0.0, None)])
+async def test_max_wait_gathers_a_trickle_into_batches(
+    make_settings: Any,
+    start_worker: Any,
+    make_client: Any,
+    max_wait_ms: float,
+    most_batches: int | None,
+) -> None:
+    import asyncio
+
+    settings = make_settings(worker__max_wait_ms=max_wait_ms)
+    model, params, _ = await publish(settings, "m")
+    client = await make_client(settings)
+    k = settings.kafka
+    x = np.random.default_rng(9).standard_normal((40, 32)).astype(np.float32)
+    async with ResultStream(k, k.results_topic, from_beginning=True) as stream:
+        running = await start_worker(settings)
+        for i in range(40):  # a trickle: one request every 5 ms, each fetched on its own
+            await client.submit("m", x[i : i + 1], id=f"t{i}")
+            await asyncio.sleep(0.005)
+        got = await collect(stream, {f"t{i}" for i in range(40)})
+    expected = model.forward(params, x)
+    for i in range(40):
+        np.testing.assert_allclose(
+            got[f"t{i}"][0].outputs[0],
+            expected[i],
+            rtol=1e-4,  # type: ignore[index]
+            atol=1e-5,
+        )
+    batches = running.worker.stats.batches
+    if most_batches is not None:
+        assert batches <= most_batches, batches
+    else:
+        assert batches >= 10, batches  # without waiting, a trickle runs nearly one by one
