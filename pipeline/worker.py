@@ -305,6 +305,8 @@ class Worker(AsyncResource):
         """Finish work of revoked partitions (bounded), commit it, then forget them."""
         if not partitions:
             return
+        for key in list(self._pending):
+            self._flush(key)  # waiting batches run now, so their partitions can commit
         idle = await self._tracker.wait_idle(partitions, min(self._cfg.shutdown_timeout_s, 5.0))
         offsets = self._tracker.committable(partitions)
         try:
@@ -367,6 +369,13 @@ class Worker(AsyncResource):
             except UnreadableMessage as exc:
                 self._spawn(self._dead_letter(msg, exc))
                 continue
+            except Exception as exc:  # a decoder bug must not stop the worker
+                log.exception("decode_failed", source=f"{msg.partition}@{msg.offset}")
+                reason = UnreadableMessage(
+                    f"internal error: {type(exc).__name__}: {exc}", code="internal"
+                )
+                self._spawn(self._dead_letter(msg, reason))
+                continue
             item = _Item(msg, request)
             if (
                 request.error is None
@@ -416,6 +425,19 @@ class Worker(AsyncResource):
             self._spawn(self._run_batch(model, version, chunk))
 
     async def _run_batch(self, model: str, version: int | None, items: list[_Item]) -> None:
+        """Answer every item, whatever happens: a bug here must not leave a partition stuck."""
+        try:
+            await self._batch(model, version, items)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("batch_failed", model=model, version=version, requests=len(items))
+            failure = KvpipeError(f"internal error: {type(exc).__name__}: {exc}")
+            await self._reply(
+                [(it, error_result(it.request, failure, worker=self.worker_id)) for it in items]
+            )
+
+    async def _batch(self, model: str, version: int | None, items: list[_Item]) -> None:
         started = time.perf_counter()
         started_wall = time.time() * 1000
         answers: list[tuple[_Item, Result]] = []
@@ -662,7 +684,14 @@ class Worker(AsyncResource):
                     error=result.error_message,
                 )
             topic = item.request.reply_to or self._kafka.results_topic
-            value, headers = encode_result(result, item.request.content_type)
+            try:
+                value, headers = encode_result(result, item.request.content_type)
+            except Exception as exc:  # an encoder bug still answers the request
+                log.exception("encode_failed", request_id=result.id)
+                failure = KvpipeError(f"internal error: {type(exc).__name__}: {exc}")
+                value, headers = encode_result(
+                    error_result(item.request, failure, worker=self.worker_id)
+                )
             outgoing.append(_Outgoing(item, topic, value, headers, result))
         await self._deliver(outgoing, key=lambda o: o.item.request.id.encode())
 

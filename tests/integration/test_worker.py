@@ -198,3 +198,42 @@ async def test_max_wait_gathers_a_trickle_into_batches(
         assert batches <= most_batches, batches
     else:
         assert batches >= 10, batches  # without waiting, a trickle runs nearly one by one
+
+
+async def test_a_bug_in_a_batch_still_answers_and_commits(
+    make_settings: Any, make_client: Any
+) -> None:
+    import asyncio
+
+    from consumers.inference import start_serving
+    from pipeline.registry import ModelRegistry
+
+    class Buggy(ModelRegistry):
+        async def resolve(self, name: str, version: int | None = None) -> Any:
+            if name == "boom":
+                raise RuntimeError("a bug")
+            return await super().resolve(name, version)
+
+    settings = make_settings()
+    await publish(settings, "m")
+    client = await make_client(settings)
+    stop = asyncio.Event()
+    worker, task = await start_serving(
+        settings,
+        stop,
+        make_registry=lambda store, cache, s: Buggy(
+            store, cache, version_ttl_s=s.cache.version_ttl_s
+        ),
+    )
+    try:
+        k = settings.kafka
+        async with ResultStream(k, k.results_topic, from_beginning=True) as stream:
+            await client.submit("boom", np.zeros((1, 32)), id="bug")
+            await client.submit("m", np.zeros((1, 32)), id="fine")
+            got = await collect(stream, {"bug", "fine"})
+    finally:
+        stop.set()
+        stats = await asyncio.wait_for(task, 30)
+    assert got["bug"][0].error_code == "internal" and "a bug" in (got["bug"][0].error_message or "")
+    assert got["fine"][0].ok
+    assert stats.received == 2 and worker.in_flight == 0  # both answered, so both committable
