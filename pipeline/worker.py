@@ -8,6 +8,7 @@ unreadable bytes go to the dead-letter topic, wrong requests get an error result
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -60,6 +61,7 @@ class WorkerStats:
     commits: int = 0
     commit_failures: int = 0
     send_retries: int = 0
+    batches_waited_on_load: int = 0
     memo_hits: int = 0
     memo_misses: int = 0
     errors_by_code: Counter[str] = field(default_factory=Counter)
@@ -403,6 +405,12 @@ class Worker(AsyncResource):
                 self._flush(key)
             elif key not in self._timers:
                 self._timers[key] = asyncio.get_running_loop().call_later(wait_s, self._flush, key)
+                self._spawn(self._prefetch(*key))
+
+    async def _prefetch(self, model: str, version: int | None) -> None:
+        """While a batch fills, load what it will need (single-flight: the batch joins it)."""
+        with contextlib.suppress(KvpipeError):  # the batch meets the same error, answers it
+            await self.registry.resolve(model, version)
 
     def _flush(self, key: tuple[str, int | None]) -> None:
         """Run what waits for one (model, version) as batches of at most max_batch_size rows."""
@@ -443,6 +451,8 @@ class Worker(AsyncResource):
         answers: list[tuple[_Item, Result]] = []
         try:
             resolved = await self.registry.resolve(model, version)
+            if resolved.source is not Source.HIT:
+                self.stats.batches_waited_on_load += 1
             good = self._admit(resolved, items, answers)
             params, source = resolved.params, resolved.source
             if good and resolved.model.kind == "embedding":
