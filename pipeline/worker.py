@@ -476,23 +476,9 @@ class Worker(AsyncResource):
             hit_ids = {id(it) for it, _ in memo_hits}
             good = [it for it in good if id(it) not in hit_ids]
             memo_timings = {"load_ms": round((loaded - started) * 1000, 3), "compute_ms": 0.0}
-            done_wall = time.time() * 1000
-            answers += [
-                (
-                    it,
-                    self._ok_result(
-                        it,
-                        resolved.version,
-                        out,
-                        "memo",
-                        False,
-                        started_wall,
-                        done_wall,
-                        memo_timings,
-                    ),
-                )
-                for it, out in memo_hits
-            ]
+            answers += self._ok_results(
+                memo_hits, resolved.version, "memo", False, started_wall, memo_timings
+            )
         if good:
             try:
                 outputs = await self._compute(resolved.model, params, [it.request for it in good])
@@ -522,55 +508,54 @@ class Worker(AsyncResource):
                     "load_ms": round((loaded - started) * 1000, 3),
                     "compute_ms": round((computed - loaded) * 1000, 3),
                 }
-                done_wall = time.time() * 1000
-                answers += [
-                    (
-                        it,
-                        self._ok_result(
-                            it,
-                            resolved.version,
-                            out,
-                            source.value,
-                            source is Source.STALE,
-                            started_wall,
-                            done_wall,
-                            timings,
-                        ),
-                    )
-                    for it, out in zip(good, outputs, strict=True)
-                ]
+                answers += self._ok_results(
+                    list(zip(good, outputs, strict=True)),
+                    resolved.version,
+                    source.value,
+                    source is Source.STALE,
+                    started_wall,
+                    timings,
+                )
         for _, res in answers:
             if res.version is None:
                 res.version = resolved.version
         await self._reply(answers)
 
-    def _ok_result(
+    def _ok_results(
         self,
-        it: _Item,
+        pairs: list[tuple[_Item, Any]],
         version: int,
-        outputs: Any,
         cache: str,
         stale: bool,
         started_wall: float,
-        done_wall: float,
         timings: dict[str, float],
-    ) -> Result:
-        sent = it.message.timestamp_ms
-        return Result(
-            id=it.request.id,
-            model=it.request.model,
-            status="ok",
-            version=version,
-            outputs=outputs,
-            cache=cache,
-            stale=stale,
-            worker=self.worker_id,
-            timings={
-                "queue_ms": round(max(0.0, started_wall - sent), 3),
-                **timings,
-                "total_ms": round(max(0.0, done_wall - sent), 3),
-            },
-        )
+    ) -> list[tuple[_Item, Result]]:
+        """Ok results for (item, outputs) pairs, with queue and total times per request."""
+        done_wall = time.time() * 1000
+        out: list[tuple[_Item, Result]] = []
+        for it, outputs in pairs:
+            sent = it.message.timestamp_ms
+            out.append(
+                (
+                    it,
+                    Result(
+                        id=it.request.id,
+                        model=it.request.model,
+                        status="ok",
+                        version=version,
+                        outputs=outputs,
+                        cache=cache,
+                        stale=stale,
+                        worker=self.worker_id,
+                        timings={
+                            "queue_ms": round(max(0.0, started_wall - sent), 3),
+                            **timings,
+                            "total_ms": round(max(0.0, done_wall - sent), 3),
+                        },
+                    ),
+                )
+            )
+        return out
 
     def _memo_key(self, resolved: Resolved, request: Request) -> tuple[str, str, int, bytes]:
         x = request.inputs
