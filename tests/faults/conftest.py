@@ -16,7 +16,7 @@ import pytest_asyncio
 
 from pipeline.config import Settings, settings_to_env, with_values
 from pipeline.kafka import ensure_topics
-from pipeline.local import RedisServer
+from pipeline.local import KafkaBroker, RedisServer
 from tests.conftest import BrokerFactory, RedisFactory
 
 
@@ -32,6 +32,7 @@ class Fleet:
 
     settings: Settings
     redis: RedisServer
+    broker: KafkaBroker
     extra_env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
 
@@ -87,7 +88,7 @@ async def fault_stack(
         })  # fmt: skip
         k = settings.kafka
         await ensure_topics(k, [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic])
-        fleet = Fleet(settings, redis, dict(extra_env))
+        fleet = Fleet(settings, redis, broker, dict(extra_env))
         fleets.append(fleet)
         return fleet
 
