@@ -149,11 +149,17 @@ async def test_lost_announcement_is_bounded_by_the_pointer_ttl(
     )
 
 
+@pytest.mark.parametrize("backend", ["redis-py", "asyncio-redis"])
 async def test_redis_outage_stale_then_recovery(
-    redis_factory: Any, make_settings: Any, start_worker: Any, make_client: Any
+    redis_factory: Any, make_settings: Any, start_worker: Any, make_client: Any, backend: str
 ) -> None:
-    server = await redis_factory()
-    settings = make_settings(redis__url=server.url, cache__version_ttl_s=0.5, redis__timeout_s=0.5)
+    server = await redis_factory(password="pw-outage")
+    settings = make_settings(
+        redis__url=server.url,
+        redis__backend=backend,
+        cache__version_ttl_s=0.5,
+        redis__timeout_s=0.5,
+    )
     model = preset("mlp")
     params = model.init(4)
     async with open_kv(settings.redis) as kv:

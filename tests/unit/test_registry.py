@@ -170,3 +170,33 @@ async def test_a_reused_version_number_is_never_served_from_old_pieces(  # type:
     again = await registry.resolve("m")
     assert again.version == 1
     assert np.array_equal(again.params["w0"], params["w0"])
+
+
+async def test_stampede_at_expiry_one_load_per_piece(  # type: ignore[no-untyped-def]
+    make_registry, clock: Clock
+) -> None:
+    registry, kv = await make_registry(ttl_s=10.0, failure_backoff_s=(0.5, 2.0))
+    model = preset("mlp")
+    await registry.store.publish("m", model.arch, model.init(1))
+    await registry.resolve("m")
+    clock.now += 11  # every entry has expired
+    kv.calls.clear()
+    kv.latency_s = 0.01
+    tasks = [asyncio.create_task(registry.resolve("m")) for _ in range(1000)]
+    await asyncio.sleep(0)
+    tasks[0].cancel()  # the first waiter gives up: the load it started goes on for the rest
+    out = await asyncio.gather(*tasks[1:])
+    assert {r.version for r in out} == {1}
+    assert kv.calls["get"] == 2 + 4  # pointer and manifest, four tensors: one read each
+    # a failing store: every waiter gets the error, then retries back off
+    clock.now += 11
+    kv.calls.clear()
+    kv.fail = StoreUnavailable("down")
+    results = await asyncio.gather(
+        *(registry.resolve("other") for _ in range(1000)), return_exceptions=True
+    )
+    assert all(isinstance(r, StoreUnavailable) for r in results)
+    for _ in range(100):
+        with pytest.raises(StoreUnavailable):
+            await registry.resolve("other")
+    assert sum(kv.calls.values()) == 1  # one call for 1,100 lookups
