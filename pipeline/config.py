@@ -17,6 +17,8 @@ from pipeline.errors import ConfigError
 RedisBackend = Literal["redis-py", "asyncio-redis"]
 EvictionPolicy = Literal["lru", "lfu", "wtinylfu"]
 LogFormat = Literal["auto", "json", "console"]
+KafkaSecurity = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 MiB = 1024 * 1024
 
@@ -50,6 +52,11 @@ class KafkaSettings:
     max_message_bytes: int = 4 * MiB
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
+    security_protocol: KafkaSecurity = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism = "PLAIN"
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    ssl_cafile: str = ""
 
     @property
     def requests_topic(self) -> str:
@@ -239,6 +246,26 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "Consumer group session timeout (ms); a join takes about half of it on Tansu",
     ),
     EnvVar(
+        "KVPIPE_KAFKA_SECURITY",
+        "kafka.security_protocol",
+        _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+        "Kafka security protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+    ),
+    EnvVar(
+        "KVPIPE_KAFKA_SASL_MECHANISM",
+        "kafka.sasl_mechanism",
+        _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+        "SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+    ),
+    EnvVar("KVPIPE_KAFKA_SASL_USERNAME", "kafka.sasl_username", str, "SASL user name"),
+    EnvVar("KVPIPE_KAFKA_SASL_PASSWORD", "kafka.sasl_password", str, "SASL password", secret=True),
+    EnvVar(
+        "KVPIPE_KAFKA_SSL_CAFILE",
+        "kafka.ssl_cafile",
+        str,
+        "CA bundle to verify the brokers with SSL (default: the system's)",
+    ),
+    EnvVar(
         "KVPIPE_HEARTBEAT_MS",
         "kafka.heartbeat_interval_ms",
         _positive_int,
@@ -395,6 +422,14 @@ def validate(settings: Settings) -> Settings:
             f"Redis URL {settings.redis.redacted_url()!r} must start with redis://, rediss:// "
             "or unix://"
         )
+    k = settings.kafka
+    if k.security_protocol.startswith("SASL") and not (k.sasl_username and k.sasl_password):
+        raise ConfigError(
+            f"KVPIPE_KAFKA_SECURITY={k.security_protocol} needs KVPIPE_KAFKA_SASL_USERNAME and "
+            "KVPIPE_KAFKA_SASL_PASSWORD"
+        )
+    if k.ssl_cafile and not k.security_protocol.endswith("SSL"):
+        raise ConfigError("KVPIPE_KAFKA_SSL_CAFILE is set but the security protocol has no SSL")
     if not settings.kafka.bootstrap.strip():
         raise ConfigError("Kafka bootstrap address is empty; set KVPIPE_KAFKA=host:port")
     if settings.kafka.heartbeat_interval_ms * 3 > settings.kafka.session_timeout_ms:

@@ -66,11 +66,22 @@ class Message:
 
 
 def _options(settings: KafkaSettings) -> dict[str, Any]:
-    return {
+    """aiokafka's connection options, security included (passed through, never logged)."""
+    options: dict[str, Any] = {
         "bootstrap_servers": settings.bootstrap.split(","),
         "client_id": settings.client_id,
         "request_timeout_ms": int(settings.request_timeout_s * 1000),
+        "security_protocol": settings.security_protocol,
     }
+    if settings.security_protocol.endswith("SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        options["ssl_context"] = create_ssl_context(cafile=settings.ssl_cafile or None)
+    if settings.security_protocol.startswith("SASL"):
+        options["sasl_mechanism"] = settings.sasl_mechanism
+        options["sasl_plain_username"] = settings.sasl_username
+        options["sasl_plain_password"] = settings.sasl_password
+    return options
 
 
 def _unavailable(settings: KafkaSettings, what: str, exc: BaseException) -> BrokerUnavailable:

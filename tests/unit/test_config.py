@@ -60,3 +60,32 @@ def test_settings_round_trip_through_env() -> None:
         Settings(), {"kafka.topic_prefix": "p", "cache.policy": "lfu", "worker.worker_id": "w1"}
     )
     assert settings_from_env(settings_to_env(s)) == s
+
+
+def test_kafka_security_is_passed_through_and_never_shown() -> None:
+    from pipeline.kafka import _options
+
+    s = settings_from_env(
+        {
+            "KVPIPE_KAFKA_SECURITY": "SASL_SSL",
+            "KVPIPE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "KVPIPE_KAFKA_SASL_USERNAME": "svc",
+            "KVPIPE_KAFKA_SASL_PASSWORD": "kafka-s3cret",
+        }
+    )
+    options = _options(s.kafka)
+    assert options["security_protocol"] == "SASL_SSL"
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert options["sasl_plain_username"] == "svc"
+    assert options["sasl_plain_password"] == "kafka-s3cret"
+    assert options["ssl_context"] is not None
+    assert "kafka-s3cret" not in repr(s)
+    assert "security_protocol" in _options(Settings().kafka)
+    assert "sasl_plain_password" not in _options(Settings().kafka)
+
+
+def test_kafka_security_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="needs KVPIPE_KAFKA_SASL_USERNAME"):
+        settings_from_env({"KVPIPE_KAFKA_SECURITY": "SASL_PLAINTEXT"})
+    with pytest.raises(ConfigError, match="no SSL"):
+        settings_from_env({"KVPIPE_KAFKA_SSL_CAFILE": "/tmp/ca.pem"})
