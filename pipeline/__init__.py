@@ -27,19 +27,23 @@ from pipeline.errors import (
     VersionNotFound,
 )
 from pipeline.kv import KeyValue, open_kv
-from pipeline.models import MLP, LinearHeads, Model, build_model, preset
+from pipeline.metrics import StatusServer, WorkerMetrics
+from pipeline.models import MLP, EmbeddingScorer, LinearHeads, Model, build_model, preset
 from pipeline.registry import ModelRegistry, Resolved
 from pipeline.singleflight import SingleFlight
 from pipeline.store import Manifest, ParamStore
+from pipeline.updates import Announcement, UpdateListener
 from pipeline.wire import Request, Result
 from pipeline.worker import Worker, WorkerStats
 
 __all__ = [
     "MLP",
+    "Announcement",
     "BrokerUnavailable",
     "CacheSettings",
     "CacheStats",
     "ConfigError",
+    "EmbeddingScorer",
     "InferenceClient",
     "KafkaSettings",
     "KeyValue",
@@ -67,10 +71,13 @@ __all__ = [
     "Settings",
     "SingleFlight",
     "Source",
+    "StatusServer",
     "StoreUnavailable",
     "UnreadableMessage",
+    "UpdateListener",
     "VersionNotFound",
     "Worker",
+    "WorkerMetrics",
     "WorkerSettings",
     "WorkerStats",
     "build_model",
