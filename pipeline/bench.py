@@ -55,7 +55,8 @@ MODEL = "bench"
 NAIVE_GOAL = 50.0
 ECHO_GOAL = 0.3
 BATCHING_GOAL = 2.5
-DEFAULT_REQUESTS = {"naive": 2000, "echo": 50000, "batching": 3000}
+MEMO_GOAL = 1.0
+DEFAULT_REQUESTS = {"naive": 2000, "echo": 50000, "batching": 3000, "memo": 3000}
 DEFAULT_NAIVE_REQUESTS = 200
 DEFAULT_ROUNDS = 2
 PARTITIONS = 4
@@ -505,6 +506,10 @@ async def run_worker_side(
     fig.detail["param_mb"] = round(manifest.nbytes / 1e6, 3)
     if stats is not None:
         fig.detail["batches"] = stats.batches
+        if stats.memo_hits or stats.memo_misses:
+            fig.detail["memo_hit_rate"] = round(
+                stats.memo_hits / (stats.memo_hits + stats.memo_misses), 4
+            )
         fig.detail["mean_batch_rows"] = round(stats.batched_rows / max(1, stats.batches), 2)
         fig.detail["commits"] = stats.commits
     registry = worker.registry
@@ -748,6 +753,38 @@ async def bench_batching(
     return await compare(cmp, steps, base=base, tag=tag, rounds=rounds, emit=emit)
 
 
+async def bench_memo(
+    base: Settings, tag: str, requests: int, rounds: int, emit: Emit
+) -> Comparison:
+    """The result cache on a workload where 30% of requests repeat an earlier input."""
+
+    model = preset("article")
+    params = model.init(0)
+    rng = np.random.default_rng(4)
+    unique = rng.standard_normal((requests, model.input_dim)).astype(np.float32)
+    repeat = rng.random(requests) < 0.3
+    source = np.where(repeat, rng.integers(0, np.arange(requests) + 1), np.arange(requests))
+    inputs = unique[source]  # row i repeats an earlier row for about 30% of the requests
+
+    async def side(run: RunFigures, settings: Settings) -> None:
+        run.detail["repeat_share"] = round(float(np.mean(source != np.arange(requests))), 3)
+        await run_worker_side(
+            run, settings, model, params, inputs, None, timeout_s=60.0 + requests / 10
+        )
+
+    cmp = Comparison(
+        "memo",
+        Side("memo", "memo", "result cache on", "req/s", requests),
+        Side("memo", "plain", "result cache off", "req/s", requests),
+        MEMO_GOAL,
+    )
+    steps: dict[str, tuple[Step, dict[str, Any]]] = {
+        "memo": (side, {"cache.result_models": ("*",)}),
+        "plain": (side, {}),
+    }
+    return await compare(cmp, steps, base=base, tag=tag, rounds=rounds, emit=emit)
+
+
 async def bench_echo(
     base: Settings, tag: str, requests: int, rounds: int, emit: Emit
 ) -> Comparison:
@@ -800,6 +837,8 @@ async def run_bench(
                 out[suite] = await bench_naive(settings, tag, n, naive_requests, rounds, emit)
             elif suite == "batching":
                 out[suite] = await bench_batching(settings, tag, n, rounds, emit)
+            elif suite == "memo":
+                out[suite] = await bench_memo(settings, tag, n, rounds, emit)
             else:
                 raise ValueError(f"unknown suite {suite!r}")
     return out

@@ -576,7 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: each prints figures and ratios")
     p.add_argument(
-        "suite", choices=["naive", "echo", "batching", "cache", "all"], nargs="?", default="all"
+        "suite",
+        choices=["naive", "echo", "batching", "memo", "cache", "all"],
+        nargs="?",
+        default="all",
     )
     p.add_argument(
         "--accesses",
