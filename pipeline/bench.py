@@ -724,65 +724,85 @@ async def bench_naive(
     return await compare(cmp, steps, base=base, tag=tag, rounds=rounds, emit=emit)
 
 
-async def bench_batching(
-    base: Settings, tag: str, requests: int, rounds: int, emit: Emit
-) -> Comparison:
-    """Saturated throughput on the article's model: micro-batches against batch size 1."""
+ABSides = tuple[tuple[str, str, dict[str, Any]], tuple[str, str, dict[str, Any]]]
 
+
+async def _settings_ab(
+    suite: str,
+    inputs: Array,
+    sides: ABSides,
+    goal: float,
+    *,
+    base: Settings,
+    tag: str,
+    rounds: int,
+    emit: Emit,
+    detail: dict[str, Any] | None = None,
+) -> Comparison:
+    """The same worker on the article's model and the same inputs, under two settings."""
     model = preset("article")
     params = model.init(0)
-    inputs = (
-        np.random.default_rng(3).standard_normal((requests, model.input_dim)).astype(np.float32)
-    )
+    requests = len(inputs)
 
     async def side(run: RunFigures, settings: Settings) -> None:
+        run.detail.update(detail or {})
         await run_worker_side(
             run, settings, model, params, inputs, None, timeout_s=60.0 + requests / 10
         )
 
+    (key_a, label_a, values_a), (key_b, label_b, values_b) = sides
     cmp = Comparison(
-        "batching",
-        Side("batching", "batched", "micro-batches", "req/s", requests),
-        Side("batching", "single", "batch size 1", "req/s", requests),
-        BATCHING_GOAL,
+        suite,
+        Side(suite, key_a, label_a, "req/s", requests),
+        Side(suite, key_b, label_b, "req/s", requests),
+        goal,
     )
     steps: dict[str, tuple[Step, dict[str, Any]]] = {
-        "batched": (side, {}),
-        "single": (side, {"worker.max_batch_size": 1}),
+        key_a: (side, values_a),
+        key_b: (side, values_b),
     }
     return await compare(cmp, steps, base=base, tag=tag, rounds=rounds, emit=emit)
+
+
+async def bench_batching(
+    base: Settings, tag: str, requests: int, rounds: int, emit: Emit
+) -> Comparison:
+    """Saturated throughput on the article's model: micro-batches against batch size 1."""
+    inputs = np.random.default_rng(3).standard_normal((requests, 1000)).astype(np.float32)
+    sides: ABSides = (
+        ("batched", "micro-batches", {}),
+        ("single", "batch size 1", {"worker.max_batch_size": 1}),
+    )
+    return await _settings_ab(
+        "batching", inputs, sides, BATCHING_GOAL, base=base, tag=tag, rounds=rounds, emit=emit
+    )
 
 
 async def bench_memo(
     base: Settings, tag: str, requests: int, rounds: int, emit: Emit
 ) -> Comparison:
     """The result cache on a workload where 30% of requests repeat an earlier input."""
-
-    model = preset("article")
-    params = model.init(0)
     rng = np.random.default_rng(4)
-    unique = rng.standard_normal((requests, model.input_dim)).astype(np.float32)
+    unique = rng.standard_normal((requests, 1000)).astype(np.float32)
     repeat = rng.random(requests) < 0.3
     source = np.where(repeat, rng.integers(0, np.arange(requests) + 1), np.arange(requests))
     inputs = unique[source]  # row i repeats an earlier row for about 30% of the requests
-
-    async def side(run: RunFigures, settings: Settings) -> None:
-        run.detail["repeat_share"] = round(float(np.mean(source != np.arange(requests))), 3)
-        await run_worker_side(
-            run, settings, model, params, inputs, None, timeout_s=60.0 + requests / 10
-        )
-
-    cmp = Comparison(
-        "memo",
-        Side("memo", "memo", "result cache on", "req/s", requests),
-        Side("memo", "plain", "result cache off", "req/s", requests),
-        MEMO_GOAL,
+    share = round(float(np.mean(source != np.arange(requests))), 3)
+    sides: ABSides = (
+        ("memo", "result cache on", {"cache.result_models": ("*",)}),
+        ("plain", "result cache off", {}),
     )
-    steps: dict[str, tuple[Step, dict[str, Any]]] = {
-        "memo": (side, {"cache.result_models": ("*",)}),
-        "plain": (side, {}),
-    }
-    return await compare(cmp, steps, base=base, tag=tag, rounds=rounds, emit=emit)
+    return await _settings_ab(
+        "memo",
+        inputs,
+        sides,
+        MEMO_GOAL,
+        base=base,
+        tag=tag,
+        rounds=rounds,
+        emit=emit,
+        detail={"repeat_share": share},
+    )
 
 
 async def bench_echo(
