@@ -10,13 +10,17 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
 from pipeline.config import Settings, settings_to_env, with_values
 from pipeline.kafka import ensure_topics
+from pipeline.kv import open_kv
 from pipeline.local import KafkaBroker, RedisServer
+from pipeline.models import preset
+from pipeline.store import ParamStore
 from tests.conftest import BrokerFactory, RedisFactory
 
 
@@ -35,6 +39,15 @@ class Fleet:
     broker: KafkaBroker
     extra_env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+
+    async def publish_mlp(self, name: str, seed: int) -> tuple[Any, dict[str, Any]]:
+        """Publish the mlp preset seeded with ``seed``; returns the model and its params."""
+        model = preset("mlp")
+        params = model.init(seed)
+        async with open_kv(self.settings.redis) as kv:
+            store = ParamStore(kv, prefix=self.settings.redis.key_prefix)
+            await store.publish(name, model.arch, params)
+        return model, params
 
     async def start(self, worker_id: str) -> asyncio.subprocess.Process:
         env = {

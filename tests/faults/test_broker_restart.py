@@ -12,18 +12,12 @@ import numpy as np
 from pipeline.client import InferenceClient
 from pipeline.errors import KvpipeError
 from pipeline.kafka import ensure_topics
-from pipeline.kv import open_kv
-from pipeline.models import preset
-from pipeline.store import ParamStore
 
 
 async def test_broker_restart_on_the_same_port(fault_stack: Any) -> None:
     fleet = await fault_stack()
     settings = fleet.settings
-    model = preset("mlp")
-    params = model.init(8)
-    async with open_kv(settings.redis) as kv:
-        await ParamStore(kv, prefix=settings.redis.key_prefix).publish("m", model.arch, params)
+    model, params = await fleet.publish_mlp("m", seed=8)
     proc = await fleet.start("w")
     x = np.ones((1, 32), dtype=np.float32)
     async with InferenceClient(settings.kafka) as client:

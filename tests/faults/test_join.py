@@ -9,19 +9,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.client import InferenceClient
-from pipeline.kv import open_kv
-from pipeline.models import preset
-from pipeline.store import ParamStore
 from pipeline.wire import Result
 
 
 async def test_a_third_worker_joins_under_load(fault_stack: Any) -> None:
     fleet = await fault_stack(KVPIPE_MAX_IN_FLIGHT="256")
     settings = fleet.settings
-    model = preset("mlp")
-    params = model.init(5)
-    async with open_kv(settings.redis) as kv:
-        await ParamStore(kv, prefix=settings.redis.key_prefix).publish("m", model.arch, params)
+    model, params = await fleet.publish_mlp("m", seed=5)
     await fleet.start("a")
     await fleet.start("b")
     n = 5000

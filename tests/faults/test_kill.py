@@ -9,19 +9,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.client import InferenceClient
-from pipeline.kv import open_kv
-from pipeline.models import preset
-from pipeline.store import ParamStore
 from pipeline.wire import Result
 
 
 async def test_kill_and_restart_one_of_two_workers_three_times(fault_stack: Any) -> None:
     fleet = await fault_stack(KVPIPE_MAX_IN_FLIGHT="256")
     settings = fleet.settings
-    model = preset("mlp")
-    params = model.init(7)
-    async with open_kv(settings.redis) as kv:
-        await ParamStore(kv, prefix=settings.redis.key_prefix).publish("m", model.arch, params)
+    model, params = await fleet.publish_mlp("m", seed=7)
     await fleet.start("steady")
     await fleet.start("victim-0")
     n = 6000

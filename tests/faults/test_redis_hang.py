@@ -9,19 +9,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.client import InferenceClient
-from pipeline.kv import open_kv
-from pipeline.models import preset
-from pipeline.store import ParamStore
 from pipeline.wire import Result
 
 
 async def test_redis_paused_for_five_seconds(fault_stack: Any) -> None:
     fleet = await fault_stack(KVPIPE_VERSION_TTL="0.5", KVPIPE_REDIS_TIMEOUT="0.5")
     settings = fleet.settings
-    model = preset("mlp")
-    params = model.init(3)
-    async with open_kv(settings.redis) as kv:
-        await ParamStore(kv, prefix=settings.redis.key_prefix).publish("m", model.arch, params)
+    model, params = await fleet.publish_mlp("m", seed=3)
     await fleet.start("w")
     n = 3000
     x = np.random.default_rng(2).standard_normal((n, 32)).astype(np.float32)
