@@ -164,27 +164,33 @@ def _check_version(value: object) -> int | None:
     return value
 
 
-def check_inputs(raw: Any, limits: LimitSettings) -> Array:
-    """Turn rows of numbers into a finite float32 matrix within the limits, or raise."""
+def _matrix(raw: Any, what: str, kinds: str, kind_name: str, limits: LimitSettings) -> Any:
+    """``raw`` as a non-empty 2-D array of the given dtype kinds within the limits, or raise."""
     try:
         arr = np.asarray(raw)
     except (ValueError, TypeError) as exc:
-        raise RequestError(f"inputs are not a rectangular array: {exc}", code="bad_shape") from None
-    if arr.dtype.kind not in "iuf":
-        raise RequestError(f"inputs must be numbers, got dtype {arr.dtype}", code="bad_dtype")
+        raise RequestError(f"{what} are not a rectangular array: {exc}", code="bad_shape") from None
+    if arr.dtype.kind not in kinds:
+        raise RequestError(f"{what} must be {kind_name}, got dtype {arr.dtype}", code="bad_dtype")
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise RequestError(
-            f"inputs must be a non-empty list of rows (2-D), got shape {arr.shape}",
+            f"{what} must be a non-empty list of rows (2-D), got shape {arr.shape}",
             code="bad_shape",
         )
     if arr.size > limits.max_elements or arr.shape[0] > limits.max_rows:
         raise RequestError(
-            f"inputs of shape {arr.shape} are over the limits ({limits.max_rows} rows, "
+            f"{what} of shape {arr.shape} are over the limits ({limits.max_rows} rows, "
             f"{limits.max_elements} elements)",
             code="too_large",
         )
+    return arr
+
+
+def check_inputs(raw: Any, limits: LimitSettings) -> Array:
+    """Turn rows of numbers into a finite float32 matrix within the limits, or raise."""
+    arr = _matrix(raw, "inputs", "iuf", "numbers", limits)
     with np.errstate(over="ignore", invalid="ignore"):
-        out = np.ascontiguousarray(arr, dtype=np.float32)
+        out: Array = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(out).all():
         raise RequestError("inputs contain NaN or infinity (in float32)", code="non_finite")
     return out
@@ -192,25 +198,11 @@ def check_inputs(raw: Any, limits: LimitSettings) -> Array:
 
 def check_ids(raw: Any, limits: LimitSettings) -> npt.NDArray[np.int64]:
     """Turn rows of integer ids into an int64 matrix within the limits, or raise."""
-    try:
-        arr = np.asarray(raw)
-    except (ValueError, TypeError) as exc:
-        raise RequestError(f"ids are not a rectangular array: {exc}", code="bad_shape") from None
-    if arr.dtype.kind not in "iu":
-        raise RequestError(f"ids must be integers, got dtype {arr.dtype}", code="bad_dtype")
-    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise RequestError(
-            f"ids must be a non-empty list of rows (2-D), got shape {arr.shape}", code="bad_shape"
-        )
-    if arr.size > limits.max_elements or arr.shape[0] > limits.max_rows:
-        raise RequestError(
-            f"ids of shape {arr.shape} are over the limits ({limits.max_rows} rows, "
-            f"{limits.max_elements} elements)",
-            code="too_large",
-        )
+    arr = _matrix(raw, "ids", "iu", "integers", limits)
     if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
         raise RequestError("ids are out of range", code="bad_ids")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    ids: npt.NDArray[np.int64] = np.ascontiguousarray(arr, dtype=np.int64)
+    return ids
 
 
 def decode_request(
