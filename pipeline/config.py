@@ -113,6 +113,7 @@ class WorkerSettings:
     commit_interval_s: float = 0.2
     send_timeout_s: float = 10.0
     shutdown_timeout_s: float = 20.0
+    watchdog_s: float = 30.0
     worker_id: str = ""
     listen_updates: bool = True
     metrics_host: str = "127.0.0.1"
@@ -336,6 +337,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "worker.blas_threads",
         _positive_int,
         "BLAS threads per compute thread (1: parallelism comes from the compute threads)",
+    ),
+    EnvVar(
+        "KVPIPE_WATCHDOG_S",
+        "worker.watchdog_s",
+        _non_negative_float,
+        "Restart the consumer after this many seconds behind with nothing fetched (0: off)",
     ),
     EnvVar(
         "KVPIPE_LISTEN_UPDATES",

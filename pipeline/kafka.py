@@ -334,6 +334,23 @@ class Consumer(AsyncResource):
             out[Partition(tp.topic, tp.partition)] = max(0, high - position)
         return out
 
+    async def behind(self) -> int | None:
+        """Messages the broker holds past this consumer's positions; None if it cannot tell."""
+        tps = list(self._consumer.assignment())
+        if not tps:
+            return 0
+        try:
+            ends = await asyncio.wait_for(
+                self._consumer.end_offsets(tps), self.settings.request_timeout_s
+            )
+            total = 0
+            for tp in tps:
+                position = await asyncio.wait_for(self._consumer.position(tp), 2.0)
+                total += max(0, ends[tp] - position)
+        except (KafkaError, TimeoutError, OSError):
+            return None
+        return total
+
     async def commit(self, offsets: dict[Partition, int]) -> None:
         """Commit positions (the next offset to read) for the given partitions."""
         if not offsets:

@@ -48,6 +48,7 @@ METRIC_NAMES = (
     "kvpipe_in_flight",
     "kvpipe_assigned_partitions",
     "kvpipe_updates_applied_total",
+    "kvpipe_consumer_restarts_total",
     "kvpipe_cache_hits_total",
     "kvpipe_cache_misses_total",
     "kvpipe_cache_loads_total",
@@ -94,6 +95,12 @@ class _LiveCollector(Collector):
         ):
             if name in live:
                 yield GaugeMetricFamily(f"kvpipe_{name}", text, value=live[name])
+        if "consumer_restarts" in live:
+            yield CounterMetricFamily(
+                "kvpipe_consumer_restarts",
+                "Consumers the watchdog replaced (stuck behind, nothing fetched)",
+                value=live["consumer_restarts"],
+            )
         if "updates_applied" in live:
             yield CounterMetricFamily(
                 "kvpipe_updates_applied", "Announcements applied", value=live["updates_applied"]

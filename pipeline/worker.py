@@ -64,6 +64,8 @@ class WorkerStats:
     batches_waited_on_load: int = 0
     memo_hits: int = 0
     memo_misses: int = 0
+    consumer_restarts: int = 0
+    rebalances: int = 0
     errors_by_code: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -183,7 +185,11 @@ class Worker(AsyncResource):
         self._executor = ThreadPoolExecutor(
             max_workers=self._cfg.compute_threads, thread_name_prefix="kvpipe-compute"
         )
-        self._consumer = Consumer(
+        self._consumer = self._new_consumer()
+        await self._consumer.start()
+
+    def _new_consumer(self) -> Consumer:
+        return Consumer(
             self._kafka,
             [self._kafka.requests_topic],
             group_id=self._kafka.group_id,
@@ -192,7 +198,6 @@ class Worker(AsyncResource):
             session_timeout_ms=self._kafka.session_timeout_ms,
             heartbeat_interval_ms=self._kafka.heartbeat_interval_ms,
         )
-        await self._consumer.start()
 
     async def aclose(self) -> None:
         """Cancel leftover work, leave the group, stop compute threads; safe twice."""
@@ -219,9 +224,12 @@ class Worker(AsyncResource):
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain: finish and answer what was fetched, commit."""
         loop = asyncio.get_running_loop()
-        consumer = self.consumer
         next_commit = loop.time() + self._cfg.commit_interval_s
         next_stats = loop.time() + 10.0
+        watchdog_s = self._cfg.watchdog_s
+        watch_every = min(watchdog_s / 4, 5.0)
+        progress = next_watch = loop.time()
+        behind_since: float | None = None
         log.info(
             "worker_started",
             worker=self.worker_id,
@@ -231,10 +239,11 @@ class Worker(AsyncResource):
         while not stop.is_set():
             room = self._cfg.max_in_flight - self._tracker.in_flight
             if room <= 0:
+                progress = loop.time()  # holding back on purpose, not stuck
                 await self._tracker.wait_changed(0.05)
             else:
                 try:
-                    messages = await consumer.getmany(
+                    messages = await self.consumer.getmany(
                         timeout_ms=100, max_records=min(room, self._cfg.fetch_max_records)
                     )
                 except BrokerUnavailable as exc:
@@ -242,8 +251,21 @@ class Worker(AsyncResource):
                     await asyncio.sleep(0.5)
                     messages = []
                 if messages:
+                    progress = loop.time()
                     self._dispatch(messages)
             now = loop.time()
+            if watchdog_s and now >= next_watch and now - progress >= watch_every:
+                # Stuck = behind the broker's end for watchdog_s with nothing fetched; an idle
+                # worker that is caught up is not stuck, so waiting starts when it falls behind.
+                next_watch = now + watch_every
+                behind = await self.consumer.behind()
+                if not behind:
+                    behind_since = None
+                elif behind_since is None or behind_since < progress:
+                    behind_since = now
+                elif now - behind_since >= watchdog_s:
+                    await self._restart_consumer(behind, now - behind_since)
+                    progress, behind_since = loop.time(), None
             if now >= next_commit:
                 await self._commit()
                 next_commit = now + self._cfg.commit_interval_s
@@ -268,6 +290,35 @@ class Worker(AsyncResource):
             **self.stats.as_dict(),
         )
 
+    async def _restart_consumer(self, behind: int, stuck_s: float) -> None:
+        """Replace a consumer that stopped fetching (aiokafka#1154): finish and commit what
+        was fetched, leave the group, join again with a new consumer."""
+        old = self.consumer
+        log.warning(
+            "consumer_stuck",
+            worker=self.worker_id,
+            stuck_s=round(stuck_s, 1),
+            behind=behind,
+            partitions=[str(p) for p in old.assignment()],
+        )
+        await self._on_revoked(old.assignment())
+        await old.aclose()
+        self.assigned.clear()
+        self.stats.consumer_restarts += 1
+        for attempt in range(1, 4):
+            self._consumer = self._new_consumer()
+            try:
+                await self._consumer.start()
+            except BrokerUnavailable as exc:
+                await self._consumer.aclose()
+                log.warning("consumer_restart_failed", attempt=attempt, error=str(exc))
+                if attempt == 3:
+                    raise  # exit loudly: a supervisor restarts a process, nothing restarts a hang
+                await asyncio.sleep(attempt)
+            else:
+                break
+        log.info("consumer_restarted", worker=self.worker_id, restarts=self.stats.consumer_restarts)
+
     def _live_figures(self) -> dict[str, Any]:
         live: dict[str, Any] = {
             "cache": self.registry.cache.stats,
@@ -275,6 +326,7 @@ class Worker(AsyncResource):
             "assigned_partitions": 0
             if self._consumer is None
             else len(self._consumer.assignment()),
+            "consumer_restarts": self.stats.consumer_restarts,
         }
         if self.listener is not None:
             live["updates_applied"] = self.listener.stats.applied
@@ -307,6 +359,7 @@ class Worker(AsyncResource):
         """Finish work of revoked partitions (bounded), commit it, then forget them."""
         if not partitions:
             return
+        self.stats.rebalances += 1
         for key in list(self._pending):
             self._flush(key)  # waiting batches run now, so their partitions can commit
         idle = await self._tracker.wait_idle(partitions, min(self._cfg.shutdown_timeout_s, 5.0))

@@ -15,12 +15,14 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from pipeline.config import Settings, settings_to_env, with_values
+from consumers.inference import MakeRegistry, start_serving
+from pipeline.config import Settings, settings_from_env, settings_to_env, with_values
 from pipeline.kafka import ensure_topics
 from pipeline.kv import open_kv
 from pipeline.local import KafkaBroker, RedisServer
 from pipeline.models import preset
 from pipeline.store import ParamStore
+from pipeline.worker import Worker
 from tests.conftest import BrokerFactory, RedisFactory
 
 
@@ -39,6 +41,7 @@ class Fleet:
     broker: KafkaBroker
     extra_env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    here: list[tuple[asyncio.Event, asyncio.Task[Any]]] = field(default_factory=list)
 
     async def publish_mlp(self, name: str, seed: int) -> tuple[Any, dict[str, Any]]:
         """Publish the mlp preset seeded with ``seed``; returns the model and its params."""
@@ -68,10 +71,37 @@ class Fleet:
         self.procs[worker_id] = proc
         return proc
 
+    async def serve_here(
+        self,
+        worker_id: str,
+        *,
+        make_registry: MakeRegistry | None = None,
+        values: dict[str, Any] | None = None,
+    ) -> Worker:
+        """A worker in this event loop (to read its counters or swap its model), ready."""
+        settings = with_values(
+            settings_from_env(self.extra_env, self.settings),
+            {"worker.worker_id": worker_id, **(values or {})},
+        )
+        stop = asyncio.Event()
+        worker, task = await start_serving(
+            settings, stop, make_registry=make_registry, timeout_s=30
+        )
+        self.here.append((stop, task))
+        return worker
+
     def kill(self, worker_id: str) -> None:
         self.procs[worker_id].send_signal(signal.SIGKILL)
 
     async def stop_all(self) -> None:
+        for stop, _ in self.here:
+            stop.set()
+        for _, task in self.here:
+            try:
+                await asyncio.wait_for(task, 30)
+            except BaseException:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for proc in self.procs.values():
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)

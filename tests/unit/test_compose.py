@@ -548,7 +548,13 @@ def histograms() -> set[str]:
 def exported_series() -> set[str]:
     """The sample names a worker's /metrics carries, from a WorkerMetrics fed one of each."""
     metrics = WorkerMetrics()
-    live = {"cache": CacheStats(), "in_flight": 0, "assigned_partitions": 0, "updates_applied": 0}
+    live = {
+        "cache": CacheStats(),
+        "in_flight": 0,
+        "assigned_partitions": 0,
+        "updates_applied": 0,
+        "consumer_restarts": 0,
+    }
     metrics.bind(lambda: live)
     metrics.record_batch("m", 1, rows=1, queue_s=0.001, load_s=0.0, compute_s=0.001)
     metrics.record_results(Tally({("m", "ok", ""): 1}), [0.002])
