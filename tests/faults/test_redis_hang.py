@@ -7,13 +7,17 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+import pytest
 
 from pipeline.client import InferenceClient
 from pipeline.wire import Result
 
 
-async def test_redis_paused_for_five_seconds(fault_stack: Any) -> None:
-    fleet = await fault_stack(KVPIPE_VERSION_TTL="0.5", KVPIPE_REDIS_TIMEOUT="0.5")
+@pytest.mark.parametrize("backend", ["redis-py", "asyncio-redis"])
+async def test_redis_paused_for_five_seconds(fault_stack: Any, backend: str) -> None:
+    fleet = await fault_stack(
+        KVPIPE_VERSION_TTL="0.5", KVPIPE_REDIS_TIMEOUT="0.5", KVPIPE_REDIS_BACKEND=backend
+    )
     settings = fleet.settings
     model, params = await fleet.publish_mlp("m", seed=3)
     await fleet.start("w")
@@ -63,6 +67,6 @@ async def test_redis_paused_for_five_seconds(fault_stack: Any) -> None:
     assert during, "no answers while Redis was paused"
     assert all(got[rid].stale for rid in during)
     print(
-        f"\nRedis paused 5 s: {n} requests all answered; {len(during)} answered during the "
-        f"pause, all stale; by source {dict(codes)}"
+        f"\nRedis paused 5 s ({backend}): {n} requests all answered; {len(during)} answered "
+        f"during the pause, all stale; by source {dict(codes)}"
     )
