@@ -75,6 +75,16 @@ class WorkerStats:
 
 
 @dataclass(slots=True)
+class _MemoSplit:
+    """A batch split by the result cache (see ``Worker._memo_split``)."""
+
+    hits: list[tuple[_Item, Any]] = field(default_factory=list)
+    misses: list[_Item] = field(default_factory=list)
+    keys: list[tuple[str, str, int, bytes]] = field(default_factory=list)
+    repeats: list[tuple[_Item, int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class _Item:
     message: Message
     request: Request
@@ -524,13 +534,12 @@ class Worker(AsyncResource):
             await self._reply(answers)
             return
         loaded = time.perf_counter()
-        memo_hits = self._memo_lookup(resolved, good)
-        if memo_hits:
-            hit_ids = {id(it) for it, _ in memo_hits}
-            good = [it for it in good if id(it) not in hit_ids]
-            memo_timings = {"load_ms": round((loaded - started) * 1000, 3), "compute_ms": 0.0}
+        memo = self._memo_split(resolved, good)
+        memo_timings = {"load_ms": round((loaded - started) * 1000, 3), "compute_ms": 0.0}
+        if memo is not None:
+            good = memo.misses
             answers += self._ok_results(
-                memo_hits, resolved.version, "memo", False, started_wall, memo_timings
+                memo.hits, resolved.version, "memo", False, started_wall, memo_timings
             )
         if good:
             try:
@@ -538,8 +547,9 @@ class Worker(AsyncResource):
             except Exception as exc:
                 log.exception("compute_failed", model=model, version=resolved.version)
                 failure = KvpipeError(f"compute failed: {type(exc).__name__}: {exc}")
+                failed = good + ([it for it, _ in memo.repeats] if memo is not None else [])
                 answers += [
-                    (it, error_result(it.request, failure, worker=self.worker_id)) for it in good
+                    (it, error_result(it.request, failure, worker=self.worker_id)) for it in failed
                 ]
             else:
                 computed = time.perf_counter()
@@ -556,7 +566,16 @@ class Worker(AsyncResource):
                         loaded - started,
                         computed - loaded,
                     )
-                self._memo_store(resolved, good, outputs)
+                if memo is not None:
+                    self._memo_store(memo.keys, outputs)
+                    answers += self._ok_results(
+                        [(it, outputs[j]) for it, j in memo.repeats],
+                        resolved.version,
+                        "memo",
+                        source is Source.STALE,
+                        started_wall,
+                        memo_timings,
+                    )
                 timings = {
                     "load_ms": round((loaded - started) * 1000, 3),
                     "compute_ms": round((computed - loaded) * 1000, 3),
@@ -625,28 +644,35 @@ class Worker(AsyncResource):
         chosen = self.settings.cache.result_models
         return "*" in chosen or resolved.name in chosen
 
-    def _memo_lookup(self, resolved: Resolved, items: list[_Item]) -> list[tuple[_Item, Any]]:
+    def _memo_split(self, resolved: Resolved, items: list[_Item]) -> _MemoSplit | None:
+        """Split a batch by the result cache: answered already, to compute, and repeats of
+        an input earlier in this same batch (computed once, answered for each)."""
         if not items or not self._memo_on(resolved):
-            return []
+            return None
         assert self._memo is not None
-        hits = []
+        split = _MemoSplit()
+        first: dict[tuple[str, str, int, bytes], int] = {}
         for it in items:
-            out = self._memo.peek(self._memo_key(resolved, it.request))
-            if out is None:
-                self.stats.memo_misses += 1
+            key = self._memo_key(resolved, it.request)
+            out = self._memo.peek(key)
+            if out is not None:
+                split.hits.append((it, out))
+            elif key in first:
+                split.repeats.append((it, first[key]))
             else:
-                self.stats.memo_hits += 1
-                hits.append((it, out))
-        return hits
+                first[key] = len(split.misses)
+                split.misses.append(it)
+                split.keys.append(key)
+        self.stats.memo_hits += len(split.hits) + len(split.repeats)
+        self.stats.memo_misses += len(split.misses)
+        return split
 
-    def _memo_store(self, resolved: Resolved, items: list[_Item], outputs: list[Any]) -> None:
-        if not self._memo_on(resolved):
-            return
+    def _memo_store(self, keys: list[tuple[str, str, int, bytes]], outputs: list[Any]) -> None:
         assert self._memo is not None
-        for it, out in zip(items, outputs, strict=True):
+        for key, out in zip(keys, outputs, strict=True):
             out = np.array(out)  # its own buffer: a split view would pin the whole batch
             out.flags.writeable = False
-            self._memo.put(self._memo_key(resolved, it.request), out)
+            self._memo.put(key, out)
 
     def _log_params_failure(
         self, model: str, version: int | None, exc: KvpipeError, requests: int

@@ -43,3 +43,27 @@ async def test_repeats_are_memoized_per_version(
         np.testing.assert_allclose(r.outputs, model.forward(p2, x[i : i + 1]), rtol=1e-4, atol=1e-5)  # type: ignore[arg-type]
     stats = running.worker.stats
     assert stats.memo_hits == 30 and stats.memo_misses == 100
+
+
+async def test_repeats_within_one_batch_are_computed_once(
+    make_settings: Any, start_worker: Any, make_client: Any
+) -> None:
+    settings = make_settings(cache__result_models=("*",), worker__max_wait_ms=500.0)
+    model = preset("mlp")
+    params = model.init(3)
+    async with open_kv(settings.redis) as kv:
+        await ParamStore(kv, prefix=settings.redis.key_prefix).publish("m", model.arch, params)
+    await make_client(settings)
+    running = await start_worker(settings)
+    unique = np.random.default_rng(5).standard_normal((4, 32)).astype(np.float32)
+    order = [i % 4 for i in range(40)]  # 4 inputs, each sent 10 times, all at once
+    async with InferenceClient(settings.kafka) as client:
+        results = await asyncio.gather(*(client.infer("m", unique[j : j + 1]) for j in order))
+    for j, r in zip(order, results, strict=True):
+        np.testing.assert_allclose(
+            r.outputs, model.forward(params, unique[j : j + 1]), rtol=1e-4, atol=1e-5
+        )  # type: ignore[arg-type]
+    stats = running.worker.stats
+    assert stats.batched_rows == 4, "a repeated input was computed more than once"
+    assert stats.memo_hits == 36 and stats.memo_misses == 4
+    assert sum(r.cache == "memo" for r in results) == 36
