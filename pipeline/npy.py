@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 import io
+import re
+import struct
 
 import numpy as np
 import numpy.typing as npt
 
 _ALLOWED_KINDS = frozenset("biuf")
+_MAGIC_V1 = b"\x93NUMPY\x01\x00"
+# The header numpy writes for a plain C-order array (version 1.0). Anything else takes the
+# general path through numpy's own header reader.
+_SIMPLE_HEADER = re.compile(
+    rb"\{'descr': '([<>|]?[biuf][0-9]{1,2})', 'fortran_order': False, "
+    rb"'shape': \(((?:[0-9]+, ?)*[0-9]*)\), \} *\n"
+)
+_dtypes: dict[bytes, np.dtype[np.generic]] = {}
+
+
+def _dtype(descr: bytes) -> np.dtype[np.generic]:
+    dtype = _dtypes.get(descr)
+    if dtype is None:
+        dtype = _dtypes[descr] = np.dtype(descr.decode())
+    return dtype
+
+
+def _header(dtype: np.dtype[np.generic], shape: tuple[int, ...]) -> bytes:
+    """The version 1.0 header numpy's ``write_array`` writes, padded to 64 bytes."""
+    text = f"{{'descr': {dtype.str!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
+    pad = 64 - (len(_MAGIC_V1) + 2 + len(text) + 1) % 64
+    body = (text + " " * pad + "\n").encode("latin1")
+    return _MAGIC_V1 + struct.pack("<H", len(body)) + body
 
 
 def to_npy(array: npt.ArrayLike) -> bytes:
@@ -15,8 +40,12 @@ def to_npy(array: npt.ArrayLike) -> bytes:
     arr = np.asarray(array)
     if arr.dtype.kind not in _ALLOWED_KINDS:
         raise ValueError(f"dtype {arr.dtype} cannot be stored; use a numeric dtype")
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    if not arr.flags.c_contiguous:
+        arr = arr.copy(order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
+    if arr.dtype.fields is None and arr.dtype.str[1:2] in _ALLOWED_KINDS:
+        return _header(arr.dtype, arr.shape) + arr.tobytes()
+    buf = io.BytesIO()  # pragma: no cover - numeric dtypes always take the path above
+    np.lib.format.write_array(buf, arr, allow_pickle=False)
     return buf.getvalue()
 
 
@@ -30,6 +59,35 @@ def from_npy(
     """
     if max_bytes is not None and len(data) > max_bytes:
         raise ValueError(f"npy payload of {len(data)} bytes is over the limit of {max_bytes}")
+    if data[:8] == _MAGIC_V1 and len(data) >= 10:
+        end = 10 + struct.unpack_from("<H", data, 8)[0]
+        m = _SIMPLE_HEADER.fullmatch(data, 10, end)
+        if m is not None:
+            return _simple(data, m, end, max_elements)
+    return _general(data, max_elements)
+
+
+def _simple(
+    data: bytes, m: re.Match[bytes], end: int, max_elements: int | None
+) -> npt.NDArray[np.generic]:
+    """The common header, read with one regex instead of numpy's ``literal_eval``."""
+    dtype = _dtype(m.group(1))
+    shape = tuple(int(d) for d in m.group(2).split(b",") if d.strip())
+    count = 1
+    for d in shape:
+        count *= d
+    if max_elements is not None and count > max_elements:
+        raise ValueError(f"npy array of {count} elements is over the limit of {max_elements}")
+    body = len(data) - end
+    if body != count * dtype.itemsize:
+        raise ValueError(
+            f"npy body is {body} bytes but shape {shape} of {dtype} needs {count * dtype.itemsize}"
+        )
+    return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape).copy()
+
+
+def _general(data: bytes, max_elements: int | None) -> npt.NDArray[np.generic]:
+    """Any other ``.npy``: numpy's header reader, the same checks, never a pickle."""
     buf = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(buf)

@@ -51,3 +51,32 @@ def test_truncated_and_garbage_bytes() -> None:
         from_npy(b"\x93NUMPY garbage")
     with pytest.raises(ValueError):
         from_npy(b"")
+
+
+SHAPES = [(), (0,), (1,), (1000,), (1, 1000), (3, 4), (2, 3, 5), (1, 0), (70000,)]
+DTYPES = ["float32", ">f4", "float64", "float16", "int8", "int64", "<u2", ">i8", "uint8", "bool"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_fast_path_writes_and_reads_exactly_what_numpy_does(
+    shape: tuple[int, ...], dtype: str
+) -> None:
+    count = int(np.prod(shape)) if shape else 1
+    arr = (np.arange(count) % 7).astype(dtype).reshape(shape)
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    assert to_npy(arr) == buf.getvalue()  # byte for byte, padding included
+    out = from_npy(buf.getvalue())
+    assert out.dtype == arr.dtype and out.shape == arr.shape and np.array_equal(out, arr)
+    assert out.flags.writeable and out.flags.c_contiguous
+
+
+def test_a_header_the_fast_path_does_not_know_still_reads() -> None:
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    header = "{'shape': (2, 3), 'fortran_order': False, 'descr': '<f4'}"  # keys reordered
+    text = header + " " * (64 - (10 + len(header) + 1) % 64) + "\n"
+    data = b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode() + arr.tobytes()
+    assert np.array_equal(from_npy(data), arr)
+    with pytest.raises(ValueError, match="needs"):
+        from_npy(data[:-1])
