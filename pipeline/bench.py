@@ -11,6 +11,14 @@ checked: a side with a wrong, failed or missing answer has no figure.
   and every tensor from Redis for each request (:class:`NaiveRegistry`, batches of one).
 - ``echo``: a bare aiokafka consume -> produce loop (the floor any Kafka worker sits on),
   against the real worker on the small MLP, same backlog and partition count.
+- ``batching``: micro-batches against batch size 1, on the article's model and the small MLP.
+- ``memo``: the result cache on and off, 30% of requests repeating an earlier input.
+- ``e2e`` (:mod:`pipeline.bench_e2e`): open-loop latency per offered rate, worker and echo
+  as processes of their own. ``scale`` (:mod:`pipeline.bench_scale`): one worker process
+  against two. ``cache``: the offline eviction simulation.
+
+Every suite prints its table and writes ``DIR/SUITE.json`` and, with matplotlib,
+``DIR/SUITE.png`` (:mod:`pipeline.plots`).
 """
 
 from __future__ import annotations
@@ -25,20 +33,20 @@ import platform
 import sys
 import time
 import uuid
-from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumers.inference import MakeRegistry, start_serving
 from pipeline.cache import ParamCache, Source
 from pipeline.config import KafkaSettings, Settings, with_values
+from pipeline.echo import echo_loop
 from pipeline.errors import ConfigError, KvpipeError, UnreadableMessage
 from pipeline.kafka import Consumer, Message, Producer, ensure_topics
 from pipeline.kv import open_kv
@@ -56,7 +64,15 @@ NAIVE_GOAL = 50.0
 ECHO_GOAL = 0.3
 BATCHING_GOAL = 2.5
 MEMO_GOAL = 1.0
-DEFAULT_REQUESTS = {"naive": 2000, "echo": 50000, "batching": 3000, "memo": 3000}
+DEFAULT_REQUESTS = {
+    "naive": 2000,
+    "echo": 50000,
+    "batching": 3000,
+    "batching-mlp": 20000,
+    "memo": 3000,
+    "scale": 8000,
+}
+DEFAULT_OUT = "bench-results"
 DEFAULT_NAIVE_REQUESTS = 200
 DEFAULT_ROUNDS = 2
 PARTITIONS = 4
@@ -420,9 +436,19 @@ def side_settings(
     return with_values(base, values)
 
 
+class Answers(Protocol):
+    """What :func:`verify_results` reads: the first message of each key, and the repeats."""
+
+    @property
+    def first(self) -> dict[bytes, Message]: ...
+
+    @property
+    def duplicates(self) -> int: ...
+
+
 def verify_results(
     fig: RunFigures,
-    arrivals: Arrivals,
+    arrivals: Answers,
     ids: Sequence[str],
     expected: Array,
     version: int,
@@ -523,91 +549,6 @@ async def run_worker_side(
 
 
 # -- the echo baseline ---------------------------------------------------------------------------
-
-
-class _AssignedListener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, assigned: asyncio.Event) -> None:
-        self._assigned = assigned
-
-    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        return None
-
-    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        if list(assigned):
-            self._assigned.set()
-
-
-async def echo_loop(
-    kafka: KafkaSettings,
-    source: str,
-    sink: str,
-    stop: asyncio.Event,
-    assigned: asyncio.Event,
-    commit_interval_s: float = 0.2,
-) -> int:
-    """The baseline: consume in a group, forward each message as is, commit what was acked."""
-    # Client options as in pipeline.kafka (acks=all, linger 5 ms, fetch wait 100 ms, at most
-    # 1000 records a fetch), so the two sides differ only in what happens between them.
-    common: dict[str, Any] = {
-        "bootstrap_servers": kafka.bootstrap.split(","),
-        "client_id": kafka.client_id,
-        "request_timeout_ms": int(kafka.request_timeout_s * 1000),
-    }
-    consumer = AIOKafkaConsumer(
-        **common,
-        group_id=kafka.group_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=kafka.session_timeout_ms,
-        heartbeat_interval_ms=kafka.heartbeat_interval_ms,
-        fetch_max_wait_ms=100,
-        metadata_max_age_ms=5_000,
-    )
-    producer = AIOKafkaProducer(
-        **common,
-        acks="all",
-        linger_ms=5,
-        max_request_size=kafka.max_message_bytes,
-        enable_idempotence=False,
-    )
-    loop = asyncio.get_running_loop()
-    pending: deque[tuple[TopicPartition, int, asyncio.Future[Any]]] = deque()
-    commits = 0
-
-    async def commit_acked() -> None:
-        nonlocal commits
-        offsets: dict[TopicPartition, int] = {}
-        while pending and pending[0][2].done():
-            tp, position, fut = pending.popleft()
-            fut.result()  # a failed send is a failed baseline
-            offsets[tp] = position
-        if offsets:
-            await asyncio.wait_for(consumer.commit(offsets), kafka.request_timeout_s)
-            commits += 1
-
-    try:
-        await asyncio.wait_for(producer.start(), kafka.request_timeout_s)
-        await asyncio.wait_for(consumer.start(), kafka.request_timeout_s)
-        consumer.subscribe([source], listener=_AssignedListener(assigned))
-        next_commit = loop.time() + commit_interval_s
-        while not stop.is_set():
-            batches = await consumer.getmany(timeout_ms=100, max_records=1000)
-            for tp, records in batches.items():
-                for r in records:
-                    fut = await producer.send(
-                        sink, value=r.value, key=r.key, headers=list(r.headers or ())
-                    )
-                    pending.append((tp, r.offset + 1, fut))
-            if loop.time() >= next_commit:
-                await commit_acked()
-                next_commit = loop.time() + commit_interval_s
-        await asyncio.wait_for(producer.flush(), kafka.request_timeout_s)
-        await commit_acked()
-        return commits
-    finally:
-        for client in (consumer, producer):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.stop(), kafka.request_timeout_s)
 
 
 async def run_echo_side(
@@ -738,9 +679,11 @@ async def _settings_ab(
     rounds: int,
     emit: Emit,
     detail: dict[str, Any] | None = None,
+    model: Model | None = None,
 ) -> Comparison:
-    """The same worker on the article's model and the same inputs, under two settings."""
-    model = preset("article")
+    """The same worker on one model (the article's by default) and the same inputs, under
+    two settings."""
+    model = model or preset("article")
     params = model.init(0)
     requests = len(inputs)
 
@@ -773,9 +716,27 @@ async def bench_batching(
         ("batched", "micro-batches", {}),
         ("single", "batch size 1", {"worker.max_batch_size": 1}),
     )
+    emit("batching the article's model (two 1000x1000 heads)")
     return await _settings_ab(
         "batching", inputs, sides, BATCHING_GOAL, base=base, tag=tag, rounds=rounds, emit=emit
     )
+
+
+async def bench_batching_mlp(
+    base: Settings, tag: str, requests: int, rounds: int, emit: Emit
+) -> Comparison:
+    """The same comparison on the small MLP (32-64-8), where Kafka work dominates compute."""
+    model = preset("mlp")
+    inputs = np.random.default_rng(7).standard_normal((requests, model.input_dim))
+    sides: ABSides = (
+        ("batched", "micro-batches", {}),
+        ("single", "batch size 1", {"worker.max_batch_size": 1}),
+    )
+    emit("batching the small MLP (32-64-8)")
+    return await _settings_ab(
+        "batching", inputs.astype(np.float32), sides, BATCHING_GOAL,
+        base=base, tag=f"{tag}-mlp", rounds=rounds, emit=emit, model=model,
+    )  # fmt: skip
 
 
 async def bench_memo(
@@ -835,32 +796,91 @@ async def bench_echo(
     return await compare(cmp, steps, base=base, tag=tag, rounds=rounds, emit=emit)
 
 
+@dataclass
+class Options:
+    """What the suites were asked for (None: each suite's default)."""
+
+    requests: int | None = None
+    naive_requests: int = DEFAULT_NAIVE_REQUESTS
+    rounds: int = DEFAULT_ROUNDS
+    rates: tuple[float, ...] | None = None
+    duration_s: float | None = None
+    layers: list[int] | None = None
+
+    def count(self, key: str) -> int:
+        """Requests per run of the comparison ``key``."""
+        return self.requests or DEFAULT_REQUESTS[key]
+
+
+class Result(Protocol):
+    """What every suite's result offers: whether every answer was right, and its JSON."""
+
+    @property
+    def passed(self) -> bool: ...
+
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+async def run_suite(
+    suite: str, settings: Settings, tag: str, opts: Options, emit: Emit
+) -> dict[str, Result]:
+    """One suite on running services; its results by key (batching has two)."""
+    rounds = opts.rounds
+    if suite == "echo":
+        return {"echo": await bench_echo(settings, tag, opts.count("echo"), rounds, emit)}
+    if suite == "naive":
+        n, naive_n = opts.count("naive"), opts.naive_requests
+        return {"naive": await bench_naive(settings, tag, n, naive_n, rounds, emit)}
+    if suite == "batching":
+        article = await bench_batching(settings, tag, opts.count("batching"), rounds, emit)
+        mlp = await bench_batching_mlp(settings, tag, opts.count("batching-mlp"), rounds, emit)
+        return {"batching": article, "batching-mlp": mlp}
+    if suite == "memo":
+        return {"memo": await bench_memo(settings, tag, opts.count("memo"), rounds, emit)}
+    if suite == "e2e":
+        from pipeline.bench_e2e import DEFAULT_DURATION_S, DEFAULT_RATES, bench_e2e
+
+        try:
+            return {
+                "e2e": await bench_e2e(
+                    side_settings(settings, tag, "e2e-worker"),
+                    side_settings(settings, tag, "e2e-echo"),
+                    rates=opts.rates or DEFAULT_RATES,
+                    duration_s=opts.duration_s or DEFAULT_DURATION_S,
+                    emit=emit,
+                )
+            }
+        finally:
+            await drop_topics(side_settings(settings, tag, "e2e-worker").kafka)
+            await drop_topics(side_settings(settings, tag, "e2e-echo").kafka)
+    if suite == "scale":
+        from pipeline.bench_scale import bench_scale
+
+        n = opts.count("scale")
+        return {"scale": await bench_scale(settings, tag, n, rounds, emit, layers=opts.layers)}
+    raise ValueError(f"unknown suite {suite!r}")
+
+
 async def run_bench(
     suites: Sequence[str],
+    opts: Options | None = None,
     *,
-    requests: int | None = None,
-    naive_requests: int = DEFAULT_NAIVE_REQUESTS,
-    rounds: int = DEFAULT_ROUNDS,
     base: Settings | None = None,
     emit: Emit = print,
-) -> dict[str, Comparison]:
-    """Run the suites on fresh local services (stopped afterwards, also on failure)."""
+    seconds: dict[str, float] | None = None,
+) -> dict[str, Result]:
+    """Run the suites on fresh local services (stopped afterwards, also on failure); the
+    time each took goes into ``seconds``."""
+    opts = opts or Options()
     tag = uuid.uuid4().hex[:8]
-    out: dict[str, Comparison] = {}
+    out: dict[str, Result] = {}
     async with LocalServices() as local:
         settings = local.settings(base)
         for suite in suites:
-            n = requests or DEFAULT_REQUESTS[suite]
-            if suite == "echo":
-                out[suite] = await bench_echo(settings, tag, n, rounds, emit)
-            elif suite == "naive":
-                out[suite] = await bench_naive(settings, tag, n, naive_requests, rounds, emit)
-            elif suite == "batching":
-                out[suite] = await bench_batching(settings, tag, n, rounds, emit)
-            elif suite == "memo":
-                out[suite] = await bench_memo(settings, tag, n, rounds, emit)
-            else:
-                raise ValueError(f"unknown suite {suite!r}")
+            started = time.perf_counter()
+            out.update(await run_suite(suite, settings, tag, opts, emit))
+            if seconds is not None:
+                seconds[suite] = round(time.perf_counter() - started, 2)
     return out
 
 
@@ -880,25 +900,91 @@ def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def main(args: argparse.Namespace, settings: Settings) -> int:
-    """``kvpipe bench``: 0 when every answer of every side was right, 1 otherwise."""
-    configure_logging(fmt=settings.log_format, level=getattr(args, "log_level", None) or "error")
-    if args.suite == "cache":
-        cache_doc: dict[str, Any] = {"machine": machine(), "cache": bench_cache(args)}
-        if args.json:
-            Path(args.json).write_text(json.dumps(cache_doc, indent=2) + "\n")
-        return 0
-    suites = ["echo", "naive", "batching"] if args.suite == "all" else [args.suite]
+class _CacheResult:
+    """The cache simulation as a suite result (it has no answers to get wrong)."""
+
+    passed = True
+
+    def __init__(self, out: dict[str, Any]) -> None:
+        self.out = out
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.out
+
+
+def _write(path: Path, doc: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc}") from None
+
+
+def write_outputs(
+    out_dir: Path, suite: str, doc: dict[str, Any], emit: Emit = print
+) -> tuple[Path, Path | None]:
+    """``out_dir/<suite>.json`` and, with matplotlib, ``out_dir/<suite>.png``."""
+    from pipeline import plots
+
+    json_path = out_dir / f"{suite}.json"
+    _write(json_path, doc)
+    png_path = out_dir / f"{suite}.png"
+    if plots.write_plot(suite, doc, png_path):
+        emit(f"{suite:<7} wrote {json_path} and {png_path}")
+        return json_path, png_path
+    emit(plots.MISSING)
+    return json_path, None
+
+
+def _parse_options(args: argparse.Namespace) -> Options:
     requests: int | None = getattr(args, "requests", None)
     naive_requests: int = getattr(args, "naive_requests", None) or DEFAULT_NAIVE_REQUESTS
     rounds: int = getattr(args, "rounds", None) or DEFAULT_ROUNDS
     if (requests is not None and requests <= 0) or naive_requests <= 0 or rounds <= 0:
         raise ConfigError("--requests, --naive-requests and --rounds must be positive")
+    rates_arg: str | None = getattr(args, "rates", None)
+    rates: tuple[float, ...] | None = None
+    if rates_arg:
+        try:
+            rates = tuple(float(r) for r in rates_arg.split(",") if r.strip())
+        except ValueError:
+            raise ConfigError(f"--rates: not a list of numbers: {rates_arg!r}") from None
+        if not rates or any(r <= 0 for r in rates):
+            raise ConfigError("--rates must be positive numbers")
+    duration: float | None = getattr(args, "duration", None)
+    if duration is not None and duration <= 0:
+        raise ConfigError("--duration must be positive")
+    layers_arg: str | None = getattr(args, "layers", None)
+    layers: list[int] | None = None
+    if layers_arg:
+        try:
+            layers = [int(n) for n in layers_arg.replace("-", ",").split(",")]
+        except ValueError:
+            raise ConfigError(f"--layers: not a list of sizes: {layers_arg!r}") from None
+    return Options(requests, naive_requests, rounds, rates, duration, layers)
+
+
+ALL_SUITES = ["echo", "naive", "batching", "e2e", "scale", "cache"]
+KEYS = {"batching": ["batching", "batching-mlp"]}
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    """``kvpipe bench``: 0 when every answer of every side was right, 1 otherwise."""
+    configure_logging(fmt=settings.log_format, level=getattr(args, "log_level", None) or "error")
+    opts = _parse_options(args)
+    suites = ALL_SUITES if args.suite == "all" else [args.suite]
+    out_dir = Path(getattr(args, "out", None) or DEFAULT_OUT)
     info = machine()
+    if args.suite == "e2e":
+        how = "each rate on both sides, order A B, B A, ..."
+    elif args.suite == "cache":
+        how = "offline simulation"
+    else:
+        how = f"{opts.rounds} run(s) of each side, order A B, B A, ..."
     print(
         f"kvpipe bench {args.suite}: nproc {info['nproc']}, {info['platform']}, "
         f"python {info['python']}, numpy {info['numpy']}, aiokafka {info['aiokafka']}, "
-        f"redis-py {info['redis_py']}; {rounds} run(s) of each side, order A B, B A, ...",
+        f"redis-py {info['redis_py']}; {how}",
         flush=True,
     )
 
@@ -906,13 +992,41 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         print(line, flush=True)
 
     started = time.perf_counter()
-    results = asyncio.run(
-        run_bench(suites, requests=requests, naive_requests=naive_requests, rounds=rounds,
-                  base=settings, emit=emit)
-    )  # fmt: skip
-    passed = all(c.passed for c in results.values())
-    cache = bench_cache(args) if args.suite == "all" else None
+    seconds: dict[str, float] = {}
+    live = [s for s in suites if s != "cache"]
+    results = (
+        asyncio.run(run_bench(live, opts, base=settings, emit=emit, seconds=seconds))
+        if live
+        else {}
+    )
+    if "cache" in suites:
+        t = time.perf_counter()
+        results["cache"] = _CacheResult(bench_cache(args))
+        seconds["cache"] = round(time.perf_counter() - t, 2)
+    passed = all(r.passed for r in results.values())
     elapsed = time.perf_counter() - started
+    config = {
+        "requests": {k: opts.count(k) for k in DEFAULT_REQUESTS},
+        "naive_requests": opts.naive_requests,
+        "rounds": opts.rounds,
+        "partitions": PARTITIONS,
+        "rtol": RTOL,
+        "atol": ATOL,
+        "rates": list(opts.rates) if opts.rates else None,
+        "duration_s": opts.duration_s,
+        "layers": opts.layers,
+    }
+    for suite in suites:
+        keys = KEYS.get(suite, [suite])
+        doc = {
+            "suite": suite,
+            "machine": info,
+            "seconds": seconds.get(suite),
+            "passed": all(results[k].passed for k in keys),
+            "config": config,
+            "results": {k: results[k].as_dict() for k in keys},
+        }
+        write_outputs(out_dir, suite, doc, emit)
     print(
         f"total {elapsed:.1f} s; "
         + (
@@ -926,21 +1040,11 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             "machine": info,
             "seconds": round(elapsed, 2),
             "passed": passed,
-            "config": {
-                "requests": {s: requests or DEFAULT_REQUESTS[s] for s in suites},
-                "naive_requests": naive_requests,
-                "rounds": rounds,
-                "partitions": PARTITIONS,
-                "rtol": RTOL,
-                "atol": ATOL,
-            },
-            "suites": {name: c.as_dict() for name, c in results.items()},
-            "cache": cache,
+            "config": config,
+            "suites": {k: r.as_dict() for k, r in results.items() if k != "cache"},
+            "cache": results["cache"].as_dict() if "cache" in results else None,
         }
-        try:
-            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
-        except OSError as exc:
-            raise ConfigError(f"cannot write {args.json}: {exc}") from None
+        _write(Path(args.json), doc)
     return 0 if passed else 1
 
 

@@ -574,10 +574,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=lambda a, s: _run(_rollback(a, s)))
 
-    p = sub.add_parser("bench", help="benchmarks: each prints figures and ratios")
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: each prints figures and ratios, writes DIR/SUITE.json and .png",
+    )
     p.add_argument(
         "suite",
-        choices=["naive", "echo", "batching", "memo", "cache", "all"],
+        choices=["naive", "echo", "batching", "memo", "cache", "e2e", "scale", "all"],
         nargs="?",
         default="all",
     )
@@ -591,8 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--requests",
         type=int,
         metavar="N",
-        help="requests per run of the cached side of naive and of both echo sides "
-        "(default 2000 for naive, 50000 for echo, 3000 for batching)",
+        help="requests per run of each side (default 2000 for naive's cached side, 50000 for "
+        "echo, 3000 for batching and memo, 20000 for batching's small MLP, 8000 for scale)",
     )
     p.add_argument(
         "--naive-requests",
@@ -608,7 +611,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="runs of each side, order A B, B A, ... (default 2)",
     )
-    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument(
+        "--rates",
+        metavar="R1,R2,...",
+        help="e2e: offered rates in requests/s "
+        "(default 1000,2000,4000,8000,12000,16000,24000,32000)",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        metavar="S",
+        help="e2e: seconds of load at each rate (default 4)",
+    )
+    p.add_argument(
+        "--layers",
+        metavar="N,N,...",
+        help="scale: the MLP's layer sizes (default 64,4096,4096,4096,16)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default="bench-results",
+        help="where SUITE.json and SUITE.png go (default bench-results/)",
+    )
+    p.add_argument("--json", metavar="FILE", help="also write every figure as one JSON file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=cmd_bench)
     return parser

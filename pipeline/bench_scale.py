@@ -1,0 +1,232 @@
+"""``kvpipe bench scale``: one worker process against two in one consumer group.
+
+The model is an MLP sized so compute dominates the per-message Kafka work
+(:data:`SCALE_LAYERS`: 34 M parameters, so 34 M multiply-adds a row, about 0.6 ms of one
+core in batches of 128, against tens of microseconds of Kafka work a message). Each worker
+has one compute thread and one BLAS thread, so a worker is one core's worth of compute.
+A run starts its worker
+processes (``python -m consumers.inference``) on a topic of :data:`PARTITIONS` partitions and
+sends warm-up waves until every worker has answered (each has joined the group, owns
+partitions and has the parameters cached). Then it produces the backlog and measures
+saturated throughput from the first answer of the backlog to the last. Every answer is
+checked against numpy. Sides alternate (two, one / one, two, ...).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.bench import (
+    MODEL,
+    Comparison,
+    Emit,
+    RunFigures,
+    Side,
+    Step,
+    compare,
+    request_backlog,
+    verify_results,
+)
+from pipeline.bench_e2e import Reader
+from pipeline.config import Settings
+from pipeline.errors import KvpipeError, UnreadableMessage
+from pipeline.kafka import Message, Producer, ensure_topics
+from pipeline.kv import open_kv
+from pipeline.models import Model, build_model
+from pipeline.procs import Children, child_env
+from pipeline.store import ParamStore
+from pipeline.wire import JSON, decode_result, encode_request
+
+SCALE_LAYERS = [64, 4096, 4096, 4096, 16]
+SCALE_GOAL = 1.6
+WARM_WAVE = 32
+ONE_CORE = {"worker.compute_threads": 1, "worker.blas_threads": 1}
+# The BLAS libraries read these at import; the worker also limits BLAS to worker.blas_threads.
+BLAS_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+Array = npt.NDArray[np.float32]
+
+
+def scale_model(layers: list[int] | None = None) -> Model:
+    """The compute-heavy MLP of the suite."""
+    return build_model(
+        {"kind": "mlp", "layers": layers or SCALE_LAYERS, "activation": "relu", "softmax": False}
+    )
+
+
+class _ArrivalsView:
+    """What :func:`pipeline.bench.verify_results` reads: first arrival per key, duplicates."""
+
+    def __init__(self, first: dict[bytes, Message], duplicates: int) -> None:
+        self.first = first
+        self.duplicates = duplicates
+
+
+async def _warm(
+    producer: Producer,
+    reader: Reader,
+    settings: Settings,
+    workers: int,
+    row: Array,
+    alive: Callable[[], None],
+    timeout_s: float,
+) -> dict[str, int]:
+    """Send waves of requests until every one of ``workers`` answered; returns answers each."""
+    seen: Counter[str] = Counter()
+    deadline = time.perf_counter() + timeout_s
+    wave = 0
+    while len(seen) < workers:
+        if time.perf_counter() > deadline:
+            raise KvpipeError(f"only {len(seen)} of {workers} workers answered warm-up requests")
+        keys = [f"warm{wave}-{j}".encode() for j in range(WARM_WAVE)]
+        reader.expect(keys)
+        futures = []
+        for key in keys:
+            value, headers = encode_request(
+                id=key.decode(), model=MODEL, inputs=row.reshape(1, -1), content_type=JSON
+            )
+            futures.append(
+                await producer.enqueue(
+                    settings.kafka.requests_topic, value, key=key, headers=headers
+                )
+            )
+        await producer.wait_acked(futures)
+        while not await reader.wait(1.0):
+            alive()
+            if time.perf_counter() > deadline:
+                break
+        for _, msg in reader.take(keys).values():
+            try:
+                result = decode_result(msg.value or b"", msg.headers)
+            except UnreadableMessage:
+                continue
+            if result.ok:
+                seen[result.worker] += 1
+        wave += 1
+    return dict(seen)
+
+
+async def run_fleet(
+    fig: RunFigures,
+    settings: Settings,
+    *,
+    workers: int,
+    model: Model,
+    params: dict[str, Array],
+    inputs: Array,
+    expected: Array,
+    timeout_s: float,
+) -> None:
+    """Publish, start ``workers`` processes, warm them, produce the backlog, time, verify."""
+    k = settings.kafka
+    async with open_kv(settings.redis) as kv:
+        manifest = await ParamStore(kv, prefix=settings.redis.key_prefix).publish(
+            MODEL, model.arch, params
+        )
+    await ensure_topics(k, [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic])
+    ids, backlog = request_backlog(inputs)
+    async with Children() as children:
+        for j in range(workers):
+            name = f"{k.topic_prefix}-w{j}"
+            child = await children.spawn(
+                name, "consumers.inference", child_env(settings, name, BLAS_ENV)
+            )
+            fig.detail.setdefault("pids", []).append(child.proc.pid)
+        async with (
+            Producer(k, send_timeout_s=300.0) as producer,
+            Reader(k, k.results_topic) as reader,
+        ):
+            fig.detail["warmup_answers"] = await _warm(
+                producer, reader, settings, workers, inputs[0], children.check_alive, 120.0
+            )
+            keys = [key for key, _, _ in backlog]
+            reader.expect(keys)
+            started = time.perf_counter()
+            futures = [
+                await producer.enqueue(k.requests_topic, value, key=key, headers=headers)
+                for key, value, headers in backlog
+            ]
+            await producer.wait_acked(futures)
+            fig.backlog_s = time.perf_counter() - started
+            deadline = time.perf_counter() + timeout_s
+            while not await reader.wait(1.0):
+                children.check_alive()
+                if time.perf_counter() > deadline:
+                    fig.failure = (
+                        f"{reader.missing} of {len(keys)} answers missing after {timeout_s:g} s"
+                    )
+                    break
+            arrived = reader.take(keys)
+            duplicates = reader.duplicates
+    fig.detail["timed_from"] = "first -> last answer of the backlog"
+    if arrived:
+        times = [at for at, _ in arrived.values()]
+        fig.seconds = max(times) - min(times)
+        if fig.seconds <= 0:  # all in one fetch (a tiny run): from the first send instead
+            fig.seconds = max(times) - started
+            fig.detail["timed_from"] = "first request sent -> last answer"
+    view = _ArrivalsView({key: msg for key, (_, msg) in arrived.items()}, duplicates)
+    verify_results(fig, view, ids, expected, manifest.version)
+    by_worker: Counter[str] = Counter()
+    for _, msg in arrived.values():
+        try:
+            by_worker[decode_result(msg.value or b"", msg.headers).worker] += 1
+        except UnreadableMessage:
+            continue
+    fig.detail["answers_by_worker"] = dict(by_worker)
+
+
+async def bench_scale(
+    base: Settings,
+    tag: str,
+    requests: int,
+    rounds: int,
+    emit: Emit,
+    *,
+    layers: list[int] | None = None,
+) -> Comparison:
+    """Two worker processes in one group against one, on a compute-heavy MLP."""
+    model = scale_model(layers)
+    params = model.init(0)
+    rng = np.random.default_rng(6)
+    inputs: Array = rng.standard_normal((requests, model.input_dim)).astype(np.float32)
+    expected = model.forward(params, inputs)
+    arch = "-".join(str(n) for n in model.arch["layers"])
+    emit(
+        f"scale   model mlp {arch} ({sum(v.size for v in params.values()) / 1e6:.1f} M params), "
+        "1 compute thread + 1 BLAS thread per worker"
+    )
+
+    def fleet(workers: int) -> Step:
+        async def step(run: RunFigures, settings: Settings) -> None:
+            run.detail.update(workers=workers, layers=model.arch["layers"])
+            await run_fleet(
+                run,
+                settings,
+                workers=workers,
+                model=model,
+                params=params,
+                inputs=inputs,
+                expected=expected,
+                timeout_s=120.0 + requests / 50,
+            )
+
+        return step
+
+    cmp = Comparison(
+        "scale",
+        Side("scale", "two", "two workers", "req/s", requests),
+        Side("scale", "one", "one worker", "req/s", requests),
+        SCALE_GOAL,
+    )
+    steps: dict[str, tuple[Step, dict[str, Any]]] = {
+        "two": (fleet(2), dict(ONE_CORE)),
+        "one": (fleet(1), dict(ONE_CORE)),
+    }
+    return await compare(cmp, steps, base=base, tag=tag, rounds=rounds, emit=emit)
