@@ -56,12 +56,12 @@ from pipeline.models import Model, preset
 from pipeline.registry import ModelRegistry, Resolved
 from pipeline.resource import AsyncResource
 from pipeline.store import ParamStore
-from pipeline.wire import JSON, decode_result, encode_request
+from pipeline.wire import JSON, NPY, decode_result, encode_request
 from pipeline.worker import WorkerStats
 
 MODEL = "bench"
-NAIVE_GOAL = 50.0
-ECHO_GOAL = 0.3
+NAIVE_GOAL = 100.0
+ECHO_GOAL = 0.5
 BATCHING_GOAL = 2.5
 MEMO_GOAL = 1.0
 DEFAULT_REQUESTS = {
@@ -407,13 +407,16 @@ async def drop_topics(kafka: KafkaSettings) -> None:
         await asyncio.wait_for(admin.close(), kafka.request_timeout_s)
 
 
-def request_backlog(inputs: Array) -> tuple[list[str], Backlog]:
-    """One JSON request per row (the default wire format); ids are the Kafka keys."""
+WIRES = {"json": JSON, "npy": NPY}
+
+
+def request_backlog(inputs: Array, wire: str = JSON) -> tuple[list[str], Backlog]:
+    """One request per row in the content type ``wire``; ids are the Kafka keys."""
     ids = [f"b{i}" for i in range(len(inputs))]
     backlog: Backlog = []
     for rid, row in zip(ids, inputs, strict=True):
         value, headers = encode_request(
-            id=rid, model=MODEL, inputs=row.reshape(1, -1), content_type=JSON
+            id=rid, model=MODEL, inputs=row.reshape(1, -1), content_type=wire
         )
         backlog.append((rid.encode(), value, headers))
     return ids, backlog
@@ -494,6 +497,7 @@ async def run_worker_side(
     inputs: Array,
     make_registry: MakeRegistry | None,
     timeout_s: float,
+    wire: str = JSON,
 ) -> None:
     """Publish, produce the backlog, start a worker, time it to the last result, verify."""
     k = settings.kafka
@@ -502,7 +506,8 @@ async def run_worker_side(
             MODEL, model.arch, params
         )
     await ensure_topics(k, [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic])
-    ids, backlog = request_backlog(inputs)
+    ids, backlog = request_backlog(inputs, wire)
+    fig.detail["wire"] = wire
     fig.backlog_s = await produce_backlog(k, k.requests_topic, backlog)
     del backlog
     stop = asyncio.Event()
@@ -631,7 +636,13 @@ async def compare(
 
 
 async def bench_naive(
-    base: Settings, tag: str, requests: int, naive_requests: int, rounds: int, emit: Emit
+    base: Settings,
+    tag: str,
+    requests: int,
+    naive_requests: int,
+    rounds: int,
+    emit: Emit,
+    wire: str = NPY,
 ) -> Comparison:
     """The cached worker against the article's method, on the article's model."""
 
@@ -643,13 +654,14 @@ async def bench_naive(
 
     async def cached(run: RunFigures, settings: Settings) -> None:
         await run_worker_side(
-            run, settings, model, params, cached_inputs, None, timeout_s=60.0 + requests / 10
-        )
+            run, settings, model, params, cached_inputs, None,
+            timeout_s=60.0 + requests / 10, wire=wire,
+        )  # fmt: skip
 
     async def naive(run: RunFigures, settings: Settings) -> None:
         await run_worker_side(
             run, settings, model, params, naive_inputs, naive_registry,
-            timeout_s=60.0 + naive_requests / 2,
+            timeout_s=60.0 + naive_requests / 2, wire=wire,
         )  # fmt: skip
 
     cmp = Comparison(
@@ -680,6 +692,7 @@ async def _settings_ab(
     emit: Emit,
     detail: dict[str, Any] | None = None,
     model: Model | None = None,
+    wire: str = NPY,
 ) -> Comparison:
     """The same worker on one model (the article's by default) and the same inputs, under
     two settings."""
@@ -690,8 +703,9 @@ async def _settings_ab(
     async def side(run: RunFigures, settings: Settings) -> None:
         run.detail.update(detail or {})
         await run_worker_side(
-            run, settings, model, params, inputs, None, timeout_s=60.0 + requests / 10
-        )
+            run, settings, model, params, inputs, None,
+            timeout_s=60.0 + requests / 10, wire=wire,
+        )  # fmt: skip
 
     (key_a, label_a, values_a), (key_b, label_b, values_b) = sides
     cmp = Comparison(
@@ -708,7 +722,7 @@ async def _settings_ab(
 
 
 async def bench_batching(
-    base: Settings, tag: str, requests: int, rounds: int, emit: Emit
+    base: Settings, tag: str, requests: int, rounds: int, emit: Emit, wire: str = NPY
 ) -> Comparison:
     """Saturated throughput on the article's model: micro-batches against batch size 1."""
     inputs = np.random.default_rng(3).standard_normal((requests, 1000)).astype(np.float32)
@@ -718,12 +732,13 @@ async def bench_batching(
     )
     emit("batching the article's model (two 1000x1000 heads)")
     return await _settings_ab(
-        "batching", inputs, sides, BATCHING_GOAL, base=base, tag=tag, rounds=rounds, emit=emit
-    )
+        "batching", inputs, sides, BATCHING_GOAL,
+        base=base, tag=tag, rounds=rounds, emit=emit, wire=wire,
+    )  # fmt: skip
 
 
 async def bench_batching_mlp(
-    base: Settings, tag: str, requests: int, rounds: int, emit: Emit
+    base: Settings, tag: str, requests: int, rounds: int, emit: Emit, wire: str = NPY
 ) -> Comparison:
     """The same comparison on the small MLP (32-64-8), where Kafka work dominates compute."""
     model = preset("mlp")
@@ -735,12 +750,12 @@ async def bench_batching_mlp(
     emit("batching the small MLP (32-64-8)")
     return await _settings_ab(
         "batching", inputs.astype(np.float32), sides, BATCHING_GOAL,
-        base=base, tag=f"{tag}-mlp", rounds=rounds, emit=emit, model=model,
+        base=base, tag=f"{tag}-mlp", rounds=rounds, emit=emit, model=model, wire=wire,
     )  # fmt: skip
 
 
 async def bench_memo(
-    base: Settings, tag: str, requests: int, rounds: int, emit: Emit
+    base: Settings, tag: str, requests: int, rounds: int, emit: Emit, wire: str = NPY
 ) -> Comparison:
     """The result cache on a workload where 30% of requests repeat an earlier input."""
     rng = np.random.default_rng(4)
@@ -763,11 +778,12 @@ async def bench_memo(
         rounds=rounds,
         emit=emit,
         detail={"repeat_share": share},
+        wire=wire,
     )
 
 
 async def bench_echo(
-    base: Settings, tag: str, requests: int, rounds: int, emit: Emit
+    base: Settings, tag: str, requests: int, rounds: int, emit: Emit, wire: str = NPY
 ) -> Comparison:
     """The real worker on the small MLP against a bare consume -> produce echo."""
 
@@ -775,7 +791,7 @@ async def bench_echo(
     params = model.init(0)
     rng = np.random.default_rng(2)
     inputs = rng.standard_normal((requests, model.input_dim)).astype(np.float32)
-    _, backlog = request_backlog(inputs)
+    _, backlog = request_backlog(inputs, wire)
 
     async def echo(run: RunFigures, settings: Settings) -> None:
         run.detail["message_bytes"] = len(backlog[0][1])
@@ -783,8 +799,9 @@ async def bench_echo(
 
     async def worker(run: RunFigures, settings: Settings) -> None:
         await run_worker_side(
-            run, settings, model, params, inputs, None, timeout_s=60.0 + requests / 100
-        )
+            run, settings, model, params, inputs, None,
+            timeout_s=60.0 + requests / 100, wire=wire,
+        )  # fmt: skip
 
     cmp = Comparison(
         "echo",
@@ -806,6 +823,11 @@ class Options:
     rates: tuple[float, ...] | None = None
     duration_s: float | None = None
     layers: list[int] | None = None
+    wire: str | None = None  # None: JSON for the small MLP, npy for the article's model
+
+    def wire_for(self, model: str) -> str:
+        """The request content type of a suite on ``model`` ("mlp" or "article")."""
+        return self.wire or (JSON if model == "mlp" else NPY)
 
     def count(self, key: str) -> int:
         """Requests per run of the comparison ``key``."""
@@ -827,16 +849,26 @@ async def run_suite(
     """One suite on running services; its results by key (batching has two)."""
     rounds = opts.rounds
     if suite == "echo":
-        return {"echo": await bench_echo(settings, tag, opts.count("echo"), rounds, emit)}
+        return {
+            "echo": await bench_echo(
+                settings, tag, opts.count("echo"), rounds, emit, opts.wire_for("mlp")
+            )
+        }
     if suite == "naive":
         n, naive_n = opts.count("naive"), opts.naive_requests
-        return {"naive": await bench_naive(settings, tag, n, naive_n, rounds, emit)}
+        wire = opts.wire_for("article")
+        return {"naive": await bench_naive(settings, tag, n, naive_n, rounds, emit, wire)}
     if suite == "batching":
-        article = await bench_batching(settings, tag, opts.count("batching"), rounds, emit)
-        mlp = await bench_batching_mlp(settings, tag, opts.count("batching-mlp"), rounds, emit)
+        n, n_mlp = opts.count("batching"), opts.count("batching-mlp")
+        article = await bench_batching(settings, tag, n, rounds, emit, opts.wire_for("article"))
+        mlp = await bench_batching_mlp(settings, tag, n_mlp, rounds, emit, opts.wire_for("mlp"))
         return {"batching": article, "batching-mlp": mlp}
     if suite == "memo":
-        return {"memo": await bench_memo(settings, tag, opts.count("memo"), rounds, emit)}
+        return {
+            "memo": await bench_memo(
+                settings, tag, opts.count("memo"), rounds, emit, opts.wire_for("article")
+            )
+        }
     if suite == "e2e":
         from pipeline.bench_e2e import DEFAULT_DURATION_S, DEFAULT_RATES, bench_e2e
 
@@ -848,6 +880,7 @@ async def run_suite(
                     rates=opts.rates or DEFAULT_RATES,
                     duration_s=opts.duration_s or DEFAULT_DURATION_S,
                     emit=emit,
+                    wire=opts.wire_for("mlp"),
                 )
             }
         finally:
@@ -857,7 +890,11 @@ async def run_suite(
         from pipeline.bench_scale import bench_scale
 
         n = opts.count("scale")
-        return {"scale": await bench_scale(settings, tag, n, rounds, emit, layers=opts.layers)}
+        return {
+            "scale": await bench_scale(
+                settings, tag, n, rounds, emit, layers=opts.layers, wire=opts.wire_for("scale")
+            )
+        }
     raise ValueError(f"unknown suite {suite!r}")
 
 
@@ -961,7 +998,9 @@ def _parse_options(args: argparse.Namespace) -> Options:
             layers = [int(n) for n in layers_arg.replace("-", ",").split(",")]
         except ValueError:
             raise ConfigError(f"--layers: not a list of sizes: {layers_arg!r}") from None
-    return Options(requests, naive_requests, rounds, rates, duration, layers)
+    wire_arg: str | None = getattr(args, "wire", None)
+    wire = None if wire_arg in (None, "auto") else WIRES[wire_arg]
+    return Options(requests, naive_requests, rounds, rates, duration, layers, wire)
 
 
 ALL_SUITES = ["echo", "naive", "batching", "e2e", "scale", "cache"]
@@ -984,7 +1023,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     print(
         f"kvpipe bench {args.suite}: nproc {info['nproc']}, {info['platform']}, "
         f"python {info['python']}, numpy {info['numpy']}, aiokafka {info['aiokafka']}, "
-        f"redis-py {info['redis_py']}; {how}",
+        f"redis-py {info['redis_py']}; {how}; requests as "
+        + (opts.wire or "JSON on the small MLP, npy on the larger models"),
         flush=True,
     )
 

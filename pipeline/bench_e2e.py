@@ -362,12 +362,14 @@ class LiveSide(AsyncResource):
         sink: str,
         check: Callable[[bytes, Message, Encoded, int], str],
         rows: Array,
+        wire: str = JSON,
     ) -> None:
         self.name = name
         self.settings = settings
         self.sink = sink
         self.check = check
         self.rows = rows
+        self.wire = wire
         k = settings.kafka
         # No linger: a send goes out when the loop next runs the producer, so the generator
         # adds no waiting of its own to the latency (both sides alike).
@@ -387,7 +389,10 @@ class LiveSide(AsyncResource):
     def encode(self, key: bytes, row: int) -> Encoded:
         """The request message for ``key`` carrying input row ``row``."""
         return encode_request(
-            id=key.decode(), model=MODEL, inputs=self.rows[row].reshape(1, -1), content_type=JSON
+            id=key.decode(),
+            model=MODEL,
+            inputs=self.rows[row].reshape(1, -1),
+            content_type=self.wire,
         )
 
     async def warm(self, count: int, timeout_s: float, alive: Callable[[], None]) -> None:
@@ -514,6 +519,7 @@ async def bench_e2e(
     duration_s: float = DEFAULT_DURATION_S,
     half_duration_s: float | None = None,
     emit: Emit = print,
+    wire: str = JSON,
 ) -> E2EResult:
     """Sweep ``rates`` on both sides (alternating their order), then run both at half the
     worker's max; every process started here is stopped on the way out."""
@@ -546,9 +552,10 @@ async def bench_e2e(
                 worker_settings.kafka.results_topic,
                 worker_check(expected, manifest.version),
                 rows,
+                wire,
             )
             echo = LiveSide(
-                "echo", echo_settings, echo_topic(echo_settings.kafka), echo_check, rows
+                "echo", echo_settings, echo_topic(echo_settings.kafka), echo_check, rows, wire
             )
             async with worker, echo:
                 await worker.warm(WARMUP, 90.0, children.check_alive)

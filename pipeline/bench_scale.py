@@ -76,6 +76,7 @@ async def _warm(
     row: Array,
     alive: Callable[[], None],
     timeout_s: float,
+    wire: str = JSON,
 ) -> dict[str, int]:
     """Send waves of requests until every one of ``workers`` answered; returns answers each."""
     seen: Counter[str] = Counter()
@@ -89,7 +90,7 @@ async def _warm(
         futures = []
         for key in keys:
             value, headers = encode_request(
-                id=key.decode(), model=MODEL, inputs=row.reshape(1, -1), content_type=JSON
+                id=key.decode(), model=MODEL, inputs=row.reshape(1, -1), content_type=wire
             )
             futures.append(
                 await producer.enqueue(
@@ -122,6 +123,7 @@ async def run_fleet(
     inputs: Array,
     expected: Array,
     timeout_s: float,
+    wire: str = JSON,
 ) -> None:
     """Publish, start ``workers`` processes, warm them, produce the backlog, time, verify."""
     k = settings.kafka
@@ -130,7 +132,8 @@ async def run_fleet(
             MODEL, model.arch, params
         )
     await ensure_topics(k, [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic])
-    ids, backlog = request_backlog(inputs)
+    ids, backlog = request_backlog(inputs, wire)
+    fig.detail["wire"] = wire
     async with Children() as children:
         for j in range(workers):
             name = f"{k.topic_prefix}-w{j}"
@@ -143,7 +146,7 @@ async def run_fleet(
             Reader(k, k.results_topic) as reader,
         ):
             fig.detail["warmup_answers"] = await _warm(
-                producer, reader, settings, workers, inputs[0], children.check_alive, 120.0
+                producer, reader, settings, workers, inputs[0], children.check_alive, 120.0, wire
             )
             keys = [key for key, _, _ in backlog]
             reader.expect(keys)
@@ -190,6 +193,7 @@ async def bench_scale(
     emit: Emit,
     *,
     layers: list[int] | None = None,
+    wire: str = JSON,
 ) -> Comparison:
     """Two worker processes in one group against one, on a compute-heavy MLP."""
     model = scale_model(layers)
@@ -215,6 +219,7 @@ async def bench_scale(
                 inputs=inputs,
                 expected=expected,
                 timeout_s=120.0 + requests / 50,
+                wire=wire,
             )
 
         return step

@@ -634,6 +634,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="bench-results",
         help="where SUITE.json and SUITE.png go (default bench-results/)",
     )
+    p.add_argument(
+        "--wire",
+        choices=["auto", "npy", "json"],
+        default="auto",
+        help="content type of the requests (auto: JSON for the small MLP, where it is cheaper, "
+        "npy for the article's and the scale model, where it is much cheaper)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write every figure as one JSON file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=cmd_bench)

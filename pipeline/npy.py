@@ -61,21 +61,37 @@ def from_npy(
         raise ValueError(f"npy payload of {len(data)} bytes is over the limit of {max_bytes}")
     if data[:8] == _MAGIC_V1 and len(data) >= 10:
         end = 10 + struct.unpack_from("<H", data, 8)[0]
-        m = _SIMPLE_HEADER.fullmatch(data, 10, end)
-        if m is not None:
-            return _simple(data, m, end, max_elements)
+        parsed = _parsed.get(data[10:end])
+        if parsed is None:
+            m = _SIMPLE_HEADER.fullmatch(data, 10, end)
+            if m is not None:
+                parsed = _parse(data[10:end], m)
+        if parsed is not None:
+            return _simple(data, parsed, end, max_elements)
     return _general(data, max_elements)
 
 
-def _simple(
-    data: bytes, m: re.Match[bytes], end: int, max_elements: int | None
-) -> npt.NDArray[np.generic]:
-    """The common header, read with one regex instead of numpy's ``literal_eval``."""
+_Parsed = tuple[np.dtype[np.generic], tuple[int, ...], int]
+_parsed: dict[bytes, _Parsed] = {}  # a stream's requests mostly share one header
+
+
+def _parse(header: bytes, m: re.Match[bytes]) -> _Parsed:
     dtype = _dtype(m.group(1))
     shape = tuple(int(d) for d in m.group(2).split(b",") if d.strip())
     count = 1
     for d in shape:
         count *= d
+    if len(_parsed) >= 1024:
+        _parsed.clear()
+    _parsed[header] = parsed = (dtype, shape, count)
+    return parsed
+
+
+def _simple(
+    data: bytes, parsed: _Parsed, end: int, max_elements: int | None
+) -> npt.NDArray[np.generic]:
+    """The common header, read with one regex instead of numpy's ``literal_eval``."""
+    dtype, shape, count = parsed
     if max_elements is not None and count > max_elements:
         raise ValueError(f"npy array of {count} elements is over the limit of {max_elements}")
     body = len(data) - end
