@@ -55,7 +55,7 @@ from pipeline.logging import configure_logging
 from pipeline.models import Model, preset
 from pipeline.registry import ModelRegistry, Resolved
 from pipeline.resource import AsyncResource
-from pipeline.store import ParamStore
+from pipeline.store import Manifest, ParamStore
 from pipeline.wire import JSON, NPY, decode_result, encode_request
 from pipeline.worker import WorkerStats
 
@@ -410,6 +410,20 @@ async def drop_topics(kafka: KafkaSettings) -> None:
 WIRES = {"json": JSON, "npy": NPY}
 
 
+async def prepare_side(
+    settings: Settings, model: Model, params: dict[str, Array], extra_topics: Sequence[str] = ()
+) -> Manifest:
+    """Publish ``model`` as the benchmark's model under the side's keys; make its topics."""
+    k = settings.kafka
+    async with open_kv(settings.redis) as kv:
+        manifest = await ParamStore(kv, prefix=settings.redis.key_prefix).publish(
+            MODEL, model.arch, params
+        )
+    topics = [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic, *extra_topics]
+    await ensure_topics(k, topics)
+    return manifest
+
+
 def request_backlog(inputs: Array, wire: str = JSON) -> tuple[list[str], Backlog]:
     """One request per row in the content type ``wire``; ids are the Kafka keys."""
     ids = [f"b{i}" for i in range(len(inputs))]
@@ -501,11 +515,7 @@ async def run_worker_side(
 ) -> None:
     """Publish, produce the backlog, start a worker, time it to the last result, verify."""
     k = settings.kafka
-    async with open_kv(settings.redis) as kv:
-        manifest = await ParamStore(kv, prefix=settings.redis.key_prefix).publish(
-            MODEL, model.arch, params
-        )
-    await ensure_topics(k, [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic])
+    manifest = await prepare_side(settings, model, params)
     ids, backlog = request_backlog(inputs, wire)
     fig.detail["wire"] = wire
     fig.backlog_s = await produce_backlog(k, k.requests_topic, backlog)
@@ -862,7 +872,18 @@ async def run_suite(
         n, n_mlp = opts.count("batching"), opts.count("batching-mlp")
         article = await bench_batching(settings, tag, n, rounds, emit, opts.wire_for("article"))
         mlp = await bench_batching_mlp(settings, tag, n_mlp, rounds, emit, opts.wire_for("mlp"))
-        return {"batching": article, "batching-mlp": mlp}
+        from pipeline.bench_e2e import bench_light_latency
+
+        light_a = side_settings(settings, tag, "light-batched")
+        light_b = side_settings(settings, tag, "light-single", {"worker.max_batch_size": 1})
+        try:
+            light = await bench_light_latency(
+                light_a, light_b, rounds=rounds, wire=opts.wire_for("article"), emit=emit
+            )
+        finally:
+            await drop_topics(light_a.kafka)
+            await drop_topics(light_b.kafka)
+        return {"batching": article, "batching-mlp": mlp, "batching-light": light}
     if suite == "memo":
         return {
             "memo": await bench_memo(
@@ -1004,7 +1025,7 @@ def _parse_options(args: argparse.Namespace) -> Options:
 
 
 ALL_SUITES = ["echo", "naive", "batching", "e2e", "scale", "cache"]
-KEYS = {"batching": ["batching", "batching-mlp"]}
+KEYS = {"batching": ["batching", "batching-mlp", "batching-light"]}
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:

@@ -23,20 +23,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.bench import ATOL, MODEL, RTOL, prepare_side
 from pipeline.config import KafkaSettings, Settings
 from pipeline.echo import echo_topic
 from pipeline.errors import KvpipeError, UnreadableMessage
-from pipeline.kafka import Consumer, Message, Producer, ensure_topics
-from pipeline.kv import open_kv
+from pipeline.kafka import Consumer, Message, Producer
 from pipeline.loadgen import SendLog, percentiles, run_open_loop, schedule
 from pipeline.models import preset
 from pipeline.procs import Children, child_env
 from pipeline.resource import AsyncResource
-from pipeline.store import ParamStore
 from pipeline.wire import JSON, decode_result, encode_request
 
-MODEL = "bench"
-RTOL, ATOL = 1e-4, 1e-5
 DEFAULT_RATES = (1000.0, 2000.0, 4000.0, 8000.0, 12000.0, 16000.0, 24000.0, 32000.0)
 DEFAULT_DURATION_S = 4.0
 LATENCY_GOAL = 3.0  # p99 of the worker at half its max throughput / p99 of the echo there
@@ -529,14 +526,10 @@ async def bench_e2e(
     rows: Array = rng.standard_normal((POOL_ROWS, model.input_dim)).astype(np.float32)
     expected = model.forward(params, rows)
     result = E2EResult(rates=list(rates), duration_s=duration_s)
-    async with open_kv(worker_settings.redis) as kv:
-        manifest = await ParamStore(kv, prefix=worker_settings.redis.key_prefix).publish(
-            MODEL, model.arch, params
-        )
-    for s in (worker_settings, echo_settings):
-        k = s.kafka
-        topics = [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic, echo_topic(k)]
-        await ensure_topics(k, topics)
+    manifest = await prepare_side(
+        worker_settings, model, params, [echo_topic(worker_settings.kafka)]
+    )
+    await prepare_side(echo_settings, model, params, [echo_topic(echo_settings.kafka)])
     emit(TABLE_HEAD)
     try:
         async with Children() as children:
@@ -582,4 +575,106 @@ async def bench_e2e(
         emit(f"e2e     FAIL  ({result.failure})")
     for line in summary_lines(result):
         emit(line)
+    return result
+
+
+# -- batching at light load ------------------------------------------------------------------------
+
+LIGHT_RATE = 200.0  # requests/s: far below either side's ceiling
+LIGHT_SECONDS = 5.0
+LIGHT_GOAL = 1.5  # p99 with the batcher / p99 at batch size 1
+
+
+@dataclass
+class LightResult:
+    """p99 latency of the batcher and of batch size 1 at a light open-loop rate."""
+
+    rate: float
+    duration_s: float
+    points: list[RatePoint] = field(default_factory=list)
+    failure: str | None = None
+
+    def p99(self, side: str) -> float | None:
+        """The mean p99 (ms) of the side's runs; None unless every run has a figure."""
+        runs = [p for p in self.points if p.side == side]
+        values = [p.latency_ms.get("p99") for p in runs if p.passed]
+        if not runs or len(values) != len(runs) or any(v is None for v in values):
+            return None
+        return float(np.mean([v for v in values if v is not None]))
+
+    @property
+    def ratio(self) -> float | None:
+        batched, single = self.p99("batched"), self.p99("single")
+        return None if batched is None or not single else batched / single
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None and bool(self.points) and all(p.passed for p in self.points)
+
+    def as_dict(self) -> dict[str, Any]:
+        ratio = self.ratio
+        return {
+            "rate": self.rate,
+            "duration_s": self.duration_s,
+            "p99_ms": {"batched": self.p99("batched"), "single": self.p99("single")},
+            "ratio": None if ratio is None else round(ratio, 3),
+            "goal": LIGHT_GOAL,
+            "goal_met": ratio is not None and ratio <= LIGHT_GOAL,
+            "passed": self.passed,
+            "runs": [p.as_dict() for p in self.points],
+            "failure": self.failure,
+        }
+
+
+async def bench_light_latency(
+    batched: Settings,
+    single: Settings,
+    *,
+    model_name: str = "article",
+    rate: float = LIGHT_RATE,
+    duration_s: float = LIGHT_SECONDS,
+    rounds: int = 2,
+    wire: str = JSON,
+    emit: Emit = print,
+) -> LightResult:
+    """Two worker processes, one with the batcher and one at batch size 1, each offered
+    ``rate`` requests/s in turn; every answer checked."""
+    model = preset(model_name)
+    params = model.init(0)
+    rows: Array = (
+        np.random.default_rng(8).standard_normal((POOL_ROWS, model.input_dim)).astype(np.float32)
+    )
+    expected = model.forward(params, rows)
+    result = LightResult(rate, duration_s)
+    try:
+        async with Children() as children:
+            sides: list[LiveSide] = []
+            for name, settings in (("batched", batched), ("single", single)):
+                k = settings.kafka
+                manifest = await prepare_side(settings, model, params)
+                await children.spawn(
+                    f"light-{name}", "consumers.inference", child_env(settings, name)
+                )
+                check = worker_check(expected, manifest.version)
+                sides.append(LiveSide(name, settings, k.results_topic, check, rows, wire))
+            async with sides[0], sides[1]:
+                for side in sides:
+                    await side.warm(WARMUP, 90.0, children.check_alive)
+                for i in range(rounds):
+                    for side in sides if i % 2 == 0 else sides[::-1]:
+                        point = await side.run_rate(
+                            rate, duration_s, f"l{i}", half=False, alive=children.check_alive
+                        )
+                        result.points.append(point)
+    except Exception as exc:  # recorded, not raised, like the other suites
+        result.failure = f"{type(exc).__name__}: {exc}"
+    batched_p99, single_p99, ratio = result.p99("batched"), result.p99("single"), result.ratio
+    if ratio is None or batched_p99 is None or single_p99 is None:
+        emit(f"batching light load: no figure ({result.failure or 'a run failed'})")
+    else:
+        verdict = "met" if ratio <= LIGHT_GOAL else "NOT met"
+        emit(
+            f"batching p99 at {rate:g} req/s: micro-batches {batched_p99:.2f} ms, batch size 1 "
+            f"{single_p99:.2f} ms, ratio {ratio:.2f}x (goal <= {LIGHT_GOAL:g}x: {verdict})"
+        )
     return result

@@ -30,17 +30,16 @@ from pipeline.bench import (
     Side,
     Step,
     compare,
+    prepare_side,
     request_backlog,
     verify_results,
 )
 from pipeline.bench_e2e import Reader
 from pipeline.config import Settings
 from pipeline.errors import KvpipeError, UnreadableMessage
-from pipeline.kafka import Message, Producer, ensure_topics
-from pipeline.kv import open_kv
+from pipeline.kafka import Message, Producer
 from pipeline.models import Model, build_model
 from pipeline.procs import Children, child_env
-from pipeline.store import ParamStore
 from pipeline.wire import JSON, decode_result, encode_request
 
 SCALE_LAYERS = [64, 4096, 4096, 4096, 16]
@@ -127,11 +126,7 @@ async def run_fleet(
 ) -> None:
     """Publish, start ``workers`` processes, warm them, produce the backlog, time, verify."""
     k = settings.kafka
-    async with open_kv(settings.redis) as kv:
-        manifest = await ParamStore(kv, prefix=settings.redis.key_prefix).publish(
-            MODEL, model.arch, params
-        )
-    await ensure_topics(k, [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic])
+    manifest = await prepare_side(settings, model, params)
     ids, backlog = request_backlog(inputs, wire)
     fig.detail["wire"] = wire
     async with Children() as children:

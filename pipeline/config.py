@@ -52,6 +52,10 @@ class KafkaSettings:
     max_message_bytes: int = 4 * MiB
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
+    fetch_max_wait_ms: int = 100
+    partition_fetch_bytes: int = 4 * MiB
+    linger_ms: int = 5
+    producer_batch_bytes: int = 1 * MiB
     security_protocol: KafkaSecurity = "PLAINTEXT"
     sasl_mechanism: SaslMechanism = "PLAIN"
     sasl_username: str = ""
@@ -150,6 +154,13 @@ def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
         raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be zero or a positive integer")
     return value
 
 
@@ -271,6 +282,30 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "kafka.heartbeat_interval_ms",
         _positive_int,
         "Consumer heartbeat interval (ms); at most a third of the session timeout",
+    ),
+    EnvVar(
+        "KVPIPE_FETCH_MAX_WAIT_MS",
+        "kafka.fetch_max_wait_ms",
+        _non_negative_int,
+        "Longest a fetch waits at the broker for data (ms)",
+    ),
+    EnvVar(
+        "KVPIPE_FETCH_PARTITION_BYTES",
+        "kafka.partition_fetch_bytes",
+        _positive_int,
+        "Most bytes one fetch returns per partition",
+    ),
+    EnvVar(
+        "KVPIPE_LINGER_MS",
+        "kafka.linger_ms",
+        _non_negative_int,
+        "Longest the producer holds a message to fill a batch (ms)",
+    ),
+    EnvVar(
+        "KVPIPE_PRODUCER_BATCH_BYTES",
+        "kafka.producer_batch_bytes",
+        _positive_int,
+        "Largest producer batch per partition in bytes",
     ),
     EnvVar(
         "KVPIPE_CACHE_BYTES",

@@ -49,8 +49,8 @@ async def echo_loop(
     commit_interval_s: float = 0.2,
 ) -> int:
     """The baseline: consume in a group, forward each message as is, commit what was acked."""
-    # Client options as in pipeline.kafka (acks=all, linger 5 ms, fetch wait 100 ms, at most
-    # 1000 records a fetch), so the two sides differ only in what happens between them.
+    # Client options as in pipeline.kafka (acks=all, and the fetch and batch tuning of the
+    # settings), so the two sides differ only in what happens between them.
     common: dict[str, Any] = {
         "bootstrap_servers": kafka.bootstrap.split(","),
         "client_id": kafka.client_id,
@@ -63,13 +63,15 @@ async def echo_loop(
         auto_offset_reset="earliest",
         session_timeout_ms=kafka.session_timeout_ms,
         heartbeat_interval_ms=kafka.heartbeat_interval_ms,
-        fetch_max_wait_ms=100,
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+        max_partition_fetch_bytes=kafka.partition_fetch_bytes,
         metadata_max_age_ms=5_000,
     )
     producer = AIOKafkaProducer(
         **common,
         acks="all",
-        linger_ms=5,
+        linger_ms=kafka.linger_ms,
+        max_batch_size=kafka.producer_batch_bytes,
         max_request_size=kafka.max_message_bytes,
         enable_idempotence=False,
     )

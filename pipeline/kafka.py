@@ -135,8 +135,8 @@ class Producer(AsyncResource):
         self,
         settings: KafkaSettings,
         *,
-        linger_ms: int = 5,
-        batch_bytes: int = 1024 * 1024,
+        linger_ms: int | None = None,
+        batch_bytes: int | None = None,
         send_timeout_s: float = 10.0,
     ) -> None:
         self.settings = settings
@@ -144,8 +144,8 @@ class Producer(AsyncResource):
         self._producer = AIOKafkaProducer(
             **_options(settings),
             acks="all",
-            linger_ms=linger_ms,
-            max_batch_size=batch_bytes,
+            linger_ms=settings.linger_ms if linger_ms is None else linger_ms,
+            max_batch_size=batch_bytes or settings.producer_batch_bytes,
             max_request_size=settings.max_message_bytes,
             enable_idempotence=False,
         )
@@ -156,8 +156,19 @@ class Producer(AsyncResource):
         await _bounded(self.settings, "starting the producer", self._producer.start())
         self._started = True
 
+    def partition_count(self, topic: str) -> int | None:
+        """Partitions of ``topic`` as far as the producer's metadata knows (None: not yet)."""
+        parts = self._producer.client.cluster.partitions_for_topic(topic)
+        return len(parts) if parts else None
+
     async def enqueue(
-        self, topic: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None = None,
+        headers: Headers = (),
+        partition: int | None = None,
     ) -> asyncio.Future[Any]:
         """Hand a message to the producer; the returned future resolves when acknowledged.
 
@@ -167,7 +178,7 @@ class Producer(AsyncResource):
         """
         try:
             fut: asyncio.Future[Any] = await self._producer.send(
-                topic, value=value, key=key, headers=list(headers)
+                topic, value=value, key=key, headers=list(headers), partition=partition
             )
         except MessageSizeTooLargeError as exc:
             raise MessageTooLarge(f"message of {len(value)} bytes refused: {exc}") from None
@@ -249,7 +260,7 @@ class Consumer(AsyncResource):
         session_timeout_ms: int = 10_000,
         heartbeat_interval_ms: int = 1_000,
         max_poll_interval_ms: int = 300_000,
-        fetch_max_wait_ms: int = 100,
+        fetch_max_wait_ms: int | None = None,
         stop_timeout_s: float = 10.0,
     ) -> None:
         self.settings = settings
@@ -266,9 +277,11 @@ class Consumer(AsyncResource):
             session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=heartbeat_interval_ms,
             max_poll_interval_ms=max_poll_interval_ms,
-            fetch_max_wait_ms=fetch_max_wait_ms,
+            fetch_max_wait_ms=(
+                settings.fetch_max_wait_ms if fetch_max_wait_ms is None else fetch_max_wait_ms
+            ),
             metadata_max_age_ms=5_000,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
+            max_partition_fetch_bytes=settings.partition_fetch_bytes,
         )
         self._closed = False
 

@@ -170,6 +170,7 @@ class Worker(AsyncResource):
         self._pending_rows: dict[tuple[str, int | None], int] = {}
         self._timers: dict[tuple[str, int | None], asyncio.TimerHandle] = {}
         self._memo: ParamCache[Any] | None = None
+        self._partition_counts: dict[str, int] = {}  # of result topics; cleared every 10 s
         if settings.cache.result_models:
             self._memo = ParamCache(
                 capacity_bytes=settings.cache.result_bytes,
@@ -281,6 +282,7 @@ class Worker(AsyncResource):
                 next_commit = now + self._cfg.commit_interval_s
             if now >= next_stats:
                 log.info("worker_stats", **self.snapshot())
+                self._partition_counts.clear()  # a topic may have gained partitions
                 await self._record_lag()
                 next_stats = now + 10.0
         await self.drain()
@@ -816,7 +818,11 @@ class Worker(AsyncResource):
         for _ in range(2):
             try:
                 fut = await self.producer.enqueue(
-                    out.topic, out.value, key=key(out), headers=out.headers
+                    out.topic,
+                    out.value,
+                    key=key(out),
+                    headers=out.headers,
+                    partition=self._partition_for(out),
                 )
                 return out, fut
             except MessageTooLarge as exc:
@@ -824,6 +830,18 @@ class Worker(AsyncResource):
             except BrokerUnavailable:
                 return out, None
         return out, None
+
+    def _partition_for(self, out: _Outgoing) -> int | None:
+        """The request's partition number modulo the topic's partitions: the answers to one
+        request partition stay in order on one partition, and no key is hashed per message.
+        None (hash the key) until the producer knows the topic."""
+        n = self._partition_counts.get(out.topic)
+        if n is None:
+            n = self.producer.partition_count(out.topic)
+            if n is None:
+                return None
+            self._partition_counts[out.topic] = n
+        return out.item.message.partition.partition % n
 
     def _shrink(self, out: _Outgoing, exc: MessageTooLarge) -> _Outgoing:
         """Replace a message too large to send by a small one that says so."""

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from pipeline.bench import Options, _parse_options
-from pipeline.bench_e2e import E2EResult, RatePoint, echo_check, point_line, summary_lines
+from pipeline.bench_e2e import (
+    E2EResult,
+    LightResult,
+    RatePoint,
+    echo_check,
+    point_line,
+    summary_lines,
+)
 from pipeline.bench_scale import scale_model
 from pipeline.config import Settings
 from pipeline.echo import echo_topic
@@ -110,3 +117,19 @@ def test_children_get_one_core_settings_and_their_own_name() -> None:
     assert echo_topic(Settings().kafka) == "kvpipe.echo"
     model = scale_model([8, 16, 4])
     assert (model.input_dim, model.output_dim) == (8, 4)
+
+
+def test_light_load_ratio_is_the_mean_p99_of_the_batcher_over_batch_size_one() -> None:
+    r = LightResult(200.0, 2.0)
+    r.points = [
+        _point("batched", 200, 200, 12),
+        _point("single", 200, 200, 10),
+        _point("single", 200, 200, 10),
+        _point("batched", 200, 200, 18),
+    ]
+    assert r.p99("batched") == 15 and r.p99("single") == 10
+    assert r.ratio == pytest.approx(1.5)
+    assert r.as_dict()["goal_met"] and r.passed
+    r.points[3].missing, r.points[3].ok = 1, r.points[3].ok - 1  # one answer lost: no figure
+    assert r.p99("batched") is None and r.ratio is None
+    assert not r.passed and not r.as_dict()["goal_met"]
