@@ -52,7 +52,7 @@ class KafkaSettings:
     max_message_bytes: int = 4 * MiB
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
-    fetch_max_wait_ms: int = 100
+    fetch_max_wait_ms: int = 10
     partition_fetch_bytes: int = 4 * MiB
     linger_ms: int = 5
     producer_batch_bytes: int = 1 * MiB
@@ -287,7 +287,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "KVPIPE_FETCH_MAX_WAIT_MS",
         "kafka.fetch_max_wait_ms",
         _non_negative_int,
-        "Longest a fetch waits at the broker for data (ms)",
+        "Longest a fetch waits at the broker for data (ms); on Tansu also a latency floor",
     ),
     EnvVar(
         "KVPIPE_FETCH_PARTITION_BYTES",
