@@ -52,7 +52,7 @@ class KafkaSettings:
     max_message_bytes: int = 4 * MiB
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
-    fetch_max_wait_ms: int = 10
+    fetch_max_wait_ms: int = 30
     partition_fetch_bytes: int = 4 * MiB
     linger_ms: int = 5
     producer_batch_bytes: int = 1 * MiB

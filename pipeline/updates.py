@@ -112,6 +112,7 @@ class UpdateListener(AsyncResource):
             group_id=None,
             assign_from="end",
             auto_offset_reset="latest",
+            fetch_max_wait_ms=max(kafka.fetch_max_wait_ms, 100),  # rare; idle polls cost CPU
         )
         self._closed = False
 
