@@ -82,6 +82,8 @@ class _MemoSplit:
     misses: list[_Item] = field(default_factory=list)
     keys: list[tuple[str, str, int, bytes]] = field(default_factory=list)
     repeats: list[tuple[_Item, int]] = field(default_factory=list)
+    owned: list[asyncio.Future[Any]] = field(default_factory=list)  # one per key, for others
+    borrowed: list[tuple[_Item, asyncio.Future[Any]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -130,6 +132,12 @@ def _input_problem(model: Model, request: Request) -> KvpipeError | None:
     return None
 
 
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a shared future's exception as seen (each waiter handles it)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -170,6 +178,7 @@ class Worker(AsyncResource):
         self._pending_rows: dict[tuple[str, int | None], int] = {}
         self._timers: dict[tuple[str, int | None], asyncio.TimerHandle] = {}
         self._memo: ParamCache[Any] | None = None
+        self._memo_pending: dict[tuple[str, str, int, bytes], asyncio.Future[Any]] = {}
         self._partition_counts: dict[str, int] = {}  # of result topics; cleared every 10 s
         if settings.cache.result_models:
             self._memo = ParamCache(
@@ -538,11 +547,40 @@ class Worker(AsyncResource):
         loaded = time.perf_counter()
         memo = self._memo_split(resolved, good)
         memo_timings = {"load_ms": round((loaded - started) * 1000, 3), "compute_ms": 0.0}
-        if memo is not None:
-            good = memo.misses
-            answers += self._ok_results(
-                memo.hits, resolved.version, "memo", False, started_wall, memo_timings
+        try:
+            if memo is not None:
+                good = memo.misses
+                answers += self._ok_results(
+                    memo.hits, resolved.version, "memo", False, started_wall, memo_timings
+                )
+            await self._compute_batch(
+                model, resolved, params, source, good, memo, answers, started, loaded, started_wall
             )
+        finally:
+            if memo is not None:
+                self._memo_release(memo)
+        if memo is not None and memo.borrowed:
+            answers += await self._memo_borrowed(memo, resolved.version, started_wall, memo_timings)
+        for _, res in answers:
+            if res.version is None:
+                res.version = resolved.version
+        await self._reply(answers)
+
+    async def _compute_batch(
+        self,
+        model: str,
+        resolved: Resolved,
+        params: Any,
+        source: Source,
+        good: list[_Item],
+        memo: _MemoSplit | None,
+        answers: list[tuple[_Item, Result]],
+        started: float,
+        loaded: float,
+        started_wall: float,
+    ) -> None:
+        """Compute ``good`` as one batch; append its answers (and its in-batch repeats')."""
+        memo_timings = {"load_ms": round((loaded - started) * 1000, 3), "compute_ms": 0.0}
         if good:
             try:
                 outputs = await self._compute(resolved.model, params, [it.request for it in good])
@@ -569,7 +607,7 @@ class Worker(AsyncResource):
                         computed - loaded,
                     )
                 if memo is not None:
-                    self._memo_store(memo.keys, outputs)
+                    self._memo_store(memo, outputs)
                     answers += self._ok_results(
                         [(it, outputs[j]) for it, j in memo.repeats],
                         resolved.version,
@@ -590,10 +628,6 @@ class Worker(AsyncResource):
                     started_wall,
                     timings,
                 )
-        for _, res in answers:
-            if res.version is None:
-                res.version = resolved.version
-        await self._reply(answers)
 
     def _ok_results(
         self,
@@ -654,6 +688,7 @@ class Worker(AsyncResource):
         assert self._memo is not None
         split = _MemoSplit()
         first: dict[tuple[str, str, int, bytes], int] = {}
+        loop = asyncio.get_running_loop()
         for it in items:
             key = self._memo_key(resolved, it.request)
             out = self._memo.peek(key)
@@ -661,20 +696,50 @@ class Worker(AsyncResource):
                 split.hits.append((it, out))
             elif key in first:
                 split.repeats.append((it, first[key]))
+            elif key in self._memo_pending:  # another batch is computing this input
+                split.borrowed.append((it, self._memo_pending[key]))
             else:
                 first[key] = len(split.misses)
                 split.misses.append(it)
                 split.keys.append(key)
-        self.stats.memo_hits += len(split.hits) + len(split.repeats)
+                fut: asyncio.Future[Any] = loop.create_future()
+                fut.add_done_callback(_retrieve)
+                self._memo_pending[key] = fut
+                split.owned.append(fut)
+        self.stats.memo_hits += len(split.hits) + len(split.repeats) + len(split.borrowed)
         self.stats.memo_misses += len(split.misses)
         return split
 
-    def _memo_store(self, keys: list[tuple[str, str, int, bytes]], outputs: list[Any]) -> None:
+    def _memo_store(self, split: _MemoSplit, outputs: list[Any]) -> None:
+        """Keep the outputs, and hand them to batches waiting for the same inputs."""
         assert self._memo is not None
-        for key, out in zip(keys, outputs, strict=True):
+        for key, fut, out in zip(split.keys, split.owned, outputs, strict=True):
             out = np.array(out)  # its own buffer: a split view would pin the whole batch
             out.flags.writeable = False
             self._memo.put(key, out)
+            if not fut.done():
+                fut.set_result(out)
+
+    def _memo_release(self, split: _MemoSplit) -> None:
+        """Whatever happened to the batch, no other batch waits for it any longer."""
+        for key, fut in zip(split.keys, split.owned, strict=True):
+            if not fut.done():
+                fut.set_exception(KvpipeError("the batch computing this input failed"))
+            if self._memo_pending.get(key) is fut:
+                del self._memo_pending[key]
+
+    async def _memo_borrowed(
+        self, split: _MemoSplit, version: int, started_wall: float, timings: dict[str, float]
+    ) -> list[tuple[_Item, Result]]:
+        """Answers to inputs another batch computed meanwhile (its error if it failed)."""
+        pairs: list[tuple[_Item, Any]] = []
+        errors: list[tuple[_Item, Result]] = []
+        for it, fut in split.borrowed:
+            try:
+                pairs.append((it, await asyncio.shield(fut)))
+            except KvpipeError as exc:
+                errors.append((it, error_result(it.request, exc, worker=self.worker_id)))
+        return self._ok_results(pairs, version, "memo", False, started_wall, timings) + errors
 
     def _log_params_failure(
         self, model: str, version: int | None, exc: KvpipeError, requests: int
