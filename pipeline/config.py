@@ -93,6 +93,7 @@ class CacheSettings:
     policy: EvictionPolicy = "lru"
     result_models: tuple[str, ...] = ()
     result_bytes: int = 64 * MiB
+    result_shared_ttl_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -342,6 +343,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "cache.result_bytes",
         _positive_int,
         "Byte budget of the result cache",
+    ),
+    EnvVar(
+        "KVPIPE_RESULT_CACHE_SHARED_TTL",
+        "cache.result_shared_ttl_s",
+        _non_negative_float,
+        "Seconds memoized outputs are also kept in Redis for the fleet (0: this worker only)",
     ),
     EnvVar(
         "KVPIPE_MAX_BATCH",

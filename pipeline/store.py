@@ -145,6 +145,22 @@ class ParamStore:
     def table_key(self, model: str, table: str) -> str:
         return f"{self.prefix}:{model}:emb:{table}"
 
+    def output_key(self, model: str, version: int, digest: bytes) -> str:
+        return f"{self.prefix}:{model}:v{version}:out:{digest.hex()}"
+
+    async def read_outputs(
+        self, model: str, version: int, digests: Sequence[bytes]
+    ) -> list[bytes | None]:
+        """Memoized outputs a fleet shares (``.npy`` bytes), one MGET; None where absent."""
+        return await self.kv.mget([self.output_key(model, version, d) for d in digests])
+
+    async def write_outputs(
+        self, model: str, version: int, outputs: Mapping[bytes, bytes], ttl_s: float
+    ) -> None:
+        """Share memoized outputs for ``ttl_s`` seconds (they expire with no one to clean)."""
+        writes = {self.output_key(model, version, d): blob for d, blob in outputs.items()}
+        await self.kv.set_many(writes, ex=ttl_s)
+
     async def write_rows(
         self, model: str, table: str, ids: Sequence[int], rows: npt.NDArray[Any]
     ) -> None:

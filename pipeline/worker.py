@@ -31,6 +31,7 @@ from pipeline.errors import BrokerUnavailable, KvpipeError, RequestError, Unread
 from pipeline.kafka import CommitRejected, Consumer, Message, MessageTooLarge, Partition, Producer
 from pipeline.metrics import WorkerMetrics
 from pipeline.models import Model
+from pipeline.npy import from_npy, to_npy
 from pipeline.offsets import OffsetTracker
 from pipeline.registry import ModelRegistry, Resolved, worst
 from pipeline.resource import AsyncResource
@@ -64,6 +65,7 @@ class WorkerStats:
     batches_waited_on_load: int = 0
     memo_hits: int = 0
     memo_misses: int = 0
+    memo_shared_hits: int = 0
     consumer_restarts: int = 0
     rebalances: int = 0
     errors_by_code: Counter[str] = field(default_factory=Counter)
@@ -545,7 +547,7 @@ class Worker(AsyncResource):
             await self._reply(answers)
             return
         loaded = time.perf_counter()
-        memo = self._memo_split(resolved, good)
+        memo = await self._memo_split(resolved, good)
         memo_timings = {"load_ms": round((loaded - started) * 1000, 3), "compute_ms": 0.0}
         try:
             if memo is not None:
@@ -680,9 +682,10 @@ class Worker(AsyncResource):
         chosen = self.settings.cache.result_models
         return "*" in chosen or resolved.name in chosen
 
-    def _memo_split(self, resolved: Resolved, items: list[_Item]) -> _MemoSplit | None:
-        """Split a batch by the result cache: answered already, to compute, and repeats of
-        an input earlier in this same batch (computed once, answered for each)."""
+    async def _memo_split(self, resolved: Resolved, items: list[_Item]) -> _MemoSplit | None:
+        """Split a batch by the result cache: answered already (here or, when shared, in
+        Redis), being computed by another batch, to compute, and repeats of an input earlier
+        in this same batch (computed once, answered for each)."""
         if not items or not self._memo_on(resolved):
             return None
         assert self._memo is not None
@@ -706,19 +709,93 @@ class Worker(AsyncResource):
                 fut.add_done_callback(_retrieve)
                 self._memo_pending[key] = fut
                 split.owned.append(fut)
+        if split.misses and self.settings.cache.result_shared_ttl_s > 0:
+            await self._memo_shared(resolved, split)
         self.stats.memo_hits += len(split.hits) + len(split.repeats) + len(split.borrowed)
         self.stats.memo_misses += len(split.misses)
         return split
 
-    def _memo_store(self, split: _MemoSplit, outputs: list[Any]) -> None:
-        """Keep the outputs, and hand them to batches waiting for the same inputs."""
+    async def _memo_shared(self, resolved: Resolved, split: _MemoSplit) -> None:
+        """Move the misses another worker already answered (kept in Redis) to the hits.
+
+        This batch owns those keys while it asks, so no batch here computes them meanwhile.
+        Redis trouble costs the lookup, never the answer: the misses are computed.
+        """
         assert self._memo is not None
+        try:
+            blobs = await self.registry.store.read_outputs(
+                resolved.name, resolved.version, [k[3] for k in split.keys]
+            )
+        except KvpipeError as exc:
+            log.debug("memo_shared_read_failed", error=str(exc))
+            return
+        found: dict[int, Any] = {}
+        for i, (it, blob) in enumerate(zip(split.misses, blobs, strict=True)):
+            out = self._shared_output(resolved, it.request, blob)
+            if out is not None:
+                found[i] = out
+        if not found:
+            return
+        kept = _MemoSplit(hits=split.hits, borrowed=split.borrowed)
+        index: dict[int, int] = {}
+        for i, (it, key, fut) in enumerate(zip(split.misses, split.keys, split.owned, strict=True)):
+            if i in found:
+                self._memo.put(key, found[i])
+                fut.set_result(found[i])
+                del self._memo_pending[key]
+                kept.hits.append((it, found[i]))
+            else:
+                index[i] = len(kept.misses)
+                kept.misses.append(it)
+                kept.keys.append(key)
+                kept.owned.append(fut)
+        for it, j in split.repeats:
+            if j in found:
+                kept.hits.append((it, found[j]))
+            else:
+                kept.repeats.append((it, index[j]))
+        self.stats.memo_shared_hits += len(found)
+        split.hits, split.misses, split.keys = kept.hits, kept.misses, kept.keys
+        split.owned, split.repeats = kept.owned, kept.repeats
+
+    def _shared_output(self, resolved: Resolved, request: Request, blob: bytes | None) -> Any:
+        """A shared output, if it is one: float32 ``.npy`` of the shape this request gets."""
+        if blob is None:
+            return None
+        try:
+            out = from_npy(blob, max_elements=request.rows * resolved.model.output_dim)
+        except ValueError:
+            return None
+        if out.dtype != np.float32 or out.shape != (request.rows, resolved.model.output_dim):
+            return None
+        out.flags.writeable = False
+        return out
+
+    def _memo_store(self, split: _MemoSplit, outputs: list[Any]) -> None:
+        """Keep the outputs, hand them to batches waiting for the same inputs, and (when
+        shared) copy them to Redis in the background."""
+        assert self._memo is not None
+        share = self.settings.cache.result_shared_ttl_s
+        blobs: dict[bytes, bytes] = {}
         for key, fut, out in zip(split.keys, split.owned, outputs, strict=True):
             out = np.array(out)  # its own buffer: a split view would pin the whole batch
             out.flags.writeable = False
             self._memo.put(key, out)
             if not fut.done():
                 fut.set_result(out)
+            if share > 0:
+                blobs[key[3]] = to_npy(out)
+        if blobs:
+            _, model, version, _ = split.keys[0]
+            self._spawn(self._memo_share(model, version, blobs, share))
+
+    async def _memo_share(
+        self, model: str, version: int, blobs: dict[bytes, bytes], ttl: float
+    ) -> None:
+        try:
+            await self.registry.store.write_outputs(model, version, blobs, ttl)
+        except KvpipeError as exc:
+            log.debug("memo_shared_write_failed", error=str(exc))
 
     def _memo_release(self, split: _MemoSplit) -> None:
         """Whatever happened to the batch, no other batch waits for it any longer."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis.asyncio as redis_py
 
 from pipeline.client import InferenceClient
 from pipeline.kv import open_kv
@@ -92,3 +93,48 @@ async def test_concurrent_batches_share_the_compute_of_one_input(
     stats = running.worker.stats
     assert stats.batched_rows == 4, "an input was computed by more than one batch"
     assert stats.memo_hits == 56 and stats.memo_misses == 4
+
+
+async def test_outputs_are_shared_through_redis_with_a_ttl(
+    make_settings: Any, start_worker: Any, make_client: Any
+) -> None:
+    a = make_settings(cache__result_models=("*",), cache__result_shared_ttl_s=60.0)
+    b = make_settings(  # another fleet member: its own memory, the same Redis keys
+        cache__result_models=("*",),
+        cache__result_shared_ttl_s=60.0,
+        redis__key_prefix=a.redis.key_prefix,
+    )
+    model = preset("mlp")
+    params = model.init(5)
+    async with open_kv(a.redis) as kv:
+        await ParamStore(kv, prefix=a.redis.key_prefix).publish("m", model.arch, params)
+    x = np.random.default_rng(7).standard_normal((10, 32)).astype(np.float32)
+    expected = model.forward(params, x)
+    await make_client(a)
+    await start_worker(a)
+    async with InferenceClient(a.kafka) as client:
+        first = await asyncio.gather(*(client.infer("m", x[i : i + 1]) for i in range(10)))
+    assert all(r.cache != "memo" for r in first)
+    pattern = f"{a.redis.key_prefix}:m:v1:out:*"
+    r = redis_py.from_url(a.redis.url)
+    try:
+        keys: list[bytes] = []
+        for _ in range(100):  # written in the background after the answers
+            keys = await r.keys(pattern)
+            if len(keys) == 10:
+                break
+            await asyncio.sleep(0.05)
+        assert len(keys) == 10
+        assert 0 < await r.ttl(keys[0]) <= 60
+        await r.set(keys[1], b"\x93NUMPY not really")  # a damaged copy is never served
+    finally:
+        await r.aclose()
+    await make_client(b)
+    running = await start_worker(b)
+    async with InferenceClient(b.kafka) as client:
+        again = await asyncio.gather(*(client.infer("m", x[i : i + 1]) for i in range(10)))
+    for i, res in enumerate(again):
+        np.testing.assert_allclose(res.outputs, expected[i : i + 1], rtol=1e-4, atol=1e-5)  # type: ignore[arg-type]
+    stats = running.worker.stats
+    assert stats.memo_shared_hits == 9 and stats.batched_rows == 1
+    assert sum(res.cache == "memo" for res in again) == 9
