@@ -26,7 +26,7 @@ from pipeline.logging import configure_logging
 from pipeline.metrics import ReadyCheck, StatusServer, WorkerMetrics
 from pipeline.registry import ModelRegistry
 from pipeline.store import ParamStore
-from pipeline.worker import Worker, WorkerStats
+from pipeline.worker import Worker, WorkerStats, tune_gc
 
 log = structlog.get_logger("kvpipe.inference")
 
@@ -172,6 +172,8 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 
 
 async def run_until_signalled(settings: Settings) -> WorkerStats:
+    """Serve until SIGTERM or SIGINT, as a process of its own (its garbage collector tuned)."""
+    tune_gc()
     stop = asyncio.Event()
     install_stop_signals(stop)
     return await serve(settings, stop)

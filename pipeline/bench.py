@@ -57,7 +57,7 @@ from pipeline.registry import ModelRegistry, Resolved
 from pipeline.resource import AsyncResource
 from pipeline.store import Manifest, ParamStore
 from pipeline.wire import JSON, NPY, decode_result, encode_request
-from pipeline.worker import WorkerStats
+from pipeline.worker import WorkerStats, tune_gc
 
 MODEL = "bench"
 NAIVE_GOAL = 100.0
@@ -1031,6 +1031,7 @@ KEYS = {"batching": ["batching", "batching-mlp", "batching-light"]}
 def main(args: argparse.Namespace, settings: Settings) -> int:
     """``kvpipe bench``: 0 when every answer of every side was right, 1 otherwise."""
     configure_logging(fmt=settings.log_format, level=getattr(args, "log_level", None) or "error")
+    tune_gc()  # the in-process sides run as a serving process would, both alike
     opts = _parse_options(args)
     suites = ALL_SUITES if args.suite == "all" else [args.suite]
     out_dir = Path(getattr(args, "out", None) or DEFAULT_OUT)

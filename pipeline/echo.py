@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 
 from pipeline.config import KafkaSettings, settings_from_env
 from pipeline.errors import KvpipeError
+from pipeline.worker import tune_gc
 
 
 def echo_topic(kafka: KafkaSettings) -> str:
@@ -127,6 +128,7 @@ def main() -> int:
     """Entry point of the echo process: 0 after a clean stop, 2 when it cannot run."""
     try:
         settings = settings_from_env(os.environ)
+        tune_gc()  # as the worker process does, so the two differ only in their work
         asyncio.run(_serve(settings.kafka))
     except KvpipeError as exc:
         print(f"kvpipe echo: {exc}", file=sys.stderr)
