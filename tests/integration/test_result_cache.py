@@ -46,25 +46,35 @@ async def test_repeats_are_memoized_per_version(
     assert stats.memo_hits == 30 and stats.memo_misses == 100
 
 
-async def test_repeats_within_one_batch_are_computed_once(
-    make_settings: Any, start_worker: Any, make_client: Any
-) -> None:
-    settings = make_settings(cache__result_models=("*",), worker__max_wait_ms=500.0)
+async def four_inputs_at_once(
+    settings: Any, make_client: Any, start_worker: Any, *, seed: int, sends: int
+) -> tuple[Any, list[Any]]:
+    """Serve the mlp and send 4 distinct inputs round-robin ``sends`` times, all at once;
+    every output is checked. Returns the worker's stats and the results."""
     model = preset("mlp")
-    params = model.init(3)
+    params = model.init(seed)
     async with open_kv(settings.redis) as kv:
         await ParamStore(kv, prefix=settings.redis.key_prefix).publish("m", model.arch, params)
     await make_client(settings)
     running = await start_worker(settings)
-    unique = np.random.default_rng(5).standard_normal((4, 32)).astype(np.float32)
-    order = [i % 4 for i in range(40)]  # 4 inputs, each sent 10 times, all at once
+    unique = np.random.default_rng(seed).standard_normal((4, 32)).astype(np.float32)
+    order = [i % 4 for i in range(sends)]
     async with InferenceClient(settings.kafka) as client:
         results = await asyncio.gather(*(client.infer("m", unique[j : j + 1]) for j in order))
     for j, r in zip(order, results, strict=True):
         np.testing.assert_allclose(
             r.outputs, model.forward(params, unique[j : j + 1]), rtol=1e-4, atol=1e-5
         )  # type: ignore[arg-type]
-    stats = running.worker.stats
+    return running.worker.stats, results
+
+
+async def test_repeats_within_one_batch_are_computed_once(
+    make_settings: Any, start_worker: Any, make_client: Any
+) -> None:
+    settings = make_settings(cache__result_models=("*",), worker__max_wait_ms=500.0)
+    stats, results = await four_inputs_at_once(
+        settings, make_client, start_worker, seed=3, sends=40
+    )  # one batch: the wait gathers them all
     assert stats.batched_rows == 4, "a repeated input was computed more than once"
     assert stats.memo_hits == 36 and stats.memo_misses == 4
     assert sum(r.cache == "memo" for r in results) == 36
@@ -76,21 +86,7 @@ async def test_concurrent_batches_share_the_compute_of_one_input(
     # Batches of 4 that all wait on the same cold load, then split at once: whichever batch
     # takes an input first computes it, the others wait for its output instead of recomputing.
     settings = make_settings(cache__result_models=("*",), worker__max_batch_size=4)
-    model = preset("mlp")
-    params = model.init(4)
-    async with open_kv(settings.redis) as kv:
-        await ParamStore(kv, prefix=settings.redis.key_prefix).publish("m", model.arch, params)
-    await make_client(settings)
-    running = await start_worker(settings)
-    unique = np.random.default_rng(6).standard_normal((4, 32)).astype(np.float32)
-    order = [i % 4 for i in range(60)]
-    async with InferenceClient(settings.kafka) as client:
-        results = await asyncio.gather(*(client.infer("m", unique[j : j + 1]) for j in order))
-    for j, r in zip(order, results, strict=True):
-        np.testing.assert_allclose(
-            r.outputs, model.forward(params, unique[j : j + 1]), rtol=1e-4, atol=1e-5
-        )  # type: ignore[arg-type]
-    stats = running.worker.stats
+    stats, _ = await four_inputs_at_once(settings, make_client, start_worker, seed=4, sends=60)
     assert stats.batched_rows == 4, "an input was computed by more than one batch"
     assert stats.memo_hits == 56 and stats.memo_misses == 4
 
