@@ -193,7 +193,15 @@ async def test_redis_outage_stale_then_recovery(
             store = ParamStore(kv, prefix=settings.redis.key_prefix)
             await store.publish("warm", model.arch, params)
             await store.publish("cold", model.arch, params)
-        recovered = await ask("cold", "r0")  # the first request after the restart
+        # A key that failed answers with its failure during its back-off (50 ms doubling, at
+        # most 2 s), so the first request after the restart may still get it; 30 tries at
+        # >= 0.1 s apart outlast the longest back-off.
+        for attempt in range(30):
+            recovered = await ask("cold", f"r{attempt}")
+            if recovered.ok:
+                break
+            assert recovered.error_code == "params_unavailable"
+            await asyncio.sleep(0.1)
         assert recovered.ok and not recovered.stale
         after = await ask("warm", "w-after")
         assert after.ok
