@@ -57,6 +57,7 @@ from pipeline.registry import ModelRegistry, Resolved
 from pipeline.resource import AsyncResource
 from pipeline.store import Manifest, ParamStore
 from pipeline.wire import JSON, NPY, decode_result, encode_request
+from pipeline.wire import Result as Answer
 from pipeline.worker import WorkerStats, tune_gc
 
 MODEL = "bench"
@@ -463,6 +464,27 @@ class Answers(Protocol):
     def duplicates(self) -> int: ...
 
 
+def check_answer(
+    msg: Message, rid: str, expected_row: Array, version: int
+) -> tuple[str, Answer | None]:
+    """One answer against numpy's row: ("ok", result), ("wrong", ...) or (its error code, ...)."""
+    try:
+        result = decode_result(msg.value or b"", msg.headers)
+    except UnreadableMessage:
+        return "wrong", None
+    if not result.ok or result.outputs is None:
+        return result.error_code or "unknown", result
+    out = result.outputs
+    if (
+        result.id != rid
+        or result.version != version
+        or out.shape != (1, expected_row.shape[0])
+        or not np.allclose(out[0], expected_row, rtol=RTOL, atol=ATOL)
+    ):
+        return "wrong", result
+    return "ok", result
+
+
 def verify_results(
     fig: RunFigures,
     arrivals: Answers,
@@ -478,26 +500,15 @@ def verify_results(
         if msg is None:
             fig.missing += 1
             continue
-        try:
-            result = decode_result(msg.value or b"", msg.headers)
-        except UnreadableMessage:
+        verdict, result = check_answer(msg, rid, expected[i], version)
+        if verdict == "ok" and result is not None:
+            fig.ok += 1
+            sources[result.cache or "none"] += 1
+        elif verdict == "wrong":
             fig.wrong += 1
-            continue
-        if not result.ok or result.outputs is None:
+        else:
             fig.errors += 1
-            codes[result.error_code or "unknown"] += 1
-            continue
-        out = result.outputs
-        if (
-            result.id != rid
-            or result.version != version
-            or out.shape != (1, expected.shape[1])
-            or not np.allclose(out[0], expected[i], rtol=RTOL, atol=ATOL)
-        ):
-            fig.wrong += 1
-            continue
-        fig.ok += 1
-        sources[result.cache or "none"] += 1
+            codes[verdict] += 1
     fig.duplicates = arrivals.duplicates
     fig.error_codes = dict(codes)
     return sources

@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.bench import ATOL, MODEL, RTOL, prepare_side
+from pipeline.bench import MODEL, check_answer, prepare_side
 from pipeline.config import KafkaSettings, Settings
 from pipeline.echo import echo_topic
-from pipeline.errors import KvpipeError, UnreadableMessage
+from pipeline.errors import KvpipeError
 from pipeline.kafka import Consumer, Message, Producer
 from pipeline.loadgen import SendLog, percentiles, run_open_loop, schedule
 from pipeline.models import preset
 from pipeline.procs import Children, child_env
 from pipeline.resource import AsyncResource
-from pipeline.wire import JSON, decode_result, encode_request
+from pipeline.wire import JSON, encode_request
 
 DEFAULT_RATES = (1000.0, 2000.0, 4000.0, 8000.0, 12000.0, 16000.0, 24000.0, 32000.0)
 DEFAULT_DURATION_S = 4.0
@@ -481,21 +481,7 @@ def worker_check(expected: Array, version: int) -> Callable[[bytes, Message, Enc
     """Check a worker's answer against numpy: "ok", "wrong" or the error code."""
 
     def check(key: bytes, msg: Message, sent: Encoded, row: int) -> str:
-        try:
-            result = decode_result(msg.value or b"", msg.headers)
-        except UnreadableMessage:
-            return "wrong"
-        if not result.ok or result.outputs is None:
-            return result.error_code or "unknown"
-        out = result.outputs
-        if (
-            result.id != key.decode()
-            or result.version != version
-            or out.shape != (1, expected.shape[1])
-            or not np.allclose(out[0], expected[row], rtol=RTOL, atol=ATOL)
-        ):
-            return "wrong"
-        return "ok"
+        return check_answer(msg, key.decode(), expected[row], version)[0]
 
     return check
 

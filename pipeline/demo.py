@@ -14,6 +14,7 @@ import numpy as np
 from pipeline.client import InferenceClient
 from pipeline.config import Settings, with_values
 from pipeline.kv import open_kv
+from pipeline.loadgen import percentile
 from pipeline.local import LocalServices
 from pipeline.models import preset as preset_model
 from pipeline.store import ParamStore
@@ -52,7 +53,7 @@ class DemoReport:
 
 
 def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else 0.0
+    return percentile(values, q) or 0.0
 
 
 async def run_demo(
