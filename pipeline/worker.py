@@ -194,7 +194,6 @@ class Worker(AsyncResource):
         self._timers: dict[tuple[str, int | None], asyncio.TimerHandle] = {}
         self._memo: ParamCache[Any] | None = None
         self._memo_pending: dict[tuple[str, str, int, bytes], asyncio.Future[Any]] = {}
-        self._partition_counts: dict[str, int] = {}  # of result topics; cleared every 10 s
         if settings.cache.result_models:
             self._memo = ParamCache(
                 capacity_bytes=settings.cache.result_bytes,
@@ -306,7 +305,6 @@ class Worker(AsyncResource):
                 next_commit = now + self._cfg.commit_interval_s
             if now >= next_stats:
                 log.info("worker_stats", **self.snapshot())
-                self._partition_counts.clear()  # a topic may have gained partitions
                 await self._record_lag()
                 next_stats = now + 10.0
         await self.drain()
@@ -569,8 +567,9 @@ class Worker(AsyncResource):
                     memo.hits, resolved.version, "memo", False, started_wall, memo_timings
                 )
             await self._compute_batch(
-                model, resolved, params, source, good, memo, answers, started, loaded, started_wall
-            )
+                model, resolved, params, source, good, memo, answers, started, loaded, started_wall,
+                memo_timings,
+            )  # fmt: skip
         finally:
             if memo is not None:
                 self._memo_release(memo)
@@ -593,9 +592,9 @@ class Worker(AsyncResource):
         started: float,
         loaded: float,
         started_wall: float,
+        memo_timings: dict[str, float],
     ) -> None:
         """Compute ``good`` as one batch; append its answers (and its in-batch repeats')."""
-        memo_timings = {"load_ms": round((loaded - started) * 1000, 3), "compute_ms": 0.0}
         if good:
             try:
                 outputs = await self._compute(resolved.model, params, [it.request for it in good])
@@ -990,13 +989,8 @@ class Worker(AsyncResource):
         """The request's partition number modulo the topic's partitions: the answers to one
         request partition stay in order on one partition, and no key is hashed per message.
         None (hash the key) until the producer knows the topic."""
-        n = self._partition_counts.get(out.topic)
-        if n is None:
-            n = self.producer.partition_count(out.topic)
-            if n is None:
-                return None
-            self._partition_counts[out.topic] = n
-        return out.item.message.partition.partition % n
+        n = self.producer.partition_count(out.topic)  # from its metadata: a dict lookup
+        return None if n is None else out.item.message.partition.partition % n
 
     def _shrink(self, out: _Outgoing, exc: MessageTooLarge) -> _Outgoing:
         """Replace a message too large to send by a small one that says so."""
