@@ -435,7 +435,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    env_help = "\n".join(f"  {v.name:<27} {v.help}" for v in ENV_VARS)
+    width = max(len(v.name) for v in ENV_VARS)
+    env_help = "\n".join(f"  {v.name:<{width}} {v.help}" for v in ENV_VARS)
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Streaming inference on Kafka with model parameters in Redis "
