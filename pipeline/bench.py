@@ -417,12 +417,12 @@ async def prepare_side(
     """Publish ``model`` as the benchmark's model under the side's keys; make its topics."""
     k = settings.kafka
     async with open_kv(settings.redis) as kv:
-        manifest = await ParamStore(kv, prefix=settings.redis.key_prefix).publish(
+        published = await ParamStore(kv, prefix=settings.redis.key_prefix).publish(
             MODEL, model.arch, params
         )
     topics = [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic, *extra_topics]
     await ensure_topics(k, topics)
-    return manifest
+    return published.manifest
 
 
 def request_backlog(inputs: Array, wire: str = JSON) -> tuple[list[str], Backlog]:

@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.config import ENV_VARS, Settings, settings_from_env, validate, with_values
 from pipeline.errors import ConfigError, KvpipeError
 from pipeline.logging import configure_logging
+from pipeline.names import check_name
 from pipeline.progress import progress
 
 PROG = "kvpipe"
@@ -104,6 +105,17 @@ def _arch_from_tensors(
     )
 
 
+def _arch_json(text: str) -> dict[str, Any]:
+    """``--arch``: a JSON object, or one line saying why not."""
+    try:
+        arch = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--arch is not JSON: {exc}") from None
+    if not isinstance(arch, dict):
+        raise ConfigError('--arch must be a JSON object such as {"kind": "mlp", ...}')
+    return arch
+
+
 async def _publish(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.kv import open_kv
     from pipeline.models import EmbeddingScorer, build_model, preset
@@ -112,41 +124,64 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
 
     check_model_name(args.model)
     if args.from_file:
+        from pipeline.npy import read_npz
+
         path = Path(args.from_file)
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as exc:
+            arrays: Mapping[str, np.ndarray[Any, Any]] = read_npz(path)
+        except ValueError as exc:
             raise ConfigError(f"cannot read {path} as a .npz of arrays: {exc}") from None
-        arch = (
-            json.loads(args.arch)
-            if args.arch
-            else _arch_from_tensors(list(arrays), arrays, args.activation)
-        )
+        try:
+            arch = (
+                _arch_json(args.arch)
+                if args.arch
+                else _arch_from_tensors(list(arrays), arrays, args.activation)
+            )
+        except (ValueError, IndexError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"cannot tell the architecture of {path} ({type(exc).__name__}: {exc}); "
+                "check the tensor shapes or pass --arch JSON"
+            ) from None
     else:
-        model = preset(args.preset) if not args.arch else build_model(json.loads(args.arch))
+        model = preset(args.preset) if not args.arch else build_model(_arch_json(args.arch))
         arch = model.arch
         arrays = model.init(args.seed)
     built = build_model(arch)
     tables = built.init_tables(args.seed) if isinstance(built, EmbeddingScorer) else None
     async with open_kv(settings.redis) as kv:
         store = ParamStore(kv, prefix=settings.redis.key_prefix, retention_s=args.retention)
-        manifest = await store.publish(args.model, arch, arrays, tables=tables)
+        published = await store.publish(args.model, arch, arrays, tables=tables)
     if args.json:
         print(
-            json.dumps({"model": args.model, "version": manifest.version, "bytes": manifest.nbytes})
+            json.dumps(
+                {
+                    "model": args.model,
+                    "version": published.version,
+                    "bytes": published.nbytes,
+                    "current": published.current,
+                }
+            )
         )
     else:
-        print(manifest.version)
+        print(published.version)
+    if not published.is_current:
+        # A concurrent publish of a newer version won: never announce this one as serving.
+        print(
+            f"{PROG} publish: published {args.model} v{published.version}, but "
+            f"v{published.current} is already current; v{published.version} is not served "
+            f"(kvpipe rollback --to {published.version} would serve it) and was not announced",
+            file=sys.stderr,
+        )
+        return 0
     if args.announce:
         ann = Announcement(
-            args.model, "embedding" if tables is not None else "dense", manifest.version
+            args.model, "embedding" if tables is not None else "dense", published.version
         )
         try:
             await _announce(settings, ann)
         except KvpipeError as exc:
             raise KvpipeError(
-                f"published {args.model} v{manifest.version}, but could not announce it "
+                f"published {args.model} v{published.version}, but could not announce it "
                 f"(workers will see it within KVPIPE_VERSION_TTL): {exc}",
                 code=exc.code,
             ) from None
@@ -655,6 +690,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     handler: Callable[[argparse.Namespace, Settings], int] = args.handler
     try:
         settings = build_settings(args, os.environ if environ is None else environ)
+        if getattr(args, "model", None) is not None:
+            check_name(args.model)
         configure_logging(
             fmt=settings.log_format,
             level=getattr(args, "log_level", None) or "warning",

@@ -11,6 +11,7 @@ import numpy.typing as npt
 from pipeline.config import KafkaSettings
 from pipeline.errors import KvpipeError, UnreadableMessage
 from pipeline.kafka import Consumer, Producer, ensure_topics
+from pipeline.names import check_name
 from pipeline.resource import AsyncResource
 from pipeline.wire import JSON, Result, decode_result, encode_request
 
@@ -111,7 +112,8 @@ class InferenceClient(AsyncResource):
         wait: bool = True,
     ) -> str:
         """Produce one request (``inputs`` rows, or ``ids`` for an embedding model); returns
-        its id. ``wait=False`` returns once it is queued."""
+        its id. ``wait=False`` returns once it is queued; an invalid model name is a ConfigError."""
+        check_name(model)
         rid = id or uuid.uuid4().hex
         value, headers = encode_request(
             id=rid,

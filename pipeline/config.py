@@ -6,13 +6,18 @@ the processes in ``consumers/`` with the mapping they choose to pass.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pipeline.errors import ConfigError
+from pipeline.redact import redact_url
 
 RedisBackend = Literal["redis-py", "asyncio-redis"]
 EvictionPolicy = Literal["lru", "lfu", "wtinylfu"]
@@ -21,6 +26,8 @@ KafkaSecurity = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 MiB = 1024 * 1024
+#: A host name in a Kafka bootstrap list (IPv6 addresses are checked apart).
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +44,11 @@ class RedisSettings:
     def redacted_url(self) -> str:
         """The URL with any password replaced, safe to log."""
         return redact_url(self.url)
+
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["url"] = self.redacted_url()
+        return f"RedisSettings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +73,9 @@ class KafkaSettings:
     sasl_username: str = ""
     sasl_password: str = field(default="", repr=False)
     ssl_cafile: str = ""
+    #: Topics a request may name in ``kvpipe-reply-to``: shell-style patterns, ``{prefix}``
+    #: standing for ``topic_prefix``.
+    reply_topics: tuple[str, ...] = ("{prefix}.results", "{prefix}.replies.*")
 
     @property
     def requests_topic(self) -> str:
@@ -81,6 +96,14 @@ class KafkaSettings:
     @property
     def training_topic(self) -> str:
         return f"{self.topic_prefix}.training"
+
+    def reply_allowed(self, topic: str) -> bool:
+        """Whether results may go to ``topic`` because a request asked: it matches an allowed
+        pattern and is none of the topics kvpipe itself reads or dead-letters into."""
+        if topic in (self.requests_topic, self.updates_topic, self.training_topic, self.dlq_topic):
+            return False
+        prefix = self.topic_prefix
+        return any(fnmatchcase(topic, p.replace("{prefix}", prefix)) for p in self.reply_topics)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +142,7 @@ class WorkerSettings:
     send_timeout_s: float = 10.0
     shutdown_timeout_s: float = 20.0
     watchdog_s: float = 30.0
+    topic_check_s: float = 5.0
     worker_id: str = ""
     listen_updates: bool = True
     metrics_host: str = "127.0.0.1"
@@ -136,19 +160,6 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     log_format: LogFormat = "auto"
     log_level: str = "info"
-
-
-def redact_url(url: str) -> str:
-    """Replace the password in a URL with ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{user}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def _positive_int(raw: str) -> int:
@@ -252,6 +263,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "Partitions of topics the worker creates",
     ),
     EnvVar("KVPIPE_GROUP", "kafka.group_id", str, "Consumer group of the workers"),
+    EnvVar(
+        "KVPIPE_REPLY_TOPICS",
+        "kafka.reply_topics",
+        _names,
+        "Topics a request may name as kvpipe-reply-to: comma-separated patterns, {prefix} for "
+        "KVPIPE_TOPIC_PREFIX (never the requests, updates, training or DLQ topic)",
+    ),
     EnvVar(
         "KVPIPE_SESSION_TIMEOUT_MS",
         "kafka.session_timeout_ms",
@@ -387,6 +405,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "Restart the consumer after this many seconds behind with nothing fetched (0: off)",
     ),
     EnvVar(
+        "KVPIPE_TOPIC_CHECK_S",
+        "worker.topic_check_s",
+        _positive_float,
+        "Seconds between checks that the results and DLQ topics exist (created again if not)",
+    ),
+    EnvVar(
         "KVPIPE_LISTEN_UPDATES",
         "worker.listen_updates",
         _flag,
@@ -463,14 +487,95 @@ def settings_from_env(environ: Mapping[str, str], base: Settings | None = None) 
     return validate(with_values(base or Settings(), values))
 
 
+def _port_ok(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= 65535
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse, in one line naming only the redacted URL, what redis-py would crash on or
+    misread: bad scheme, port, brackets, host, database, whitespace or control characters."""
+    shown = f"Redis URL {redact_url(url)!r}"
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise ConfigError(f"{shown} contains whitespace or control characters; percent-encode them")
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ConfigError(
+            f"{shown} cannot be parsed: check the [brackets] of an IPv6 host and percent-encode "
+            "special characters in the password"
+        ) from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{shown} must start with redis://, rediss:// or unix://")
+    dbs = parse_qs(parts.query).get("db")
+    db = dbs[0] if dbs else None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{shown} has no socket path; use unix:///path/to/redis.sock")
+    else:
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ConfigError(f"{shown} has a port that is not a number from 1 to 65535")
+        if not parts.hostname:
+            raise ConfigError(f"{shown} names no host; use redis://host:port/db")
+        if db is None and parts.path not in ("", "/"):
+            db = parts.path[1:]
+    if db is not None and not (db.isascii() and db.isdigit()):
+        raise ConfigError(f"{shown} selects database {db!r}, which is not a number")
+
+
+def _bootstrap_problem(entry: str) -> str | None:
+    """What is wrong with one ``host:port`` of a bootstrap list, or None (aiokafka's forms)."""
+    if not entry:
+        return "an entry is empty"
+    port: str | None = None
+    if entry.startswith("["):
+        host, close, rest = entry[1:].partition("]")
+        if not close:
+            return "an IPv6 address has no closing ']'"
+        if rest:
+            if not rest.startswith(":"):
+                return "expected :port after ']'"
+            port = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{host!r} in brackets is not an IPv6 address"
+    else:
+        with contextlib.suppress(ValueError):
+            ipaddress.IPv6Address(entry)
+            return None
+        host, colon, after = entry.rpartition(":")
+        if not colon:
+            host = after
+        else:
+            port = after
+        if not _HOST_NAME.fullmatch(host):
+            return f"host {redact_url(host)!r} is not a host name"
+    if port is not None and not _port_ok(port):
+        return f"port {port!r} is not a number from 1 to 65535"
+    return None
+
+
+def check_bootstrap(bootstrap: str) -> None:
+    """Refuse, in one line, a Kafka bootstrap list aiokafka would crash on."""
+    if not bootstrap.strip():
+        raise ConfigError("Kafka bootstrap address is empty; set KVPIPE_KAFKA=host:port")
+    for entry in bootstrap.split(","):
+        problem = _bootstrap_problem(entry.strip())
+        if problem is not None:
+            raise ConfigError(
+                f"Kafka bootstrap {redact_url(bootstrap)!r}: {problem}; "
+                "use host:port[,host:port] (KVPIPE_KAFKA or --kafka)"
+            )
+
+
 def validate(settings: Settings) -> Settings:
     """Check the settings as a whole; raise :class:`ConfigError` with one clear line."""
-    scheme = urlsplit(settings.redis.url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(
-            f"Redis URL {settings.redis.redacted_url()!r} must start with redis://, rediss:// "
-            "or unix://"
-        )
+    check_redis_url(settings.redis.url)
+    check_bootstrap(settings.kafka.bootstrap)
     k = settings.kafka
     if k.security_protocol.startswith("SASL") and not (k.sasl_username and k.sasl_password):
         raise ConfigError(
@@ -479,8 +584,6 @@ def validate(settings: Settings) -> Settings:
         )
     if k.ssl_cafile and not k.security_protocol.endswith("SSL"):
         raise ConfigError("KVPIPE_KAFKA_SSL_CAFILE is set but the security protocol has no SSL")
-    if not settings.kafka.bootstrap.strip():
-        raise ConfigError("Kafka bootstrap address is empty; set KVPIPE_KAFKA=host:port")
     if settings.kafka.heartbeat_interval_ms * 3 > settings.kafka.session_timeout_ms:
         raise ConfigError("heartbeat interval must be at most a third of the session timeout")
     if settings.worker.max_batch_size > settings.worker.max_in_flight:

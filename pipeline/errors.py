@@ -46,6 +46,13 @@ class StoreUnavailable(ServiceError):
     serve_stale = True
 
 
+class StoreOutOfMemory(ServiceError):
+    """Redis refused a write because it is at ``maxmemory``; retrying soon will not help."""
+
+    code = "store_out_of_memory"
+    retryable = False
+
+
 class BrokerUnavailable(ServiceError):
     """The Kafka-protocol broker could not be reached or did not answer in time."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -161,6 +162,18 @@ class Producer(AsyncResource):
         parts = self._producer.client.cluster.partitions_for_topic(topic)
         return len(parts) if parts else None
 
+    async def create_topics(self, topics: Sequence[str]) -> list[str]:
+        """Create those of ``topics`` that do not exist (the worker's own, when deleted)."""
+        return await ensure_topics(self.settings, topics)
+
+    async def existing_topics(self) -> frozenset[str]:
+        """Every topic the cluster has. Listed without naming any topic: a metadata request
+        that names one makes many brokers (Tansu, Kafka's default) create it."""
+        metadata = await _bounded(
+            self.settings, "listing topics", self._producer.client.fetch_all_metadata()
+        )
+        return frozenset(metadata.topics())
+
     async def enqueue(
         self,
         topic: str,
@@ -219,6 +232,63 @@ class Producer(AsyncResource):
         self._closed = True
         with contextlib.suppress(KafkaError, OSError, TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._producer.stop()), self.send_timeout_s)
+
+
+class TopicDirectory:
+    """Which topics exist, from listings of all topics: at most one listing at a time, and
+    none newer than ``min_interval_s`` apart unless a caller's question is newer than it."""
+
+    def __init__(
+        self, list_topics: Callable[[], Awaitable[frozenset[str]]], *, min_interval_s: float = 0.2
+    ) -> None:
+        self._list = list_topics
+        self._min_interval_s = min_interval_s
+        self._known: frozenset[str] = frozenset()
+        self._listed_at = 0.0  # epoch seconds when the last good listing started
+        self._refresh: asyncio.Future[None] | None = None
+
+    async def missing(self, topics: Iterable[str], *, since: float = 0.0) -> set[str]:
+        """The ``topics`` that do not exist, judged by a listing started after ``since``
+        (epoch seconds) when the last one is older. Empty when the broker cannot be asked:
+        then nothing is known to be missing and sends simply retry."""
+        wanted = set(topics)
+        for _ in range(2):  # a listing joined under way may have started before ``since``
+            unknown = wanted - self._known
+            if not unknown or self._listed_at > since:
+                return unknown
+            try:
+                await self.refresh()
+            except BrokerUnavailable:
+                return set()
+        return wanted - self._known
+
+    async def absent(self, topics: Iterable[str]) -> set[str]:
+        """The ``topics`` missing from a new listing (after failed sends: a known topic may
+        have been deleted). Empty when the broker cannot be asked."""
+        try:
+            await self.refresh()
+        except BrokerUnavailable:
+            return set()
+        return set(topics) - self._known
+
+    async def refresh(self) -> None:
+        """List the topics again (joins a listing already under way)."""
+        if self._refresh is None:
+            self._refresh = asyncio.ensure_future(self._do_refresh())
+        fut = self._refresh
+        try:
+            await asyncio.shield(fut)
+        finally:
+            if self._refresh is fut and fut.done():
+                self._refresh = None
+
+    async def _do_refresh(self) -> None:
+        wait = self._listed_at + self._min_interval_s - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        started = time.time()
+        self._known = await self._list()
+        self._listed_at = started
 
 
 RebalanceCallback = Callable[[list[Partition]], Awaitable[None]]

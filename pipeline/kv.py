@@ -17,6 +17,7 @@ the next call after Redis comes back.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import math
@@ -29,12 +30,14 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import asyncio_redis
 import redis.asyncio as aioredis
 from asyncio_redis.encoders import BytesEncoder
+from asyncio_redis.protocol import _NoTransaction as _NO_TRANSACTION
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from pipeline.config import RedisSettings, redact_url
-from pipeline.errors import ConfigError, KvpipeError, StoreUnavailable
+from pipeline.config import RedisSettings
+from pipeline.errors import ConfigError, KvpipeError, StoreOutOfMemory, StoreUnavailable
+from pipeline.redact import redact_url, url_secrets
 from pipeline.resource import AsyncResource
 
 __all__ = ["AsyncioRedisKV", "KeyValue", "RedisPyKV", "open_kv"]
@@ -46,12 +49,20 @@ HEALTH_CHECK_INTERVAL_S = 30.0
 #: Longest foreign error text quoted in one of our messages.
 _MAX_REASON = 200
 #: Error-reply prefixes that mean "the server cannot serve this now": retry later.
-_TRANSIENT_REPLIES = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "OOM")
+_TRANSIENT_REPLIES = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
 #: Error-reply fragments that mean the credentials were refused.
 _AUTH_REPLIES = ("WRONGPASS", "NOAUTH", "invalid password", "invalid username-password")
 #: AUTH replies from a server that has no password set (single-argument AUTH only).
 _NO_PASSWORD_SET = ("without any password configured", "no password is set")
 _OTHER_BACKEND = "set KVPIPE_REDIS_BACKEND=redis-py"
+#: set_if_greater in one step: KEYS[1] the counter-like key, KEYS[2..] keys to persist.
+_SET_IF_GREATER = """
+local stored = tonumber(redis.call('GET', KEYS[1]) or '')
+if stored ~= nil and stored >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+for i = 2, #KEYS do redis.call('PERSIST', KEYS[i]) end
+return 1
+"""
 
 
 class KeyValue(Protocol):
@@ -86,6 +97,12 @@ class KeyValue(Protocol):
 
     async def incr(self, key: str) -> int:
         """Add one to the integer at ``key`` (absent counts as 0) and return the new value."""
+        ...
+
+    async def set_if_greater(self, key: str, value: int, *, persist: Sequence[str] = ()) -> bool:
+        """In one step: store ``value`` (decimal) at ``key`` only if it is greater than the
+        integer there (absent or unreadable counts as lower), and then remove the expiry of the
+        ``persist`` keys; return whether it was stored."""
         ...
 
     async def delete(self, *keys: str) -> int:
@@ -162,15 +179,6 @@ def open_kv(settings: RedisSettings) -> KeyValue:
 # Shared helpers: argument checks, encodings, error translation, closing.
 
 
-def display_url(url: str) -> str:
-    """``url`` safe to show: the password masked, and a lone user part too (often a password)."""
-    shown = redact_url(url)
-    parts = urlsplit(shown)
-    if parts.password is None and parts.username:
-        shown = shown.replace(f"{parts.username}@", "***@", 1)
-    return shown
-
-
 def _key(key: str) -> bytes:
     """A key or hash field as wire bytes; anything but ``str`` is a caller bug."""
     if not isinstance(key, str):
@@ -188,6 +196,13 @@ def _value(value: bytes) -> bytes:
     if not isinstance(value, bytes):
         raise TypeError(f"Redis values must be bytes, not {type(value).__name__}")
     return value
+
+
+def _number(value: int) -> bytes:
+    """An integer argument as decimal wire bytes; anything but ``int`` is a caller bug."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"expected an int, not {type(value).__name__}")
+    return b"%d" % value
 
 
 def _ttl_ms(ex: float | None) -> int | None:
@@ -235,16 +250,6 @@ def _what(command: str, key: str | None = None, count: int | None = None) -> str
     return command
 
 
-def _secrets(url: str) -> tuple[str, ...]:
-    """What must never appear in a message: the password (as written and decoded), and a lone
-    user part, which is often a password put in the wrong place."""
-    parts = urlsplit(url)
-    found = parts.password if parts.password is not None else parts.username
-    if not found:
-        return ()
-    return tuple(sorted({found, unquote(found)}, key=len, reverse=True))
-
-
 def _reason(exc: BaseException, secrets: Sequence[str]) -> str:
     """A foreign exception as one short line, with ``secrets`` masked."""
     if isinstance(exc, asyncio_redis.ConnectionLostError):
@@ -274,14 +279,38 @@ def _unavailable(url: str, what: str, reason: str) -> StoreUnavailable:
     return StoreUnavailable(f"Redis at {url} unavailable: {what} failed: {reason}")
 
 
+def _out_of_memory(url: str, what: str) -> StoreOutOfMemory:
+    """The error for a write refused at ``maxmemory``: no retry loop, the operator must act."""
+    return StoreOutOfMemory(
+        f"Redis at {url} is out of memory (used memory > maxmemory): {what} was refused; "
+        "raise maxmemory or free keys (delete or expire old versions), then try again"
+    )
+
+
+def _without_echo(text: str) -> str:
+    """An error reply without the command redis-py's pipelines quote (keys and raw values)."""
+    _, marker, reply = text.rpartition(" of pipeline caused error: ")
+    if not marker:
+        return text
+    reply = reply.strip()
+    if reply.startswith("(") and reply.endswith(")"):  # the repr of the exception's args
+        with contextlib.suppress(ValueError, SyntaxError, TypeError, MemoryError):
+            args = ast.literal_eval(reply)
+            if isinstance(args, tuple) and args:
+                reply = str(args[0])
+    return reply
+
+
 def _from_error_reply(text: str, url: str, what: str) -> KvpipeError:
     """Classify a server error reply (``-PREFIX message``) into our exception tree."""
-    reply = text.rsplit("caused error: ", 1)[-1]  # redis-py's pipeline errors quote the command
+    text = reply = _without_echo(text)  # never quote the command: it may hold tensor bytes
     first = reply.split(" ", 1)[0]
     if any(fragment in reply for fragment in _AUTH_REPLIES):
         return _credentials_refused(url, text)
     if first == "NOPERM":
         return ConfigError(f"Redis at {url}: the user in the URL may not run {what} ({text})")
+    if first == "OOM":
+        return _out_of_memory(url, what)
     if first in _TRANSIENT_REPLIES or "max number of clients" in reply:
         return _unavailable(url, what, text)
     return KvpipeError(f"Redis at {url}: {what} failed: {text}", code="store_error")
@@ -318,6 +347,10 @@ def _closed_error(url: str) -> KvpipeError:
 
 def _from_redis_py(exc: BaseException, url: str, what: str, secrets: Sequence[str]) -> KvpipeError:
     """Translate a redis-py (or socket) exception."""
+    if isinstance(exc, redis_errors.ResponseError) and exc.args:
+        exc = type(exc)(_without_echo(str(exc.args[0])))  # drop a pipeline's quoted command
+    if isinstance(exc, redis_errors.OutOfMemoryError):
+        return _out_of_memory(url, what)
     reason = _reason(exc, secrets)
     if isinstance(exc, redis_errors.AuthenticationError):
         return _credentials_refused(url, reason)
@@ -327,7 +360,6 @@ def _from_redis_py(exc: BaseException, url: str, what: str, secrets: Sequence[st
         exc,
         redis_errors.ConnectionError
         | redis_errors.TimeoutError
-        | redis_errors.OutOfMemoryError
         | redis_errors.ReadOnlyError
         | redis_errors.TryAgainError
         | redis_errors.ClusterDownError
@@ -351,8 +383,8 @@ class RedisPyKV(AsyncResource):
 
     def __init__(self, settings: RedisSettings) -> None:
         self._settings = settings
-        self._url = display_url(settings.url)
-        self._secrets = _secrets(settings.url)
+        self._url = redact_url(settings.url)
+        self._secrets = url_secrets(settings.url)
         try:
             self._pool = aioredis.BlockingConnectionPool.from_url(
                 settings.url,
@@ -435,6 +467,14 @@ class RedisPyKV(AsyncResource):
             return _int(await self._client.incr(k))
 
         return await self._run(_what("INCR", key), op)
+
+    async def set_if_greater(self, key: str, value: int, *, persist: Sequence[str] = ()) -> bool:
+        ks, v = [_key(key), *(_key(k) for k in persist)], _number(value)
+
+        async def op() -> bool:
+            return _int(await self._client.eval(_SET_IF_GREATER, len(ks), *ks, v)) == 1
+
+        return await self._run(_what("EVAL set_if_greater", key), op)
 
     async def delete(self, *keys: str) -> int:
         ks = [_key(k) for k in keys]
@@ -557,7 +597,7 @@ def asyncio_redis_endpoint(settings: RedisSettings) -> AsyncioRedisEndpoint:
     Refused: ``rediss://`` (no TLS), a user name (no ACL AUTH), a database other than 0 (its
     SELECT races with the first commands), and query options.
     """
-    url = display_url(settings.url)
+    url = redact_url(settings.url)
     try:
         parts = urlsplit(settings.url)
         port = parts.port
@@ -639,9 +679,9 @@ class AsyncioRedisKV(AsyncResource):
 
     def __init__(self, settings: RedisSettings) -> None:
         self._settings = settings
-        self._url = display_url(settings.url)
+        self._url = redact_url(settings.url)
         self._endpoint = asyncio_redis_endpoint(settings)
-        self._secrets = _secrets(settings.url)
+        self._secrets = url_secrets(settings.url)
         self._idle: asyncio.LifoQueue[_Slot] = asyncio.LifoQueue()
         self._slots = [_Slot() for _ in range(max(1, settings.pool_size))]
         for slot in self._slots:
@@ -804,6 +844,18 @@ class AsyncioRedisKV(AsyncResource):
             return _int(await p.incr(k))
 
         return await self._run(_what("INCR", key), op)
+
+    async def set_if_greater(self, key: str, value: int, *, persist: Sequence[str] = ()) -> bool:
+        ks, v = [_key(key), *(_key(k) for k in persist)], _number(value)
+        script = _SET_IF_GREATER.encode()
+
+        async def op(p: Any) -> bool:
+            # The library's evalsha turns every error reply (OOM, NOSCRIPT) into
+            # ScriptKilledError, losing its text: send EVAL through its query primitive.
+            reply = await p._query(_NO_TRANSACTION, b"eval", script, b"%d" % len(ks), *ks, v)
+            return _int(reply) == 1
+
+        return await self._run(_what("EVAL set_if_greater", key), op)
 
     async def delete(self, *keys: str) -> int:
         ks = [_key(k) for k in keys]

@@ -412,7 +412,8 @@ def _conf_quote(value: str) -> str:
 
 
 class RedisServer(_LocalService):
-    """A ``redis-server`` without persistence, optionally with a password and ACL users."""
+    """A ``redis-server`` without persistence, optionally with a password, ACL users and a
+    ``maxmemory`` (bytes, no eviction: writes past it are refused with an OOM error)."""
 
     _label = "redis-server"
     _ready_timeout = 10.0
@@ -424,10 +425,12 @@ class RedisServer(_LocalService):
         password: str | None = None,
         acl_users: Mapping[str, str] | None = None,
         binary: str | None = None,
+        maxmemory: int | None = None,
     ) -> None:
         super().__init__(port=port, binary=binary)
         self._password = password
         self._acl_users = dict(acl_users or {})
+        self._maxmemory = maxmemory  # bytes; writes are then refused (noeviction) past it
         for user in self._acl_users:
             if not user or any(ch.isspace() for ch in user):
                 raise LocalServiceError(f"ACL user name {user!r} must be non-empty, no spaces")
@@ -456,6 +459,8 @@ class RedisServer(_LocalService):
             lines.append(f"requirepass {_conf_quote(self._password)}")
         for user, password in self._acl_users.items():
             lines.append(f"user {_conf_quote(user)} on {_conf_quote('>' + password)} ~* &* +@all")
+        if self._maxmemory is not None:
+            lines += [f"maxmemory {int(self._maxmemory)}", "maxmemory-policy noeviction"]
         conf = workdir / "redis.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:

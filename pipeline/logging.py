@@ -20,6 +20,17 @@ def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+#: Longest text a log field keeps: fields can carry what a client sent (names, ids, errors).
+MAX_FIELD_CHARS = 1000
+
+
+def _truncate(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key, value in event.items():
+        if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+            event[key] = f"{value[:MAX_FIELD_CHARS]}... ({len(value)} characters)"
+    return event
+
+
 def configure_logging(
     *,
     fmt: LogFormat = "auto",
@@ -40,6 +51,7 @@ def configure_logging(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact,
+        _truncate,
     ]
     renderer: Any = (
         structlog.dev.ConsoleRenderer() if pretty else structlog.processors.JSONRenderer()

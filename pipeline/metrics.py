@@ -107,6 +107,9 @@ class _LiveCollector(Collector):
             )
 
 
+MAX_MODEL_LABELS = 1000
+
+
 class WorkerMetrics:
     """The metrics of one worker, in a registry of their own."""
 
@@ -141,6 +144,9 @@ class WorkerMetrics:
             "kvpipe_consumer_lag", "Messages behind the partition end", ["partition"], registry=r
         )
         self.served_on: tuple[str, int] | None = None
+        #: Model names that may be label values: ones answered ok here (so published), at
+        #: most MAX_MODEL_LABELS; any other name a client sends is counted as "other".
+        self._models: set[str] = set()
         self._live: Callable[[], dict[str, Any]] = dict
         r.register(_LiveCollector(lambda: self._live()))
 
@@ -166,8 +172,11 @@ class WorkerMetrics:
     def record_results(
         self, outcomes: Tally[tuple[str, str, str]], totals_s: Iterable[float]
     ) -> None:
+        models = self._models
         for (model, status, code), n in outcomes.items():
-            self.results.labels(model, status, code).inc(n)
+            if status == "ok" and model not in models and len(models) < MAX_MODEL_LABELS:
+                models.add(model)
+            self.results.labels(model if model in models else "other", status, code).inc(n)
         observe = self.request_seconds.observe
         for seconds in totals_s:
             observe(seconds)

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import io
+import math
+import os
 import re
 import struct
+import zipfile
+import zlib
+from typing import IO
 
 import numpy as np
 import numpy.typing as npt
 
 _ALLOWED_KINDS = frozenset("biuf")
+#: The most :func:`read_npz` reads: the file, and the arrays' declared sizes added up.
+MAX_NPZ_BYTES = 2 * 1024**3
+#: The most arrays one ``.npz`` may hold.
+MAX_NPZ_MEMBERS = 10_000
+_CHUNK = 1 << 20
 _MAGIC_V1 = b"\x93NUMPY\x01\x00"
 # The header numpy writes for a plain C-order array (version 1.0). Anything else takes the
 # general path through numpy's own header reader.
@@ -135,3 +145,98 @@ def _general(data: bytes, max_elements: int | None) -> npt.NDArray[np.generic]:
     if fortran:
         arr = np.ascontiguousarray(arr)
     return arr
+
+
+def read_npz(
+    path: str | os.PathLike[str], *, max_bytes: int = MAX_NPZ_BYTES
+) -> dict[str, npt.NDArray[np.generic]]:
+    """The arrays of an ``.npz`` file by name; a one-line ValueError for anything else.
+
+    Checked before any array data is read: the zip directory (each member's declared size,
+    ``max_bytes`` in all) and each ``.npy`` header (numeric dtype, a body the size its shape
+    says). Data is then read in bounded chunks; nothing is ever unpickled.
+    """
+    try:
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            raise ValueError(f"the file is {size} bytes, over the limit of {max_bytes}")
+        with zipfile.ZipFile(path) as zf:
+            return _npz_members(zf, max_bytes)
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        NotImplementedError,  # an unsupported compression method
+        RuntimeError,  # an encrypted member
+    ) as exc:
+        raise ValueError(f"not a readable .npz (zip) file: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _npz_members(zf: zipfile.ZipFile, max_bytes: int) -> dict[str, npt.NDArray[np.generic]]:
+    infos = zf.infolist()
+    if not infos:
+        raise ValueError("the .npz holds no arrays")
+    if len(infos) > MAX_NPZ_MEMBERS:
+        raise ValueError(f"the .npz holds {len(infos)} members, over the limit {MAX_NPZ_MEMBERS}")
+    total = sum(info.file_size for info in infos)
+    if total > max_bytes:
+        raise ValueError(
+            f"its members would expand to {total} bytes, over the limit of {max_bytes}"
+        )
+    arrays: dict[str, npt.NDArray[np.generic]] = {}
+    for info in infos:
+        if info.is_dir() or not info.filename.endswith(".npy"):
+            raise ValueError(f"member {info.filename!r} is not an .npy array")
+        name = info.filename[: -len(".npy")]
+        if name in arrays:
+            raise ValueError(f"member {info.filename!r} appears twice")
+        with zf.open(info) as member:
+            arrays[name] = _npz_member(member, info)
+    return arrays
+
+
+def _npz_member(member: IO[bytes], info: zipfile.ZipInfo) -> npt.NDArray[np.generic]:
+    """One member: header checked against its declared size, then the body in chunks."""
+    where = f"member {info.filename!r}"
+    try:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise ValueError(f"unsupported npy version {version}")
+    except ValueError as exc:
+        raise ValueError(f"{where} is not a readable .npy array: {_one_line(exc)}") from None
+    if (
+        dtype.kind not in _ALLOWED_KINDS
+        or dtype.hasobject
+        or dtype.fields is not None
+        or dtype.subdtype is not None
+    ):
+        raise ValueError(f"{where} holds {dtype} values; only numeric arrays are accepted")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{where} declares an impossible shape {shape}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    body = info.file_size - member.tell()
+    if nbytes != body:
+        raise ValueError(
+            f"{where} declares shape {shape} of {dtype} ({nbytes} bytes) but holds {body} bytes"
+        )
+    flat = np.empty(math.prod(shape), dtype=dtype)
+    raw = flat.view(np.uint8)
+    done = 0
+    while done < nbytes:  # bounded reads; zipfile checks the CRC as the last byte arrives
+        chunk = member.read(min(_CHUNK, nbytes - done))
+        if not chunk:
+            raise ValueError(f"{where} is truncated after {done} of {nbytes} bytes")
+        raw[done : done + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+        done += len(chunk)
+    return flat.reshape(shape, order="F" if fortran else "C")

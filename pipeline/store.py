@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,22 +18,26 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.errors import ConfigError, ModelNotFound, ParamsCorrupt, VersionNotFound
+from pipeline.errors import (
+    ConfigError,
+    ModelNotFound,
+    ParamsCorrupt,
+    ParamsError,
+    VersionNotFound,
+)
 from pipeline.kv import KeyValue
 from pipeline.models import build_model
+from pipeline.names import check_name
 from pipeline.npy import from_npy, to_npy
 
 ROW_CHUNK = 5000
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: How long the keys of a version being published live until its pointer move persists them.
+PENDING_TTL_S = 3600.0
 
 
 def check_model_name(model: str) -> str:
-    """Return ``model`` if it is a valid name (letters, digits, ``_.-``, at most 64)."""
-    if not isinstance(model, str) or not _MODEL_NAME.match(model):
-        raise ConfigError(
-            f"invalid model name {model!r}: use 1-64 letters, digits, '_', '.' or '-'"
-        )
-    return model
+    """Return ``model`` if it is a valid name (:func:`pipeline.names.check_name`)."""
+    return check_name(model)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,30 @@ class Manifest:
 
 
 @dataclass(frozen=True)
+class Published:
+    """What a publish did: the version it wrote, and the version current once it was done.
+
+    ``current`` is greater than ``version`` when a newer publish got there first: the version
+    exists (and can be rolled back to) but is not served, and must not be announced as such.
+    """
+
+    manifest: Manifest
+    current: int
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def nbytes(self) -> int:
+        return self.manifest.nbytes
+
+    @property
+    def is_current(self) -> bool:
+        return self.current == self.manifest.version
+
+
+@dataclass(frozen=True)
 class VersionInfo:
     """A row of ``kvpipe versions``."""
 
@@ -118,14 +145,24 @@ class VersionInfo:
 
 
 class ParamStore:
-    """Reads and writes versioned parameters through a :class:`KeyValue` adapter."""
+    """Reads and writes versioned parameters through a :class:`KeyValue` adapter.
+
+    A version's keys are written with a ``pending_ttl_s`` expiry that the pointer move removes
+    (in the same Redis step), so a publish that fails half-way leaves nothing for good.
+    """
 
     def __init__(
-        self, kv: KeyValue, *, prefix: str = "kvpipe", retention_s: float | None = None
+        self,
+        kv: KeyValue,
+        *,
+        prefix: str = "kvpipe",
+        retention_s: float | None = None,
+        pending_ttl_s: float = PENDING_TTL_S,
     ) -> None:
         self.kv = kv
         self.prefix = prefix
         self.retention_s = retention_s
+        self.pending_ttl_s = pending_ttl_s
 
     def current_key(self, model: str) -> str:
         return f"{self.prefix}:{model}:current"
@@ -165,6 +202,8 @@ class ParamStore:
         self, model: str, table: str, ids: Sequence[int], rows: npt.NDArray[Any]
     ) -> None:
         """Write rows of an embedding table in place (float32 bytes per row id)."""
+        check_name(model)
+        check_name(table, "table")
         data = np.ascontiguousarray(rows, dtype="<f4")
         if data.ndim != 2 or data.shape[0] != len(ids):
             raise ConfigError(f"rows of shape {data.shape} do not match {len(ids)} ids")
@@ -200,9 +239,11 @@ class ParamStore:
         tensors: Mapping[str, npt.ArrayLike],
         *,
         tables: Mapping[str, npt.NDArray[Any]] | None = None,
-    ) -> Manifest:
+    ) -> Published:
         """Write a new version (tensors and manifest first), then make it current in one step.
 
+        The pointer only moves forward: when a newer version became current meanwhile (a
+        concurrent publish), this one stays an older version and the result says so.
         ``tables`` (embedding models) are written whole, before the pointer moves; later
         training steps rewrite only the rows they touch (:meth:`write_rows`).
         """
@@ -226,6 +267,8 @@ class ParamStore:
             if arr.shape != spec.shape:
                 raise ConfigError(f"tensor {name!r} has shape {arr.shape}, expected {spec.shape}")
             arr = arr.astype(spec.dtype, copy=False)
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise ConfigError(f"tensor {name!r} holds NaN or infinity; it would answer NaN")
             blob = to_npy(arr)
             blobs[name] = blob
             metas[name] = TensorMeta(
@@ -238,34 +281,52 @@ class ParamStore:
         manifest = Manifest(model, version, dict(arch), metas, time.time())
         writes = {self.tensor_key(model, version, n): b for n, b in blobs.items()}
         writes[self.manifest_key(model, version)] = manifest.to_bytes()
-        await self.kv.set_many(writes)
+        # Pending until the pointer move persists them: a failed publish leaves nothing for good.
+        await self.kv.set_many(writes, ex=self.pending_ttl_s)
         for name, table in (tables or {}).items():
             await self.write_rows(model, name, range(table.shape[0]), table)
         summary = {"created_at": manifest.created_at, "nbytes": manifest.nbytes}
         await self.kv.hset_many(
             self.versions_key(model), {str(version): json.dumps(summary).encode()}
         )
-        await self.kv.set(self.current_key(model), str(version).encode())
+        keys = list(writes)
+        current = version
+        if not await self.kv.set_if_greater(self.current_key(model), version, persist=keys):
+            # A newer version is current: never move back. This one is complete, so it stays
+            # an ordinary older version (retention decides, a rollback can still serve it).
+            current = await self.current_version(model)
+            await self._keep_version(model, version, keys)
         if self.retention_s is not None:
-            await self.expire_old(model, keep=(version, version - 1))
-        return manifest
+            await self.expire_old(model)
+        return Published(manifest, current)
 
     def version_keys(self, model: str, version: int, tensors: Sequence[str]) -> list[str]:
         return [self.manifest_key(model, version)] + [
             self.tensor_key(model, version, t) for t in tensors
         ]
 
-    async def expire_old(self, model: str, *, keep: Sequence[int]) -> list[int]:
-        """Let versions other than ``keep`` (current, previous) expire after the retention
-        period; forget listed versions that are gone. Returns the versions newly scheduled."""
+    async def expire_old(self, model: str, *, keep: Sequence[int] = ()) -> list[int]:
+        """Let old versions expire after the retention period; forget listed ones that are gone.
+
+        Kept: the current version (read here, never taken from the caller, so a stale view
+        cannot retire it), every newer one (a publish in flight, or the versions a rollback
+        stepped back from), the newest older one (the previous) and ``keep``. Returns the
+        versions newly scheduled.
+        """
         assert self.retention_s is not None
         rows = await self.kv.hgetall(self.versions_key(model))
+        try:
+            current = await self.current_version(model)
+        except ParamsError:
+            return []  # no readable pointer: nothing can be told apart from the current one
+        older = sorted(v for v in map(int, rows) if v < current)
+        kept = {*keep, *older[-1:]}
         now = time.time()
         scheduled: list[int] = []
         for field, raw in rows.items():
             version = int(field)
             summary = json.loads(raw)
-            if version in keep:
+            if version >= current or version in kept:
                 continue
             expires_at = summary.get("expires_at")
             if expires_at is not None:
@@ -361,14 +422,26 @@ class ParamStore:
         """Serve ``version`` (rollback or roll forward); it must still be complete in Redis.
 
         Its keys stop expiring (a version being served is never retired), and the version
-        it replaces becomes the kept previous one.
+        it replaces becomes the kept previous one. A plain SET, unlike :meth:`publish`: moving
+        back is the point; the versions it steps back from are kept (see :meth:`expire_old`).
         """
         manifest = await self.manifest(model, version)
         names = list(manifest.tensors)
         for name in names:
             if not await self.kv.exists(self.tensor_key(model, version, name)):
                 raise VersionNotFound(f"tensor {name!r} of {model!r} v{version} is gone")
-        for key in self.version_keys(model, version, names):
+        await self._keep_version(model, version, self.version_keys(model, version, names))
+        try:
+            previous: int | None = await self.current_version(model)
+        except ModelNotFound:
+            previous = None
+        await self.kv.set(self.current_key(model), str(version).encode())
+        if self.retention_s is not None:
+            await self.expire_old(model, keep=() if previous is None else (previous,))
+
+    async def _keep_version(self, model: str, version: int, keys: Sequence[str]) -> None:
+        """Stop a version's keys from expiring and clear its scheduled expiry in the listing."""
+        for key in keys:
             await self.kv.persist(key)
         raw = await self.kv.hget(self.versions_key(model), str(version))
         if raw is not None:
@@ -377,14 +450,6 @@ class ParamStore:
                 await self.kv.hset_many(
                     self.versions_key(model), {str(version): json.dumps(summary).encode()}
                 )
-        try:
-            previous: int | None = await self.current_version(model)
-        except ModelNotFound:
-            previous = None
-        await self.kv.set(self.current_key(model), str(version).encode())
-        if self.retention_s is not None:
-            keep = (version,) if previous is None else (version, previous)
-            await self.expire_old(model, keep=keep)
 
 
 def verify_tensor(manifest: Manifest, name: str, blob: bytes) -> npt.NDArray[Any]:

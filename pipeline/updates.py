@@ -19,6 +19,7 @@ import structlog
 from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerUnavailable, UnreadableMessage
 from pipeline.kafka import Consumer, Producer
+from pipeline.names import is_valid_name
 from pipeline.registry import ModelRegistry
 from pipeline.resource import AsyncResource
 
@@ -58,11 +59,14 @@ class Announcement:
             if kind not in ("dense", "embedding", "rollback"):
                 raise ValueError(f"unknown kind {kind!r}")
             version = raw.get("version")
+            model, table = raw["model"], raw.get("table")
+            if not is_valid_name(model) or not (table is None or is_valid_name(table)):
+                raise ValueError("the model or table is not a valid name")
             return cls(
-                model=str(raw["model"]),
+                model=model,
                 kind=kind,
                 version=None if version is None else int(version),
-                table=raw.get("table"),
+                table=table,
                 rows=tuple(int(r) for r in raw.get("rows") or ()),
                 published_at=float(raw.get("published_at") or 0.0),
             )

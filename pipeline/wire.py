@@ -18,7 +18,8 @@ import numpy.typing as npt
 import orjson
 
 from pipeline.config import LimitSettings
-from pipeline.errors import KvpipeError, RequestError, UnreadableMessage
+from pipeline.errors import ConfigError, KvpipeError, RequestError, UnreadableMessage
+from pipeline.names import check_name
 from pipeline.npy import from_npy, to_npy
 
 JSON = "application/json"
@@ -41,6 +42,9 @@ Array = npt.NDArray[np.float32]
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 MAX_ID_CHARS = 256
 MAX_HEADER_BYTES = 1024
+MAX_INT64 = 2**63 - 1
+#: How much of an invalid model name a result echoes.
+MAX_ECHO_CHARS = 64
 
 
 @dataclass(slots=True)
@@ -141,11 +145,36 @@ def _text_header(headers: dict[str, bytes], name: str) -> str | None:
         raise RequestError(f"header {name} is not UTF-8", code="bad_request") from None
 
 
+def safe_text(value: object, limit: int) -> str:
+    """``value`` as text that can always be sent back: lone surrogates escaped, at most
+    ``limit`` characters (cut ones end in an ellipsis). For echoing what a client sent."""
+    text = value if isinstance(value, str) else ""
+    if len(text) > limit:
+        text = text[: limit - 1] + "\u2026"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
+    return text
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_id(value: object) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
         raise UnreadableMessage(
             f"request id must be a non-empty string of at most {MAX_ID_CHARS} characters",
             code="missing_id",
+        )
+    if not _encodable(value):
+        raise UnreadableMessage(
+            "request id is not valid Unicode (it holds a lone surrogate)", code="missing_id"
         )
     return value
 
@@ -153,13 +182,16 @@ def _check_id(value: object) -> str:
 def _check_model(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise RequestError("request has no model name", code="bad_request")
-    return value
+    try:
+        return check_name(value, "model")
+    except ConfigError as exc:
+        raise RequestError(str(exc), code="bad_request") from None
 
 
 def _check_version(value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_INT64:
         raise RequestError("version must be a positive integer", code="bad_request")
     return value
 
@@ -243,7 +275,8 @@ def decode_request(
             raise UnreadableMessage(f"not a JSON request: {exc}", code="unreadable") from None
     if not isinstance(body, dict):
         raise UnreadableMessage("a JSON request must be an object", code="unreadable")
-    request = Request(id=_check_id(body.get("id")), model="", inputs=None)
+    rid = _check_id(body.get("id"))
+    request = Request(id=rid, model=safe_text(body.get("model"), MAX_ECHO_CHARS), inputs=None)
     try:
         request.model = _check_model(body.get("model"))
         request.version = _check_version(body.get("version"))
@@ -266,7 +299,9 @@ def _decode_npy(value: bytes, headers: dict[str, bytes], limits: LimitSettings) 
         raise UnreadableMessage(str(exc), code="missing_id") from None
     request = Request(id=rid, model="", inputs=None, content_type=NPY)
     try:
-        request.model = _check_model(_text_header(headers, H_MODEL))
+        raw_model = _text_header(headers, H_MODEL)
+        request.model = safe_text(raw_model, MAX_ECHO_CHARS)
+        request.model = _check_model(raw_model)
         raw_version = _text_header(headers, H_VERSION)
         if raw_version is not None:
             try:
@@ -302,7 +337,9 @@ def _routing(headers: dict[str, bytes]) -> tuple[str | None, int | None]:
         try:
             deadline = int(raw_deadline)
         except ValueError:
-            raise RequestError("deadline must be epoch milliseconds", code="bad_request") from None
+            deadline = -1
+        if not 0 <= deadline <= MAX_INT64:
+            raise RequestError("deadline must be epoch milliseconds", code="bad_request")
     return reply_to, deadline
 
 

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 import pytest
+import redis as redis_py
 
 from pipeline.cli import build_parser
 from pipeline.config import settings_to_env
@@ -51,6 +52,9 @@ def test_bad_settings_are_one_line() -> None:
     assert out.returncode == 2 and "KVPIPE_CACHE_BYTES='lots'" in out.stderr
     out = kvpipe("publish", "--model", "bad name", "--preset", "mlp")
     assert out.returncode == 2 and "invalid model name" in out.stderr
+    for url in ("redis://127.0.0.1:99999/0", "redis://127.0.0.1:abc/0", "http://127.0.0.1/0"):
+        out = kvpipe("publish", "--model", "m", "--preset", "mlp", env={"KVPIPE_REDIS": url})
+        assert out.returncode == 2 and "Redis URL" in out.stderr, out.stderr
 
 
 def test_publish_produce_serve_results(make_settings: Any, tmp_path: Any) -> None:
@@ -83,3 +87,76 @@ def test_publish_produce_serve_results(make_settings: Any, tmp_path: Any) -> Non
     assert len(rows) == 10 and all(r["status"] == "ok" and r["version"] == 1 for r in rows)
     assert {r["id"] for r in rows} >= {f"f{i}" for i in range(5)}
     assert '"event": "worker_drained"' in err
+
+
+def _one_error_line(out: Any, command: str) -> str:
+    """The single stderr line of a refused command (exit 2, no traceback)."""
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert lines[0].startswith(f"kvpipe {command}: error: "), lines
+    return lines[0]
+
+
+def test_a_model_name_with_a_newline_or_space_is_refused_and_writes_no_key(
+    make_settings: Any,
+) -> None:
+    settings = make_settings()
+    env = settings_to_env(settings)
+    for command in (
+        ["publish", "--model", "nl\n", "--preset", "mlp"],
+        ["publish", "--model", "tab\there", "--preset", "mlp"],
+        ["publish", "--model", "nbsp\u00a0", "--preset", "mlp"],
+        ["produce", "--model", "nl\n", "--count", "1", "--dim", "2"],
+        ["versions", "--model", "nl\n"],
+        ["rollback", "--model", "nl\n", "--to", "1"],
+    ):
+        line = _one_error_line(kvpipe(*command, env=env), command[0])
+        assert "invalid model name" in line, line
+    raw = redis_py.Redis.from_url(settings.redis.url)
+    try:
+        assert raw.keys(f"{settings.redis.key_prefix}:*") == []
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:pw@127.0.0.1:99999/0",
+        "redis://127.0.0.1:0/0",
+        "redis://[::1",
+        "redis://[::1:6379/0",
+        "redis://127.0.0.1:6379/zero",
+        "redis:///0",
+        "redis://:6379/0",
+        "unix://",
+        "redis://127.0.0.1:6379/0\n",
+    ],
+)
+def test_a_malformed_redis_url_is_one_line_from_any_command(url: str) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    for command in (["publish", "--model", "m", "--preset", "mlp"], ["serve"]):
+        out = kvpipe(*command, env={"KVPIPE_REDIS": url, "KVPIPE_KAFKA": dead}, timeout=30)
+        assert "Redis URL" in _one_error_line(out, command[0])
+
+
+@pytest.mark.parametrize("arch", ["{bad", "[1]", '{"kind": "nope"}', '{"kind": "mlp"}'])
+def test_a_malformed_arch_is_one_line(arch: str) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    out = kvpipe("publish", "--model", "m", "--preset", "mlp", "--arch", arch,
+                 env={"KVPIPE_REDIS": dead}, timeout=30)  # fmt: skip
+    assert "arch" in _one_error_line(out, "publish")
+
+
+@pytest.mark.parametrize(
+    "bootstrap",
+    ["127.0.0.1:99999", "127.0.0.1:abc", "127.0.0.1:", "[::1", "[::1]9092", "a:1,,b:2", "tcp://h"],
+)
+def test_a_malformed_kafka_bootstrap_is_one_line_from_any_command(bootstrap: str) -> None:
+    for command in (
+        ["produce", "--model", "m", "--count", "1", "--dim", "2"],
+        ["versions", "--model", "m"],
+    ):
+        out = kvpipe(*command, env={"KVPIPE_KAFKA": bootstrap}, timeout=30)
+        assert "Kafka bootstrap" in _one_error_line(out, command[0])

@@ -126,6 +126,28 @@ async def test_incr(kv: KeyValue, key: Callable[[str], str]) -> None:
     await kv.delete(n, m, text)
 
 
+async def test_set_if_greater(kv: KeyValue, key: Callable[[str], str]) -> None:
+    ptr, moved, refused, h = key("ptr"), key("moved"), key("refused"), key("h")
+    assert await kv.set_if_greater(ptr, 5)  # absent counts as lower
+    assert await kv.get(ptr) == b"5"
+    assert not await kv.set_if_greater(ptr, 5)
+    assert not await kv.set_if_greater(ptr, 4)
+    assert await kv.get(ptr) == b"5"
+    await kv.set_many({moved: b"m", refused: b"r"}, ex=0.3)
+    assert not await kv.set_if_greater(ptr, 3, persist=[refused])  # refused: nothing persisted
+    assert await kv.set_if_greater(ptr, 12, persist=[moved, key("absent")])
+    assert await kv.get(ptr) == b"12"  # compared as numbers, not as strings
+    await asyncio.sleep(0.5)
+    assert await kv.mget([moved, refused]) == [b"m", None]
+    await kv.set(ptr, b"garbage")
+    assert await kv.set_if_greater(ptr, 1)  # unreadable counts as lower
+    await kv.hset_many(h, {"f": b"v"})
+    with pytest.raises(KvpipeError) as caught:
+        await kv.set_if_greater(h, 1)
+    assert caught.value.code == "store_error"
+    await kv.delete(ptr, moved, h)
+
+
 async def test_hashes(kv: KeyValue, key: Callable[[str], str]) -> None:
     h = key("h")
     assert await kv.hgetall(h) == {}

@@ -31,7 +31,7 @@ async def store(
 async def test_publish_load_round_trip_article(store: ParamStore) -> None:
     model = preset("article")
     params = model.init(3)
-    manifest = await store.publish("article", model.arch, params)
+    manifest = (await store.publish("article", model.arch, params)).manifest
     assert manifest.nbytes == 2 * (1000 * 1000 + 1000) * 4
     got_manifest, loaded = await store.load("article")
     assert got_manifest == manifest
@@ -41,7 +41,7 @@ async def test_publish_load_round_trip_article(store: ParamStore) -> None:
 
 async def test_tamper_is_detected(store: ParamStore) -> None:
     model = preset("mlp")
-    manifest = await store.publish("m", model.arch, model.init(1))
+    manifest = (await store.publish("m", model.arch, model.init(1))).manifest
     kv: KeyValue = store.kv
     key = store.tensor_key("m", manifest.version, "w1")
     raw = bytearray(await kv.get(key) or b"")

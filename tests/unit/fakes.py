@@ -161,6 +161,25 @@ class MemoryKV(AsyncResource):
         self._data[key] = str(number + 1).encode()  # INCR keeps any expiry
         return number + 1
 
+    async def set_if_greater(self, key: str, value: int, *, persist: Sequence[str] = ()) -> bool:
+        _check_key(key)
+        for other in persist:
+            _check_key(other)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"expected an int, not {type(value).__name__}")
+        await self._call("set_if_greater")
+        current = self._string(key)  # like the script's GET: WRONGTYPE on a hash
+        try:
+            if current is not None and int(current) >= value:
+                return False
+        except ValueError:
+            pass  # unreadable counts as lower, as in the script
+        self._put(key, str(value).encode(), None)
+        for other in persist:
+            if self._live(other) is not None:
+                self._expires.pop(other, None)
+        return True
+
     async def delete(self, *keys: str) -> int:
         for key in keys:
             _check_key(key)

@@ -6,8 +6,9 @@ import dataclasses
 
 import pytest
 
-from pipeline.config import ENV_VARS, Settings, redact_url, settings_from_env
+from pipeline.config import ENV_VARS, Settings, settings_from_env
 from pipeline.errors import ConfigError
+from pipeline.redact import redact_url
 
 
 def test_env_overrides_defaults() -> None:

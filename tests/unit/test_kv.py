@@ -7,20 +7,22 @@ import inspect
 import socket
 
 import pytest
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
 
 from pipeline.config import RedisSettings
-from pipeline.errors import ConfigError, KvpipeError, StoreUnavailable
+from pipeline.errors import ConfigError, KvpipeError, StoreOutOfMemory, StoreUnavailable
 from pipeline.kv import (
     AsyncioRedisKV,
     KeyValue,
     RedisPyKV,
     _from_error_reply,
+    _from_redis_py,
     _reason,
-    _secrets,
     asyncio_redis_endpoint,
-    display_url,
     open_kv,
 )
+from pipeline.redact import redact_url, url_secrets
 from tests.unit.fakes import MemoryKV
 
 SECRET = "s3cret-Pa55"
@@ -33,6 +35,7 @@ PROTOCOL_METHODS = (
     "set",
     "set_many",
     "incr",
+    "set_if_greater",
     "delete",
     "expire",
     "persist",
@@ -151,20 +154,20 @@ def test_redis_py_refuses_a_malformed_url_with_config_error() -> None:
         ("redis://h:1/0", "redis://h:1/0"),
     ],
 )
-def test_display_url_hides_passwords(url: str, shown: str) -> None:
-    assert display_url(url) == shown
+def test_redact_url_hides_passwords(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
 
 
 def test_foreign_error_text_is_one_short_line_without_secrets() -> None:
-    secrets = _secrets("redis://:p%40ss-word@h:1/0")
+    secrets = url_secrets("redis://:p%40ss-word@h:1/0")
     assert set(secrets) == {"p%40ss-word", "p@ss-word"}
     text = _reason(OSError("refused\nfor p@ss-word and p%40ss-word " + "x" * 500), secrets)
     assert "p@ss" not in text
     assert "p%40ss" not in text
     assert "\n" not in text
     assert len(text) <= 200
-    assert _secrets("redis://lonely@h:1/0") == ("lonely",)
-    assert _secrets("redis://h:1/0") == ()
+    assert url_secrets("redis://lonely@h:1/0") == ("lonely",)
+    assert url_secrets("redis://h:1/0") == ()
 
 
 @pytest.mark.parametrize("backend", ["redis-py", "asyncio-redis"])
@@ -191,7 +194,7 @@ async def test_unreachable_store_error_names_redacted_url_only(backend: str) -> 
         ("NOPERM this user has no permissions to run the 'get' command", ConfigError, False),
         ("LOADING Redis is loading the dataset in memory", StoreUnavailable, True),
         ("BUSY Redis is busy running a script.", StoreUnavailable, True),
-        ("OOM command not allowed when used memory > 'maxmemory'.", StoreUnavailable, True),
+        ("OOM command not allowed when used memory > 'maxmemory'.", StoreOutOfMemory, False),
         ("READONLY You can't write against a read only replica.", StoreUnavailable, True),
         ("ERR max number of clients reached", StoreUnavailable, True),
         ("WRONGTYPE Operation against a key holding the wrong kind of value", KvpipeError, False),
@@ -205,6 +208,31 @@ def test_error_replies_are_classified(reply: str, kind: type[KvpipeError], retry
     assert "\n" not in str(error)
     if kind is KvpipeError:
         assert error.code == "store_error"
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind"),
+    [
+        ("OOM command not allowed when used memory > 'maxmemory'.", StoreOutOfMemory),
+        ("WRONGTYPE Operation against a key holding the wrong kind of value", KvpipeError),
+        ("READONLY You can't write against a read only replica.", StoreUnavailable),
+    ],
+)
+def test_pipeline_errors_never_quote_the_command(reply: str, kind: type[KvpipeError]) -> None:
+    """redis-py's pipelines quote the failed command, values included (raw tensor bytes)."""
+    tensor = b"\x93NUMPY\x01\x00v\x00{'descr': '<f4'" + bytes(range(256))
+    classes = {"OOM": redis_errors.OutOfMemoryError, "READONLY": redis_errors.ReadOnlyError}
+    exc = classes.get(reply.split()[0], redis_errors.ResponseError)(reply)  # as parsed
+    pipe = aioredis.Redis().pipeline()  # never connects: only its error annotation is used
+    pipe.annotate_exception(exc, 1, ("SET", b"kvpipe:m:v1:t:w0", tensor, "PX", 1))
+    assert "NUMPY" in str(exc)  # the echo this test is about
+    error = _from_redis_py(exc, "redis://h:1/0", "SET of 5 keys", ())
+    assert type(error) is kind
+    assert "NUMPY" not in str(error) and "descr" not in str(error) and "w0" not in str(error)
+    assert reply.split()[0] in str(error) or kind is StoreOutOfMemory
+    if kind is StoreOutOfMemory:
+        assert "out of memory" in str(error) and "maxmemory" in str(error)
+        assert error.code == "store_out_of_memory" and not error.retryable
 
 
 # -- arguments are checked before any I/O (so no server is needed) ----------------------------

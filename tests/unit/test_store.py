@@ -56,7 +56,7 @@ async def test_pointer_moves_only_after_every_tensor_is_written(store: ParamStor
     assert isinstance(kv, MemoryKV)
     model = preset("mlp")
     order: list[str] = []
-    original_set, original_many = kv.set, kv.set_many
+    original_set, original_many, original_cas = kv.set, kv.set_many, kv.set_if_greater
 
     async def spy_set(key: str, value: bytes, *, ex: float | None = None) -> None:
         order.append(key)
@@ -66,7 +66,12 @@ async def test_pointer_moves_only_after_every_tensor_is_written(store: ParamStor
         order.extend(mapping)
         await original_many(mapping, ex=ex)
 
+    async def spy_cas(key: str, value: int, *, persist: tuple[str, ...] = ()) -> bool:
+        order.append(key)
+        return await original_cas(key, value, persist=persist)
+
     kv.set, kv.set_many = spy_set, spy_many  # type: ignore[method-assign]
+    kv.set_if_greater = spy_cas  # type: ignore[method-assign]
     await store.publish("m", model.arch, model.init(0))
     assert order[-1] == "t:m:current"
     assert {k for k in order if ":t:" in k or k.endswith("manifest")} <= set(order[:-1])
@@ -88,7 +93,7 @@ async def test_tampered_tensor_is_refused(store: ParamStore) -> None:
 
 async def test_bytes_that_match_sha_but_not_shape_are_refused(store: ParamStore) -> None:
     model = preset("mlp")
-    manifest = await store.publish("m", model.arch, model.init(1))
+    manifest = (await store.publish("m", model.arch, model.init(1))).manifest
     wrong = to_npy(np.zeros((2, 2), dtype=np.float32))
     await store.kv.set("t:m:v1:t:b0", wrong)
     import dataclasses
@@ -163,7 +168,7 @@ async def test_retention_never_retires_current_or_previous() -> None:
     await store.set_current("m", 2)  # roll back: v2 is kept again, v4 becomes "previous"
     assert kv.ttl("t:m:v2:manifest") is None and kv.ttl("t:m:v2:t:w0") is None
     assert kv.ttl("t:m:v4:manifest") is None
-    assert kv.ttl("t:m:v3:manifest") is not None
+    assert kv.ttl("t:m:v3:manifest") is None  # newer than the current one: never retired
     clock_now[0] += 61
     rows = {r.version: r for r in await store.versions("m")}
     assert not rows[1].available and rows[2].available and rows[2].current
