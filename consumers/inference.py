@@ -17,16 +17,16 @@ from typing import Any
 import structlog
 
 from consumers.updates import start_listener
-from pipeline.cache import ParamCache
+from pipeline.cache.cache import ParamCache
 from pipeline.config import Settings, settings_from_env
 from pipeline.errors import KvpipeError
-from pipeline.kafka import Producer, ensure_topics
-from pipeline.kv import KeyValue, open_kv
+from pipeline.io.kafka import Producer, ensure_topics
+from pipeline.io.kv import KeyValue, open_kv
 from pipeline.logging import configure_logging
 from pipeline.metrics import ReadyCheck, StatusServer, WorkerMetrics
-from pipeline.registry import ModelRegistry
-from pipeline.store import ParamStore
-from pipeline.worker import Worker, WorkerStats, tune_gc
+from pipeline.params.registry import ModelRegistry
+from pipeline.params.store import ParamStore
+from pipeline.serving.worker import Worker, WorkerStats, tune_gc
 
 log = structlog.get_logger("kvpipe.inference")
 

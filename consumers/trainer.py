@@ -26,11 +26,11 @@ import structlog
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, ModelNotFound
-from pipeline.kafka import Consumer, Message, Producer, ensure_topics
-from pipeline.kv import open_kv
-from pipeline.models import MLP, EmbeddingScorer, Model, build_model, preset
-from pipeline.store import ParamStore
-from pipeline.training import (
+from pipeline.io.kafka import Consumer, Message, Producer, ensure_topics
+from pipeline.io.kv import open_kv
+from pipeline.params.models import MLP, EmbeddingScorer, Model, build_model, preset
+from pipeline.params.store import ParamStore
+from pipeline.params.training import (
     BadExample,
     Diverged,
     EmbeddingTrainer,
@@ -39,7 +39,7 @@ from pipeline.training import (
     SyntheticRegression,
     parse_example,
 )
-from pipeline.updates import Announcement, announce
+from pipeline.params.updates import Announcement, announce
 
 log = structlog.get_logger("kvpipe.trainer")
 

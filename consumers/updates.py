@@ -8,8 +8,8 @@ from contextlib import AsyncExitStack
 import structlog
 
 from pipeline.config import Settings
-from pipeline.registry import ModelRegistry
-from pipeline.updates import UpdateListener
+from pipeline.params.registry import ModelRegistry
+from pipeline.params.updates import UpdateListener
 
 log = structlog.get_logger("kvpipe.updates")
 

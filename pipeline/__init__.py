@@ -1,6 +1,7 @@
 """kvpipe: streaming inference on Kafka with parameters in Redis behind an async cache."""
 
-from pipeline.cache import CacheStats, ParamCache, Source
+from pipeline.cache.cache import CacheStats, ParamCache, Source
+from pipeline.cache.singleflight import SingleFlight
 from pipeline.client import InferenceClient, ResultStream, ResultTimeout
 from pipeline.config import (
     CacheSettings,
@@ -27,15 +28,14 @@ from pipeline.errors import (
     UnreadableMessage,
     VersionNotFound,
 )
-from pipeline.kv import KeyValue, open_kv
+from pipeline.io.kv import KeyValue, open_kv
+from pipeline.io.wire import Request, Result
 from pipeline.metrics import StatusServer, WorkerMetrics
-from pipeline.models import MLP, EmbeddingScorer, LinearHeads, Model, build_model, preset
-from pipeline.registry import ModelRegistry, Resolved
-from pipeline.singleflight import SingleFlight
-from pipeline.store import Manifest, ParamStore
-from pipeline.updates import Announcement, UpdateListener
-from pipeline.wire import Request, Result
-from pipeline.worker import Worker, WorkerStats
+from pipeline.params.models import MLP, EmbeddingScorer, LinearHeads, Model, build_model, preset
+from pipeline.params.registry import ModelRegistry, Resolved
+from pipeline.params.store import Manifest, ParamStore
+from pipeline.params.updates import Announcement, UpdateListener
+from pipeline.serving.worker import Worker, WorkerStats
 
 __all__ = [
     "MLP",

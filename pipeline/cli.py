@@ -117,14 +117,14 @@ def _arch_json(text: str) -> dict[str, Any]:
 
 
 async def _publish(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.kv import open_kv
-    from pipeline.models import EmbeddingScorer, build_model, preset
-    from pipeline.store import ParamStore, check_model_name
-    from pipeline.updates import Announcement
+    from pipeline.io.kv import open_kv
+    from pipeline.params.models import EmbeddingScorer, build_model, preset
+    from pipeline.params.store import ParamStore, check_model_name
+    from pipeline.params.updates import Announcement
 
     check_model_name(args.model)
     if args.from_file:
-        from pipeline.npy import read_npz
+        from pipeline.io.npy import read_npz
 
         path = Path(args.from_file)
         try:
@@ -189,8 +189,8 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _announce(settings: Settings, announcement: Any) -> None:
-    from pipeline.kafka import Producer, ensure_topics
-    from pipeline.updates import announce
+    from pipeline.io.kafka import Producer, ensure_topics
+    from pipeline.params.updates import announce
 
     k = settings.kafka
     await ensure_topics(k, [k.updates_topic])
@@ -201,7 +201,7 @@ async def _announce(settings: Settings, announcement: Any) -> None:
 def _read_inputs(path: Path) -> list[tuple[str | None, Any, str | None]]:
     """Rows from a JSONL file ({"id"?, "model"?, "inputs"}) or a .npy matrix."""
     if path.suffix == ".npy":
-        from pipeline.npy import from_npy
+        from pipeline.io.npy import from_npy
 
         try:
             arr = from_npy(path.read_bytes())
@@ -224,8 +224,8 @@ def _read_inputs(path: Path) -> list[tuple[str | None, Any, str | None]]:
 
 async def _produce(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.client import InferenceClient
-    from pipeline.kafka import ensure_topics
-    from pipeline.wire import JSON, NPY
+    from pipeline.io.kafka import ensure_topics
+    from pipeline.io.wire import JSON, NPY
 
     if args.file:
         rows = _read_inputs(Path(args.file))
@@ -262,9 +262,9 @@ async def _produce(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _input_dim(settings: Settings, model: str) -> int:
-    from pipeline.kv import open_kv
-    from pipeline.models import build_model
-    from pipeline.store import ParamStore
+    from pipeline.io.kv import open_kv
+    from pipeline.params.models import build_model
+    from pipeline.params.store import ParamStore
 
     async with open_kv(settings.redis) as kv:
         store = ParamStore(kv, prefix=settings.redis.key_prefix)
@@ -299,7 +299,7 @@ async def _results(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_local(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.local import local_down, local_up
+    from pipeline.dev.local import local_down, local_up
 
     state = Path(args.state_dir)
     if args.action == "up":
@@ -313,7 +313,7 @@ def cmd_local(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.demo import Wave, run_demo, run_train_demo
+    from pipeline.dev.demo import Wave, run_demo, run_train_demo
 
     if args.train:
         configure_logging(
@@ -423,8 +423,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _versions(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.kv import open_kv
-    from pipeline.store import ParamStore
+    from pipeline.io.kv import open_kv
+    from pipeline.params.store import ParamStore
 
     async with open_kv(settings.redis) as kv:
         rows = await ParamStore(kv, prefix=settings.redis.key_prefix).versions(args.model)
@@ -448,9 +448,9 @@ async def _versions(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.kv import open_kv
-    from pipeline.store import ParamStore
-    from pipeline.updates import Announcement
+    from pipeline.io.kv import open_kv
+    from pipeline.params.store import ParamStore
+    from pipeline.params.updates import Announcement
 
     async with open_kv(settings.redis) as kv:
         store = ParamStore(kv, prefix=settings.redis.key_prefix, retention_s=args.retention)
@@ -461,7 +461,7 @@ async def _rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.bench import main as bench_main
+    from pipeline.bench.suites import main as bench_main
 
     return bench_main(args, settings)
 

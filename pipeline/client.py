@@ -10,10 +10,10 @@ import numpy.typing as npt
 
 from pipeline.config import KafkaSettings
 from pipeline.errors import KvpipeError, UnreadableMessage
-from pipeline.kafka import Consumer, Producer, ensure_topics
+from pipeline.io.kafka import Consumer, Producer, ensure_topics
+from pipeline.io.wire import JSON, Result, decode_result, encode_request
 from pipeline.names import check_name
 from pipeline.resource import AsyncResource
-from pipeline.wire import JSON, Result, decode_result, encode_request
 
 
 class ResultTimeout(KvpipeError):

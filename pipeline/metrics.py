@@ -24,7 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pipeline.cache import CacheStats
+from pipeline.cache.cache import CacheStats
 from pipeline.resource import AsyncResource
 
 log = structlog.get_logger("kvpipe.metrics")

@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from pipeline.config import Settings, with_values
-from pipeline.local import KafkaBroker, RedisServer
+from pipeline.dev.local import KafkaBroker, RedisServer
 
 RedisFactory = Callable[..., Awaitable[RedisServer]]
 BrokerFactory = Callable[..., Awaitable[KafkaBroker]]

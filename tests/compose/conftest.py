@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from consumers.inference import start_serving
 from pipeline.config import Settings, settings_from_env, with_values
-from pipeline.local import KafkaBroker, RedisServer
+from pipeline.dev.local import KafkaBroker, RedisServer
 
 
 @dataclass

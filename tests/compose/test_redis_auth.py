@@ -13,9 +13,9 @@ import pytest
 import pytest_asyncio
 
 from pipeline.config import RedisSettings
+from pipeline.dev.local import HOST, find_redis_server, free_port
 from pipeline.errors import ConfigError
-from pipeline.kv import open_kv
-from pipeline.local import HOST, find_redis_server, free_port
+from pipeline.io.kv import open_kv
 from tests.unit.test_compose import command_args, env_of, services
 
 

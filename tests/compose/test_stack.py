@@ -8,10 +8,10 @@ import uuid
 import numpy as np
 
 from pipeline.client import InferenceClient
-from pipeline.kv import open_kv
-from pipeline.models import preset
-from pipeline.store import ParamStore
-from pipeline.wire import Result
+from pipeline.io.kv import open_kv
+from pipeline.io.wire import Result
+from pipeline.params.models import preset
+from pipeline.params.store import ParamStore
 from tests.compose.conftest import Stack
 
 

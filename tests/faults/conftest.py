@@ -17,12 +17,12 @@ import pytest_asyncio
 
 from consumers.inference import MakeRegistry, start_serving
 from pipeline.config import Settings, settings_from_env, settings_to_env, with_values
-from pipeline.kafka import ensure_topics
-from pipeline.kv import open_kv
-from pipeline.local import KafkaBroker, RedisServer
-from pipeline.models import preset
-from pipeline.store import ParamStore
-from pipeline.worker import Worker
+from pipeline.dev.local import KafkaBroker, RedisServer
+from pipeline.io.kafka import ensure_topics
+from pipeline.io.kv import open_kv
+from pipeline.params.models import preset
+from pipeline.params.store import ParamStore
+from pipeline.serving.worker import Worker
 from tests.conftest import BrokerFactory, RedisFactory
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.client import InferenceClient
 from pipeline.errors import KvpipeError
-from pipeline.kafka import ensure_topics
+from pipeline.io.kafka import ensure_topics
 
 
 async def test_broker_restart_on_the_same_port(fault_stack: Any) -> None:

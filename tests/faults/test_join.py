@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.client import InferenceClient
-from pipeline.wire import Result
+from pipeline.io.wire import Result
 
 
 async def test_a_third_worker_joins_under_load(fault_stack: Any) -> None:

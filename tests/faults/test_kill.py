@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.client import InferenceClient
-from pipeline.wire import Result
+from pipeline.io.wire import Result
 
 
 async def test_kill_and_restart_one_of_two_workers_three_times(fault_stack: Any) -> None:

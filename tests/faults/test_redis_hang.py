@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.client import InferenceClient
-from pipeline.wire import Result
+from pipeline.io.wire import Result
 
 
 @pytest.mark.parametrize("backend", ["redis-py", "asyncio-redis"])

@@ -17,9 +17,9 @@ import pytest
 import pytest_asyncio
 
 from pipeline.client import InferenceClient
-from pipeline.kv import open_kv
-from pipeline.models import preset
-from pipeline.store import ParamStore
+from pipeline.io.kv import open_kv
+from pipeline.params.models import preset
+from pipeline.params.store import ParamStore
 from tests.integration.conftest import collect
 
 # A RESP array whose first two items are GET/HGET/HMGET and a key (what a load sends).

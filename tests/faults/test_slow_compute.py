@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache import ParamCache
+from pipeline.cache.cache import ParamCache
 from pipeline.client import InferenceClient
 from pipeline.config import Settings
-from pipeline.models import Model
-from pipeline.registry import ModelRegistry
-from pipeline.store import Manifest, ParamStore
+from pipeline.params.models import Model
+from pipeline.params.registry import ModelRegistry
+from pipeline.params.store import Manifest, ParamStore
 from tests.integration.conftest import collect
 
 DELAY_S = 3.0  # the fault stack's session timeout is 2 s

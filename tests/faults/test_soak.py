@@ -10,9 +10,9 @@ import numpy as np
 
 from consumers.inference import start_serving
 from pipeline.client import InferenceClient
-from pipeline.kv import open_kv
-from pipeline.models import preset
-from pipeline.store import ParamStore
+from pipeline.io.kv import open_kv
+from pipeline.params.models import preset
+from pipeline.params.store import ParamStore
 
 MODELS = 6
 RSS_GROWTH_BOUND = 64 * 1024 * 1024

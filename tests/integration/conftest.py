@@ -14,10 +14,10 @@ import pytest_asyncio
 from consumers.inference import start_serving
 from pipeline.client import InferenceClient, ResultStream
 from pipeline.config import Settings, with_values
-from pipeline.kafka import ensure_topics
-from pipeline.local import KafkaBroker, RedisServer
-from pipeline.wire import Result
-from pipeline.worker import Worker
+from pipeline.dev.local import KafkaBroker, RedisServer
+from pipeline.io.kafka import ensure_topics
+from pipeline.io.wire import Result
+from pipeline.serving.worker import Worker
 
 FAST_GROUP = {"kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 300}
 

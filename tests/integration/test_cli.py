@@ -13,7 +13,7 @@ import redis as redis_py
 
 from pipeline.cli import build_parser
 from pipeline.config import settings_to_env
-from pipeline.local import free_port
+from pipeline.dev.local import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from pipeline.client import InferenceClient, ResultTimeout
-from pipeline.kv import open_kv
-from pipeline.models import preset
-from pipeline.store import ParamStore
+from pipeline.io.kv import open_kv
+from pipeline.params.models import preset
+from pipeline.params.store import ParamStore
 
 pytestmark = pytest.mark.integration
 

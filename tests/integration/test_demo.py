@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.demo import run_demo, run_train_demo
+from pipeline.dev.demo import run_demo, run_train_demo
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from pipeline.client import ResultStream
-from pipeline.wire import H_DLQ_REASON, H_REPLY_TO, Result
+from pipeline.io.wire import H_DLQ_REASON, H_REPLY_TO, Result
 from tests.integration.conftest import collect
 from tests.integration.test_worker import publish, read_all
 

@@ -17,10 +17,10 @@ import pytest
 import pytest_asyncio
 
 from pipeline.config import RedisBackend, RedisSettings
+from pipeline.dev.local import RedisServer, free_port
 from pipeline.errors import ConfigError, KvpipeError, StoreUnavailable
-from pipeline.kv import KeyValue, open_kv
-from pipeline.local import RedisServer, free_port
-from tests.unit.fakes import MemoryKV
+from pipeline.io.kv import KeyValue, open_kv
+from pipeline.io.kv.memory import MemoryKV
 
 pytestmark = pytest.mark.integration
 

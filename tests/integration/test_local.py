@@ -15,10 +15,9 @@ import redis.asyncio as aredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-import pipeline.local as local
+import pipeline.dev.local as local
 from pipeline.config import Settings
-from pipeline.errors import LocalServiceError
-from pipeline.local import (
+from pipeline.dev.local import (
     KafkaBroker,
     LocalServices,
     RedisServer,
@@ -26,6 +25,7 @@ from pipeline.local import (
     local_down,
     local_up,
 )
+from pipeline.errors import LocalServiceError
 from tests.conftest import BrokerFactory, RedisFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

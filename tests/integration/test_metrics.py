@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from pipeline.client import ResultStream
-from pipeline.kv import open_kv
+from pipeline.io.kv import open_kv
 from pipeline.metrics import METRIC_NAMES, iter_names
-from pipeline.models import preset
-from pipeline.store import ParamStore
+from pipeline.params.models import preset
+from pipeline.params.store import ParamStore
 from tests.integration.conftest import collect
 
 pytestmark = pytest.mark.integration

@@ -13,10 +13,10 @@ import pytest
 
 from pipeline.client import ResultStream
 from pipeline.config import settings_to_env
-from pipeline.kafka import Consumer, Partition
-from pipeline.kv import open_kv
-from pipeline.models import preset
-from pipeline.store import ParamStore
+from pipeline.io.kafka import Consumer, Partition
+from pipeline.io.kv import open_kv
+from pipeline.params.models import preset
+from pipeline.params.store import ParamStore
 
 pytestmark = pytest.mark.integration
 

@@ -19,11 +19,11 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from pipeline.config import RedisBackend, RedisSettings
-from pipeline.kv import KeyValue, open_kv
-from pipeline.local import RedisServer, free_port
-from pipeline.models import preset
-from pipeline.npy import MAX_NPZ_BYTES
-from pipeline.store import ParamStore
+from pipeline.dev.local import RedisServer, free_port
+from pipeline.io.kv import KeyValue, open_kv
+from pipeline.io.npy import MAX_NPZ_BYTES
+from pipeline.params.models import preset
+from pipeline.params.store import ParamStore
 from tests.integration.test_cli import kvpipe
 from tests.unit.test_npz import CASES, MiB, hostile, write_bomb
 

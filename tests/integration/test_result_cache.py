@@ -10,9 +10,9 @@ import pytest
 import redis.asyncio as redis_py
 
 from pipeline.client import InferenceClient
-from pipeline.kv import open_kv
-from pipeline.models import preset
-from pipeline.store import ParamStore
+from pipeline.io.kv import open_kv
+from pipeline.params.models import preset
+from pipeline.params.store import ParamStore
 
 pytestmark = pytest.mark.integration
 

@@ -16,11 +16,11 @@ import pytest
 import structlog
 
 from pipeline.client import InferenceClient
-from pipeline.kv import open_kv
-from pipeline.local import free_port
+from pipeline.dev.local import free_port
+from pipeline.io.kv import open_kv
 from pipeline.logging import configure_logging
-from pipeline.models import preset
-from pipeline.store import ParamStore
+from pipeline.params.models import preset
+from pipeline.params.store import ParamStore
 from tests.integration.test_metrics import http_get
 
 pytestmark = pytest.mark.integration

@@ -10,11 +10,11 @@ import pytest
 import pytest_asyncio
 
 from pipeline.config import RedisSettings
+from pipeline.dev.local import RedisServer
 from pipeline.errors import ParamsCorrupt
-from pipeline.kv import KeyValue, open_kv
-from pipeline.local import RedisServer
-from pipeline.models import preset
-from pipeline.store import ParamStore
+from pipeline.io.kv import KeyValue, open_kv
+from pipeline.params.models import preset
+from pipeline.params.store import ParamStore
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,9 @@ import pytest
 
 from consumers.trainer import Publish, TrainSettings, train
 from pipeline.client import ResultStream
-from pipeline.kafka import Producer, ensure_topics
-from pipeline.kv import open_kv
-from pipeline.store import ParamStore
+from pipeline.io.kafka import Producer, ensure_topics
+from pipeline.io.kv import open_kv
+from pipeline.params.store import ParamStore
 from tests.integration.conftest import collect
 
 pytestmark = pytest.mark.integration

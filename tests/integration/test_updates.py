@@ -12,10 +12,10 @@ import pytest
 
 from consumers.trainer import Publish, TrainSettings, train
 from pipeline.client import ResultStream
-from pipeline.kv import open_kv
-from pipeline.models import build_model, preset
-from pipeline.store import ParamStore
-from pipeline.wire import Result
+from pipeline.io.kv import open_kv
+from pipeline.io.wire import Result
+from pipeline.params.models import build_model, preset
+from pipeline.params.store import ParamStore
 
 pytestmark = pytest.mark.integration
 

@@ -11,11 +11,11 @@ import pytest
 import redis.asyncio as redis_py
 
 from pipeline.client import ResultStream
-from pipeline.kafka import Consumer, Partition
-from pipeline.kv import open_kv
-from pipeline.models import preset
-from pipeline.store import ParamStore
-from pipeline.wire import H_DLQ_REASON, NPY, encode_request
+from pipeline.io.kafka import Consumer, Partition
+from pipeline.io.kv import open_kv
+from pipeline.io.wire import H_DLQ_REASON, NPY, encode_request
+from pipeline.params.models import preset
+from pipeline.params.store import ParamStore
 from tests.integration.conftest import collect
 
 pytestmark = pytest.mark.integration
@@ -210,7 +210,7 @@ async def test_a_bug_in_a_batch_still_answers_and_commits(
     import asyncio
 
     from consumers.inference import start_serving
-    from pipeline.registry import ModelRegistry
+    from pipeline.params.registry import ModelRegistry
 
     class Buggy(ModelRegistry):
         async def resolve(self, name: str, version: int | None = None) -> Any:

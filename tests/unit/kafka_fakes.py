@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.kafka import Message, Partition
-from pipeline.worker import Worker
+from pipeline.io.kafka import Message, Partition
+from pipeline.serving.worker import Worker
 
 
 class UnknownTopic(Exception):

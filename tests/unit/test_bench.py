@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bench import (
+from pipeline.bench.suites import (
     Comparison,
     NaiveRegistry,
     RunFigures,
@@ -16,12 +16,12 @@ from pipeline.bench import (
     side_line,
     side_settings,
 )
-from pipeline.cache import ParamCache, Source
+from pipeline.cache.cache import ParamCache, Source
 from pipeline.config import LimitSettings, Settings
-from pipeline.models import preset
-from pipeline.store import ParamStore
-from pipeline.wire import decode_request
-from tests.unit.fakes import MemoryKV
+from pipeline.io.kv.memory import MemoryKV
+from pipeline.io.wire import decode_request
+from pipeline.params.models import preset
+from pipeline.params.store import ParamStore
 
 
 def _side(name: str, runs: list[tuple[int, float]], unit: str = "req/s") -> Side:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.bench import Options, _parse_options
-from pipeline.bench_e2e import (
+from pipeline.bench.e2e import (
     E2EResult,
     LightResult,
     RatePoint,
@@ -13,12 +12,13 @@ from pipeline.bench_e2e import (
     point_line,
     summary_lines,
 )
-from pipeline.bench_scale import scale_model
+from pipeline.bench.echo import echo_topic
+from pipeline.bench.scale import scale_model
+from pipeline.bench.suites import Options, _parse_options
 from pipeline.config import Settings
-from pipeline.echo import echo_topic
+from pipeline.dev.procs import child_env
 from pipeline.errors import ConfigError
-from pipeline.kafka import Message, Partition
-from pipeline.procs import child_env
+from pipeline.io.kafka import Message, Partition
 
 
 def _point(

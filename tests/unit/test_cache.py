@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from pipeline.cache import ParamCache, Source
+from pipeline.cache.cache import ParamCache, Source
 from pipeline.errors import ParamsCorrupt, StoreUnavailable
 
 

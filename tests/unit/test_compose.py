@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from pipeline.cache import CacheStats
+from pipeline.cache.cache import CacheStats
 from pipeline.config import ENV_VARS, KafkaSettings, settings_from_env
 from pipeline.metrics import METRIC_NAMES, WorkerMetrics
 

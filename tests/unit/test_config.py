@@ -64,7 +64,7 @@ def test_settings_round_trip_through_env() -> None:
 
 
 def test_kafka_security_is_passed_through_and_never_shown() -> None:
-    from pipeline.kafka import _options
+    from pipeline.io.kafka import _options
 
     s = settings_from_env(
         {

@@ -9,8 +9,8 @@ from collections.abc import Hashable
 import numpy as np
 import pytest
 
-from pipeline.cache import ParamCache
-from pipeline.eviction import (
+from pipeline.cache.cache import ParamCache
+from pipeline.cache.eviction import (
     FrequencySketch,
     LFUPolicy,
     LRUPolicy,

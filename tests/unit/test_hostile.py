@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from pipeline.config import LimitSettings
 from pipeline.errors import UnreadableMessage
-from pipeline.npy import to_npy
-from pipeline.wire import H_CONTENT_TYPE, H_ID, H_MODEL, NPY, decode_request
+from pipeline.io.npy import to_npy
+from pipeline.io.wire import H_CONTENT_TYPE, H_ID, H_MODEL, NPY, decode_request
 
 LIMITS = LimitSettings(max_request_bytes=64_000, max_elements=10_000, max_rows=100)
 STABLE_CODES = {"bad_request", "bad_shape", "bad_dtype", "non_finite", "too_large",

@@ -12,7 +12,7 @@ from redis import exceptions as redis_errors
 
 from pipeline.config import RedisSettings
 from pipeline.errors import ConfigError, KvpipeError, StoreOutOfMemory, StoreUnavailable
-from pipeline.kv import (
+from pipeline.io.kv import (
     AsyncioRedisKV,
     KeyValue,
     RedisPyKV,
@@ -22,8 +22,8 @@ from pipeline.kv import (
     asyncio_redis_endpoint,
     open_kv,
 )
+from pipeline.io.kv.memory import MemoryKV
 from pipeline.redact import redact_url, url_secrets
-from tests.unit.fakes import MemoryKV
 
 SECRET = "s3cret-Pa55"
 OTHER_BACKEND = "KVPIPE_REDIS_BACKEND=redis-py"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.loadgen import percentile, percentiles, run_open_loop, schedule
+from pipeline.bench.loadgen import percentile, percentiles, run_open_loop, schedule
 
 
 class FakeTime:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.models import MLP, LinearHeads, build_model, preset
+from pipeline.params.models import MLP, LinearHeads, build_model, preset
 
 
 def test_mlp_matches_hand_written_numpy() -> None:

@@ -8,10 +8,10 @@ import pytest
 from pipeline.client import InferenceClient
 from pipeline.config import KafkaSettings
 from pipeline.errors import ConfigError, UnreadableMessage
+from pipeline.io.kv.memory import MemoryKV
 from pipeline.names import MAX_NAME_CHARS, check_name, is_valid_name
-from pipeline.store import ParamStore, check_model_name
-from pipeline.updates import Announcement
-from tests.unit.fakes import MemoryKV
+from pipeline.params.store import ParamStore, check_model_name
+from pipeline.params.updates import Announcement
 
 BAD = [
     "nl\n",  # re.match with '$' let a trailing newline through

@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 
-from pipeline.npy import from_npy, to_npy
+from pipeline.io.npy import from_npy, to_npy
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "int64", "uint8"])

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.npy import read_npz
+from pipeline.io.npy import read_npz
 
 MiB = 1024 * 1024
 

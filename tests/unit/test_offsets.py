@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.offsets import OffsetTracker
+from pipeline.serving.commits import OffsetTracker
 
 
 def test_position_advances_only_over_a_finished_prefix() -> None:

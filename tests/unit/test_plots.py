@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from pipeline import bench, plots
-from pipeline.bench import Comparison, write_outputs
+from pipeline.bench import plots
+from pipeline.bench import suites as bench
+from pipeline.bench.suites import Comparison, write_outputs
 from tests.unit.test_bench import _side
 
 pytest.importorskip("matplotlib")

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from pipeline.errors import StoreOutOfMemory
-from pipeline.models import preset
-from pipeline.store import PENDING_TTL_S, ParamStore
-from tests.unit.fakes import MemoryKV
+from pipeline.io.kv.memory import MemoryKV
+from pipeline.params.models import preset
+from pipeline.params.store import PENDING_TTL_S, ParamStore
 
 
 class SlowKV:

@@ -7,12 +7,12 @@ import asyncio
 import numpy as np
 import pytest
 
-from pipeline.cache import ParamCache, Source
+from pipeline.cache.cache import ParamCache, Source
 from pipeline.errors import ModelNotFound, ParamsCorrupt, ParamsUnavailable, StoreUnavailable
-from pipeline.models import preset
-from pipeline.registry import ModelRegistry
-from pipeline.store import ParamStore
-from tests.unit.fakes import MemoryKV
+from pipeline.io.kv.memory import MemoryKV
+from pipeline.params.models import preset
+from pipeline.params.registry import ModelRegistry
+from pipeline.params.store import ParamStore
 
 
 class Clock:

@@ -9,8 +9,7 @@ from functools import cache
 import numpy as np
 import pytest
 
-from pipeline.eviction import LFUPolicy, LRUPolicy, Policy, WTinyLFUPolicy
-from pipeline.simulation import (
+from pipeline.bench.simulation import (
     POLICIES,
     SimResult,
     article_trace,
@@ -23,6 +22,7 @@ from pipeline.simulation import (
     simulate,
     zipf_trace,
 )
+from pipeline.cache.eviction import LFUPolicy, LRUPolicy, Policy, WTinyLFUPolicy
 
 # Belady's textbook reference string: 3 frames give 9 faults under OPT and 12 under LRU.
 CLASSIC = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from pipeline.singleflight import SingleFlight
+from pipeline.cache.singleflight import SingleFlight
 
 
 class Boom(Exception):

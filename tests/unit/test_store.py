@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError, ModelNotFound, ParamsCorrupt, VersionNotFound
-from pipeline.models import preset
-from pipeline.npy import to_npy
-from pipeline.store import ParamStore, check_model_name
-from tests.unit.fakes import MemoryKV
+from pipeline.io.kv.memory import MemoryKV
+from pipeline.io.npy import to_npy
+from pipeline.params.models import preset
+from pipeline.params.store import ParamStore, check_model_name
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ async def test_bytes_that_match_sha_but_not_shape_are_refused(store: ParamStore)
     import dataclasses
     import hashlib
 
-    from pipeline.store import TensorMeta
+    from pipeline.params.store import TensorMeta
 
     meta = manifest.tensors["b0"]
     forged = dataclasses.replace(

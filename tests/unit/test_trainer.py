@@ -17,9 +17,9 @@ from structlog.testing import capture_logs
 
 from consumers.trainer import TrainSettings, _Examples
 from pipeline.errors import KvpipeError
-from pipeline.kafka import Message, Partition
-from pipeline.models import EmbeddingScorer, preset
-from pipeline.training import MLPTrainer
+from pipeline.io.kafka import Message, Partition
+from pipeline.params.models import EmbeddingScorer, preset
+from pipeline.params.training import MLPTrainer
 
 MLP_CFG = TrainSettings(model="m", preset="mlp", synthetic=False, batch_size=1000)
 
@@ -180,7 +180,7 @@ bodies = st.fixed_dictionaries(
     kind=st.sampled_from(["mlp", "embedding"]),
 )
 def test_any_bytes_are_an_example_or_a_bad_example(raw: bytes, kind: str) -> None:
-    from pipeline.training import BadExample, parse_example
+    from pipeline.params.training import BadExample, parse_example
 
     model: Any = preset("mlp") if kind == "mlp" else EmbeddingScorer(users=5, items=6, dim=2)
     try:
@@ -222,9 +222,9 @@ async def test_a_publish_of_non_finite_weights_is_refused_and_training_goes_on(
     kind: str,
 ) -> None:
     from consumers.trainer import TrainingRun, make_trainer
-    from pipeline.store import ParamStore
-    from pipeline.updates import Announcement
-    from tests.unit.fakes import MemoryKV
+    from pipeline.io.kv.memory import MemoryKV
+    from pipeline.params.store import ParamStore
+    from pipeline.params.updates import Announcement
 
     model = preset("mlp") if kind == "mlp" else EmbeddingScorer(users=50, items=60, dim=4)
     cfg = TrainSettings(model="m", synthetic=False)

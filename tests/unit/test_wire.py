@@ -9,8 +9,8 @@ import pytest
 
 from pipeline.config import LimitSettings
 from pipeline.errors import UnreadableMessage
-from pipeline.npy import to_npy
-from pipeline.wire import (
+from pipeline.io.npy import to_npy
+from pipeline.io.wire import (
     H_CONTENT_TYPE,
     H_ID,
     H_MODEL,

@@ -20,15 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.cache import ParamCache
+from pipeline.cache.cache import ParamCache
 from pipeline.config import Settings, with_values
 from pipeline.errors import ConfigError
-from pipeline.models import preset
-from pipeline.registry import ModelRegistry
-from pipeline.store import ParamStore
-from pipeline.wire import H_DLQ_SOURCE, decode_result
-from pipeline.worker import Worker
-from tests.unit.fakes import MemoryKV
+from pipeline.io.kv.memory import MemoryKV
+from pipeline.io.wire import H_DLQ_SOURCE, decode_result
+from pipeline.params.models import preset
+from pipeline.params.registry import ModelRegistry
+from pipeline.params.store import ParamStore
+from pipeline.serving.worker import Worker
 from tests.unit.kafka_fakes import FakeBroker, FakeConsumer, FakeProducer
 
 MODEL = preset("mlp")

@@ -18,9 +18,9 @@ import structlog
 
 from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerUnavailable, UnreadableMessage
-from pipeline.kafka import Consumer, Producer
+from pipeline.io.kafka import Consumer, Producer
 from pipeline.names import is_valid_name
-from pipeline.registry import ModelRegistry
+from pipeline.params.registry import ModelRegistry
 from pipeline.resource import AsyncResource
 
 log = structlog.get_logger("kvpipe.updates")

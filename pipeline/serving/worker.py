@@ -26,10 +26,10 @@ import numpy.typing as npt
 import structlog
 from threadpoolctl import threadpool_limits
 
-from pipeline.cache import ParamCache, Source
+from pipeline.cache.cache import ParamCache, Source
 from pipeline.config import Settings
 from pipeline.errors import BrokerUnavailable, KvpipeError, RequestError, UnreadableMessage
-from pipeline.kafka import (
+from pipeline.io.kafka import (
     CommitRejected,
     Consumer,
     Message,
@@ -38,14 +38,8 @@ from pipeline.kafka import (
     Producer,
     TopicDirectory,
 )
-from pipeline.metrics import WorkerMetrics
-from pipeline.models import Model
-from pipeline.npy import from_npy, to_npy
-from pipeline.offsets import OffsetTracker
-from pipeline.registry import ModelRegistry, Resolved, worst
-from pipeline.resource import AsyncResource
-from pipeline.updates import UpdateListener
-from pipeline.wire import (
+from pipeline.io.npy import from_npy, to_npy
+from pipeline.io.wire import (
     H_DLQ_REASON,
     H_DLQ_SOURCE,
     MAX_ECHO_CHARS,
@@ -56,6 +50,12 @@ from pipeline.wire import (
     error_result,
     safe_text,
 )
+from pipeline.metrics import WorkerMetrics
+from pipeline.params.models import Model
+from pipeline.params.registry import ModelRegistry, Resolved, worst
+from pipeline.params.updates import UpdateListener
+from pipeline.resource import AsyncResource
+from pipeline.serving.commits import OffsetTracker
 
 log = structlog.get_logger("kvpipe.worker")
 

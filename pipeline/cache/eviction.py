@@ -285,9 +285,9 @@ class WTinyLFUPolicy:
     capacity counters per row, aging every 10 x capacity counted accesses. The region shares
     are always computed from the *current* number of entries ``n``: window ``max(1,
     round(window_ratio x n))``, protected ``int(protected_ratio x (n - window))``, probation the
-    rest. In a count-bounded cache (:func:`pipeline.simulation.simulate`) ``n`` equals the
+    rest. In a count-bounded cache (:func:`pipeline.bench.simulation.simulate`) ``n`` equals the
     capacity whenever the cache is full, which is the only time eviction matters, so this is
-    exactly Caffeine's static split. A byte-budgeted cache (:class:`pipeline.cache.ParamCache`)
+    exactly Caffeine's static split. A byte-budgeted cache (:class:`~.cache.ParamCache`)
     cannot give an entry count, because values differ in size: there ``n`` is however many
     entries fit right now, so the split follows the budget as values grow or shrink, and the
     sketch, built for ``capacity`` (or a small default when None), grows with the high-water

@@ -1,6 +1,6 @@
 """Fakes at the service boundaries, for unit tests of the modules above them.
 
-:class:`MemoryKV` implements :class:`pipeline.kv.KeyValue` in memory with Redis's semantics
+:class:`MemoryKV` implements :class:`pipeline.io.kv.KeyValue` in memory with Redis's semantics
 (types, expiry, counters), counts calls per method, and can be told to fail or to be slow.
 The integration tests run the same behaviour checks against it and against real Redis.
 """
@@ -45,7 +45,7 @@ def _ttl_ms(ex: float | None) -> int | None:
 
 
 class MemoryKV(AsyncResource):
-    """An in-memory :class:`~pipeline.kv.KeyValue` for unit tests.
+    """An in-memory :class:`~pipeline.io.kv.KeyValue` for unit tests.
 
     - ``clock``: seconds, monotonic; inject a fake one to expire keys without sleeping.
     - ``calls``: how many times each method was called (``calls["mget"]``).

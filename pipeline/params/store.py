@@ -25,10 +25,10 @@ from pipeline.errors import (
     ParamsError,
     VersionNotFound,
 )
-from pipeline.kv import KeyValue
-from pipeline.models import build_model
+from pipeline.io.kv import KeyValue
+from pipeline.io.npy import from_npy, to_npy
 from pipeline.names import check_name
-from pipeline.npy import from_npy, to_npy
+from pipeline.params.models import build_model
 
 ROW_CHUNK = 5000
 #: How long the keys of a version being published live until its pointer move persists them.

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.bench import (
+from pipeline.bench.e2e import Reader
+from pipeline.bench.suites import (
     MODEL,
     Comparison,
     Emit,
@@ -34,13 +35,12 @@ from pipeline.bench import (
     request_backlog,
     verify_results,
 )
-from pipeline.bench_e2e import Reader
 from pipeline.config import Settings
+from pipeline.dev.procs import Children, child_env
 from pipeline.errors import KvpipeError, UnreadableMessage
-from pipeline.kafka import Message, Producer
-from pipeline.models import Model, build_model
-from pipeline.procs import Children, child_env
-from pipeline.wire import JSON, decode_result, encode_request
+from pipeline.io.kafka import Message, Producer
+from pipeline.io.wire import JSON, decode_result, encode_request
+from pipeline.params.models import Model, build_model
 
 SCALE_LAYERS = [64, 4096, 4096, 4096, 16]
 SCALE_GOAL = 1.6
@@ -60,7 +60,7 @@ def scale_model(layers: list[int] | None = None) -> Model:
 
 
 class _ArrivalsView:
-    """What :func:`pipeline.bench.verify_results` reads: first arrival per key, duplicates."""
+    """What :func:`~pipeline.bench.suites.verify_results` reads: first arrival per key, repeats."""
 
     def __init__(self, first: dict[bytes, Message], duplicates: int) -> None:
         self.first = first

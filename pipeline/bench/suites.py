@@ -13,12 +13,12 @@ checked: a side with a wrong, failed or missing answer has no figure.
   against the real worker on the small MLP, same backlog and partition count.
 - ``batching``: micro-batches against batch size 1, on the article's model and the small MLP.
 - ``memo``: the result cache on and off, 30% of requests repeating an earlier input.
-- ``e2e`` (:mod:`pipeline.bench_e2e`): open-loop latency per offered rate, worker and echo
-  as processes of their own. ``scale`` (:mod:`pipeline.bench_scale`): one worker process
+- ``e2e`` (:mod:`pipeline.bench.e2e`): open-loop latency per offered rate, worker and echo
+  as processes of their own. ``scale`` (:mod:`pipeline.bench.scale`): one worker process
   against two. ``cache``: the offline eviction simulation.
 
 Every suite prints its table and writes ``DIR/SUITE.json`` and, with matplotlib,
-``DIR/SUITE.png`` (:mod:`pipeline.plots`).
+``DIR/SUITE.png`` (:mod:`pipeline.bench.plots`).
 """
 
 from __future__ import annotations
@@ -44,21 +44,21 @@ import numpy.typing as npt
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumers.inference import MakeRegistry, start_serving
-from pipeline.cache import ParamCache, Source
+from pipeline.bench.echo import echo_loop
+from pipeline.cache.cache import ParamCache, Source
 from pipeline.config import KafkaSettings, Settings, with_values
-from pipeline.echo import echo_loop
+from pipeline.dev.local import LocalServices
 from pipeline.errors import ConfigError, KvpipeError, UnreadableMessage
-from pipeline.kafka import Consumer, Message, Producer, ensure_topics
-from pipeline.kv import open_kv
-from pipeline.local import LocalServices
+from pipeline.io.kafka import Consumer, Message, Producer, ensure_topics
+from pipeline.io.kv import open_kv
+from pipeline.io.wire import JSON, NPY, decode_result, encode_request
+from pipeline.io.wire import Result as Answer
 from pipeline.logging import configure_logging
-from pipeline.models import Model, preset
-from pipeline.registry import ModelRegistry, Resolved
+from pipeline.params.models import Model, preset
+from pipeline.params.registry import ModelRegistry, Resolved
+from pipeline.params.store import Manifest, ParamStore
 from pipeline.resource import AsyncResource
-from pipeline.store import Manifest, ParamStore
-from pipeline.wire import JSON, NPY, decode_result, encode_request
-from pipeline.wire import Result as Answer
-from pipeline.worker import WorkerStats, tune_gc
+from pipeline.serving.worker import WorkerStats, tune_gc
 
 MODEL = "bench"
 NAIVE_GOAL = 100.0
@@ -883,7 +883,7 @@ async def run_suite(
         n, n_mlp = opts.count("batching"), opts.count("batching-mlp")
         article = await bench_batching(settings, tag, n, rounds, emit, opts.wire_for("article"))
         mlp = await bench_batching_mlp(settings, tag, n_mlp, rounds, emit, opts.wire_for("mlp"))
-        from pipeline.bench_e2e import bench_light_latency
+        from pipeline.bench.e2e import bench_light_latency
 
         light_a = side_settings(settings, tag, "light-batched")
         light_b = side_settings(settings, tag, "light-single", {"worker.max_batch_size": 1})
@@ -902,7 +902,7 @@ async def run_suite(
             )
         }
     if suite == "e2e":
-        from pipeline.bench_e2e import DEFAULT_DURATION_S, DEFAULT_RATES, bench_e2e
+        from pipeline.bench.e2e import DEFAULT_DURATION_S, DEFAULT_RATES, bench_e2e
 
         try:
             return {
@@ -919,7 +919,7 @@ async def run_suite(
             await drop_topics(side_settings(settings, tag, "e2e-worker").kafka)
             await drop_topics(side_settings(settings, tag, "e2e-echo").kafka)
     if suite == "scale":
-        from pipeline.bench_scale import bench_scale
+        from pipeline.bench.scale import bench_scale
 
         n = opts.count("scale")
         return {
@@ -955,7 +955,7 @@ async def run_bench(
 
 def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
     """Hit rates of the shipped eviction policies beside Belady's optimum (no services)."""
-    from pipeline.simulation import format_table, run_cache_bench
+    from pipeline.bench.simulation import format_table, run_cache_bench
 
     accesses = getattr(args, "accesses", None) or 10**6
     print(
@@ -993,7 +993,7 @@ def write_outputs(
     out_dir: Path, suite: str, doc: dict[str, Any], emit: Emit = print
 ) -> tuple[Path, Path | None]:
     """``out_dir/<suite>.json`` and, with matplotlib, ``out_dir/<suite>.png``."""
-    from pipeline import plots
+    from pipeline.bench import plots
 
     json_path = out_dir / f"{suite}.json"
     _write(json_path, doc)

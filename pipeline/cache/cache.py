@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
+from pipeline.cache.eviction import make_policy
+from pipeline.cache.singleflight import SingleFlight
 from pipeline.errors import KvpipeError
-from pipeline.eviction import make_policy
 from pipeline.resource import AsyncResource
-from pipeline.singleflight import SingleFlight
 
 V = TypeVar("V")
 

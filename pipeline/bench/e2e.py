@@ -2,8 +2,8 @@
 
 Both run as processes of their own on the same local services: a worker (``python -m
 consumers.inference``) serving the small MLP with a warm cache, and the bare consume -> produce
-echo (``python -m pipeline.echo``). This process is the load generator: for each offered rate
-it sends requests on a fixed schedule (:mod:`pipeline.loadgen`; it never waits for answers)
+echo (``python -m pipeline.bench.echo``). This process is the load generator: for each offered rate
+it sends requests on a fixed schedule (:mod:`pipeline.bench.loadgen`; it never waits for answers)
 and reads the answers back, timing each from its send to its arrival on one monotonic clock.
 Rates alternate the order of the sides (worker, echo / echo, worker, ...). After the sweep,
 both sides run once more at half the worker's highest throughput: the latency goal is read
@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.bench import MODEL, check_answer, prepare_side
+from pipeline.bench.echo import echo_topic
+from pipeline.bench.loadgen import SendLog, percentiles, run_open_loop, schedule
+from pipeline.bench.suites import MODEL, check_answer, prepare_side
 from pipeline.config import KafkaSettings, Settings
-from pipeline.echo import echo_topic
+from pipeline.dev.procs import Children, child_env
 from pipeline.errors import KvpipeError
-from pipeline.kafka import Consumer, Message, Producer
-from pipeline.loadgen import SendLog, percentiles, run_open_loop, schedule
-from pipeline.models import preset
-from pipeline.procs import Children, child_env
+from pipeline.io.kafka import Consumer, Message, Producer
+from pipeline.io.wire import JSON, encode_request
+from pipeline.params.models import preset
 from pipeline.resource import AsyncResource
-from pipeline.wire import JSON, encode_request
 
 DEFAULT_RATES = (1000.0, 2000.0, 4000.0, 8000.0, 12000.0, 16000.0, 24000.0, 32000.0)
 DEFAULT_DURATION_S = 4.0
@@ -521,7 +521,7 @@ async def bench_e2e(
         async with Children() as children:
             for name, module, settings in (
                 ("e2e-worker", "consumers.inference", worker_settings),
-                ("e2e-echo", "pipeline.echo", echo_settings),
+                ("e2e-echo", "pipeline.bench.echo", echo_settings),
             ):
                 child = await children.spawn(name, module, child_env(settings, name))
                 result.pids.append(child.proc.pid)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Settings, settings_to_env
+from pipeline.dev.local import _die_with_parent
 from pipeline.errors import KvpipeError
-from pipeline.local import _die_with_parent
 from pipeline.resource import AsyncResource
 
 

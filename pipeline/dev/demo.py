@@ -11,14 +11,14 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.bench.loadgen import percentile
 from pipeline.client import InferenceClient
 from pipeline.config import Settings, with_values
-from pipeline.kv import open_kv
-from pipeline.loadgen import percentile
-from pipeline.local import LocalServices
-from pipeline.models import preset as preset_model
-from pipeline.store import ParamStore
-from pipeline.wire import JSON, NPY, Result
+from pipeline.dev.local import LocalServices
+from pipeline.io.kv import open_kv
+from pipeline.io.wire import JSON, NPY, Result
+from pipeline.params.models import preset as preset_model
+from pipeline.params.store import ParamStore
 
 DEMO_MODEL = "demo"
 
@@ -219,8 +219,8 @@ async def run_train_demo(
     """A worker serves an embedding scorer while the trainer learns it; accuracy per wave."""
     from consumers.inference import start_serving
     from consumers.trainer import Publish, TrainSettings, train
-    from pipeline.models import EmbeddingScorer, build_model
-    from pipeline.training import SyntheticClicks, accuracy
+    from pipeline.params.models import EmbeddingScorer, build_model
+    from pipeline.params.training import SyntheticClicks, accuracy
 
     model = build_model(TRAIN_ARCH)
     assert isinstance(model, EmbeddingScorer)

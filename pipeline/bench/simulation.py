@@ -1,9 +1,9 @@
 """Offline cache hit-rate simulation: the shipped eviction policies against Belady's optimum.
 
 Every entry has size 1 and capacity counts entries. :func:`simulate` drives the very policy
-classes :class:`pipeline.cache.ParamCache` uses (via :func:`pipeline.eviction.make_policy`, given
-the capacity as its hint) the way the cache does: a hit touches, a miss evicts ``victim()`` when
-full, removes it, then adds.
+classes :class:`~pipeline.cache.cache.ParamCache` uses (via
+:func:`~pipeline.cache.eviction.make_policy`, given the capacity as its hint) the way the
+cache does: a hit touches, a miss evicts ``victim()`` when full, removes it, then adds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, TypedDict
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.eviction import make_policy
+from pipeline.cache.eviction import make_policy
 
 POLICIES = ("lru", "lfu", "wtinylfu")
 """The shipped policies, in table order."""

@@ -11,10 +11,10 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.cache import ParamCache, Source
+from pipeline.cache.cache import ParamCache, Source
 from pipeline.errors import ConfigError, ModelNotFound, ParamsCorrupt, ParamsUnavailable
-from pipeline.models import Model, build_model
-from pipeline.store import Manifest, ParamStore
+from pipeline.params.models import Model, build_model
+from pipeline.params.store import Manifest, ParamStore
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ import numpy.typing as npt
 import orjson
 
 from pipeline.errors import ConfigError, KvpipeError
-from pipeline.models import MLP, EmbeddingScorer
+from pipeline.params.models import MLP, EmbeddingScorer
 
 Array = npt.NDArray[np.float32]
 

@@ -2,7 +2,7 @@
 
 :func:`echo_loop` forwards each message of ``source`` to ``sink`` unchanged, in a consumer
 group, committing what was acknowledged; ``kvpipe bench`` measures the worker against it.
-``python -m pipeline.echo`` runs it as a process of its own (settings from ``KVPIPE_*``,
+``python -m pipeline.bench.echo`` runs it as a process of its own (settings from ``KVPIPE_*``,
 ``PREFIX.requests`` -> ``PREFIX.echo``) until SIGTERM or SIGINT.
 """
 
@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 
 from pipeline.config import KafkaSettings, settings_from_env
 from pipeline.errors import KvpipeError
-from pipeline.worker import tune_gc
+from pipeline.serving.worker import tune_gc
 
 
 def echo_topic(kafka: KafkaSettings) -> str:
@@ -50,7 +50,7 @@ async def echo_loop(
     commit_interval_s: float = 0.2,
 ) -> int:
     """The baseline: consume in a group, forward each message as is, commit what was acked."""
-    # Client options as in pipeline.kafka (acks=all, and the fetch and batch tuning of the
+    # Client options as in pipeline.io.kafka (acks=all, and the fetch and batch tuning of the
     # settings), so the two sides differ only in what happens between them.
     common: dict[str, Any] = {
         "bootstrap_servers": kafka.bootstrap.split(","),

@@ -19,8 +19,8 @@ import orjson
 
 from pipeline.config import LimitSettings
 from pipeline.errors import ConfigError, KvpipeError, RequestError, UnreadableMessage
+from pipeline.io.npy import from_npy, to_npy
 from pipeline.names import check_name
-from pipeline.npy import from_npy, to_npy
 
 JSON = "application/json"
 NPY = "application/x-npy"

@@ -1,0 +1,1 @@
+"""Benchmarks and simulations: tooling above everything, never imported by the layers below."""

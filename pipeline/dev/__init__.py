@@ -1,0 +1,1 @@
+"""Local services, child processes and the demo: tooling, never imported by the layers below."""
