@@ -18,6 +18,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check pipeline consumers
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/pytest
@@ -26,4 +27,4 @@ bench: $(VENV)/.installed
 	$(BIN)/kvpipe bench all
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .kvpipe
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .kvpipe

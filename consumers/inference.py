@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from consumers.updates import start_listener
-from pipeline.cache.cache import ParamCache
+from pipeline.cache.cache import ENTRY_OVERHEAD_BYTES, ParamCache
 from pipeline.config import Settings, settings_from_env
 from pipeline.errors import KvpipeError
 from pipeline.io.kafka import Producer, ensure_topics
@@ -30,24 +30,14 @@ from pipeline.serving.worker import Worker, WorkerStats, tune_gc
 
 log = structlog.get_logger("kvpipe.inference")
 
-MakeRegistry = Callable[[ParamStore, ParamCache[Any], Settings], ModelRegistry]
-
-#: Python's own cost of one cache entry (array object, key tuple, entry, policy links),
-#: counted in the byte budget beside the data; measured about 560 bytes on CPython 3.11.
-ENTRY_OVERHEAD_BYTES = 560
-
 
 async def serve(
     settings: Settings,
     stop: asyncio.Event,
     *,
     on_ready: Callable[[Worker], None] | None = None,
-    make_registry: MakeRegistry | None = None,
 ) -> WorkerStats:
-    """Run one worker until ``stop`` is set; returns its counters after the drain.
-
-    ``make_registry`` replaces the cached registry (the benchmark's per-request baseline).
-    """
+    """Run one worker until ``stop`` is set; returns its counters after the drain."""
     async with AsyncExitStack() as stack:
         kv = await stack.enter_async_context(open_kv(settings.redis))
         store = ParamStore(kv, prefix=settings.redis.key_prefix)
@@ -61,10 +51,7 @@ async def serve(
                 entry_overhead_bytes=ENTRY_OVERHEAD_BYTES,
             )
         )
-        if make_registry is None:
-            registry = ModelRegistry(store, cache, version_ttl_s=settings.cache.version_ttl_s)
-        else:
-            registry = make_registry(store, cache, settings)
+        registry = ModelRegistry(store, cache, version_ttl_s=settings.cache.version_ttl_s)
         k = settings.kafka
         await ensure_topics(k, [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic])
         producer = await stack.enter_async_context(
@@ -98,7 +85,6 @@ async def start_serving(
     settings: Settings,
     stop: asyncio.Event,
     *,
-    make_registry: MakeRegistry | None = None,
     timeout_s: float = 60.0,
 ) -> tuple[Worker, asyncio.Task[WorkerStats]]:
     """Run :func:`serve` as a task; return once its worker owns partitions.
@@ -112,9 +98,7 @@ async def start_serving(
         if not ready.done():
             ready.set_result(worker)
 
-    task = asyncio.create_task(
-        serve(settings, stop, on_ready=on_ready, make_registry=make_registry)
-    )
+    task = asyncio.create_task(serve(settings, stop, on_ready=on_ready))
     try:
         worker = await _before(ready, task, timeout_s)
         await _before(worker.assigned.wait(), task, timeout_s)

@@ -1,89 +1,31 @@
-"""kvpipe: streaming inference on Kafka with parameters in Redis behind an async cache."""
+"""kvpipe: streaming inference on Kafka with parameters in Redis behind an async cache.
 
-from pipeline.cache.cache import CacheStats, ParamCache, Source
-from pipeline.cache.singleflight import SingleFlight
+The public API is the few names below; everything else is imported from its subpackage
+(``pipeline.serving``, ``pipeline.params``, ``pipeline.cache``, ``pipeline.io``...). Importing
+this package loads no Redis client, no bench, plotting or local-service module, and changes no
+other library's global state.
+"""
+
 from pipeline.client import InferenceClient, ResultStream, ResultTimeout
-from pipeline.config import (
-    CacheSettings,
-    KafkaSettings,
-    LimitSettings,
-    RedisSettings,
-    Settings,
-    WorkerSettings,
-    settings_from_env,
-)
-from pipeline.errors import (
-    BrokerUnavailable,
-    ConfigError,
-    KvpipeError,
-    LocalServiceError,
-    ModelNotFound,
-    ParamsCorrupt,
-    ParamsError,
-    ParamsUnavailable,
-    RequestError,
-    ServiceError,
-    StoreOutOfMemory,
-    StoreUnavailable,
-    UnreadableMessage,
-    VersionNotFound,
-)
+from pipeline.config import Settings, settings_from_env
+from pipeline.errors import ConfigError, KvpipeError, RequestError, ServiceError
 from pipeline.io.kv import KeyValue, open_kv
 from pipeline.io.wire import Request, Result
-from pipeline.metrics import StatusServer, WorkerMetrics
-from pipeline.params.models import MLP, EmbeddingScorer, LinearHeads, Model, build_model, preset
-from pipeline.params.registry import ModelRegistry, Resolved
-from pipeline.params.store import Manifest, ParamStore
-from pipeline.params.updates import Announcement, UpdateListener
-from pipeline.serving.worker import Worker, WorkerStats
+from pipeline.params.store import ParamStore
 
 __all__ = [
-    "MLP",
-    "Announcement",
-    "BrokerUnavailable",
-    "CacheSettings",
-    "CacheStats",
     "ConfigError",
-    "EmbeddingScorer",
     "InferenceClient",
-    "KafkaSettings",
     "KeyValue",
     "KvpipeError",
-    "LimitSettings",
-    "LinearHeads",
-    "LocalServiceError",
-    "Manifest",
-    "Model",
-    "ModelNotFound",
-    "ModelRegistry",
-    "ParamCache",
     "ParamStore",
-    "ParamsCorrupt",
-    "ParamsError",
-    "ParamsUnavailable",
-    "RedisSettings",
     "Request",
     "RequestError",
-    "Resolved",
     "Result",
     "ResultStream",
     "ResultTimeout",
     "ServiceError",
     "Settings",
-    "SingleFlight",
-    "Source",
-    "StatusServer",
-    "StoreOutOfMemory",
-    "StoreUnavailable",
-    "UnreadableMessage",
-    "UpdateListener",
-    "VersionNotFound",
-    "Worker",
-    "WorkerMetrics",
-    "WorkerSettings",
-    "WorkerStats",
-    "build_model",
     "open_kv",
-    "preset",
     "settings_from_env",
 ]

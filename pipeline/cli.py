@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ENV_VARS, Settings, settings_from_env, validate, with_values
+from pipeline.config import (
+    ENV_VARS,
+    EnvVar,
+    Settings,
+    settings_from_env,
+    validate,
+    with_values,
+)
 from pipeline.errors import ConfigError, KvpipeError
 from pipeline.logging import configure_logging
 from pipeline.names import check_name
@@ -24,37 +31,46 @@ from pipeline.progress import progress
 PROG = "kvpipe"
 
 
+#: Settings flags by argparse ``dest`` (``--cache-bytes`` is ``cache_bytes``), from the settings.
+_FLAGS: dict[str, EnvVar] = {v.flag[2:].replace("-", "_"): v for v in ENV_VARS if v.flag}
+#: The setting each flag fills, by argparse ``dest``.
+_FLAG_PATHS = {dest: var.path for dest, var in _FLAGS.items()}
+
+
+def _flag_type(var: EnvVar) -> Callable[[str], Any]:
+    """The setting's own parser, its complaint shown by argparse without the value."""
+
+    def parse(raw: str) -> Any:
+        try:
+            return var.parse(raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = var.flag or var.name
+    return parse
+
+
+def _add_setting_flag(g: argparse._ActionsContainer, var: EnvVar) -> None:
+    """One settings flag: its name, choices, metavar and help all come from the setting."""
+    assert var.flag is not None
+    text = f"{var.help} ({var.name})".replace("%", "%%")
+    if var.choices:
+        g.add_argument(var.flag, choices=var.choices, help=text)
+    else:
+        g.add_argument(var.flag, type=_flag_type(var), metavar=var.metavar, help=text)
+
+
 def _add_connection_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connections (flags override the environment)")
-    g.add_argument("--kafka", metavar="HOST:PORT[,...]", help="Kafka bootstrap (KVPIPE_KAFKA)")
-    g.add_argument("--redis", metavar="URL", help="redis://[user:pass@]host:port/db (KVPIPE_REDIS)")
-    g.add_argument(
-        "--redis-backend",
-        choices=["redis-py", "asyncio-redis"],
-        help="Redis client (KVPIPE_REDIS_BACKEND)",
-    )
-    g.add_argument("--topic-prefix", metavar="P", help="topic names P.requests, P.results, ...")
-    g.add_argument("--key-prefix", metavar="P", help="prefix of every Redis key")
-    g.add_argument("--log-format", choices=["auto", "json", "console"])
-    g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    for var in _FLAGS.values():
+        if var.flag_scope == "common":
+            _add_setting_flag(g, var)
 
 
-_FLAG_PATHS = {
-    "kafka": "kafka.bootstrap",
-    "redis": "redis.url",
-    "redis_backend": "redis.backend",
-    "topic_prefix": "kafka.topic_prefix",
-    "key_prefix": "redis.key_prefix",
-    "log_format": "log_format",
-    "log_level": "log_level",
-    "partitions": "kafka.partitions",
-    "group": "kafka.group_id",
-    "cache_bytes": "cache.capacity_bytes",
-    "cache_ttl": "cache.ttl_s",
-    "cache_policy": "cache.policy",
-    "max_batch": "worker.max_batch_size",
-    "worker_id": "worker.worker_id",
-}
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    for var in _FLAGS.values():
+        if var.flag_scope == "serve":
+            _add_setting_flag(p, var)
 
 
 def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
@@ -461,7 +477,7 @@ async def _rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.bench.suites import main as bench_main
+    from pipeline.bench.runner import main as bench_main
 
     return bench_main(args, settings)
 
@@ -483,13 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run an inference worker until SIGTERM")
     _add_connection_flags(p)
-    p.add_argument("--group", help="consumer group (KVPIPE_GROUP)")
-    p.add_argument("--partitions", type=int, help="partitions of topics it creates")
-    p.add_argument("--cache-bytes", type=int, help="cache capacity in bytes")
-    p.add_argument("--cache-ttl", type=float, help="cache TTL in seconds")
-    p.add_argument("--cache-policy", choices=["lru", "lfu", "wtinylfu"])
-    p.add_argument("--max-batch", type=int, help="largest micro-batch (rows)")
-    p.add_argument("--worker-id", help="name of this worker in results and logs")
+    _add_serve_flags(p)
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("publish", help="publish a new version of a model; prints the version")
@@ -564,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", choices=_FLAGS["log_level"].choices)
     p.set_defaults(handler=cmd_demo)
 
     p = sub.add_parser("train", help="online SGD that publishes and announces versions")
@@ -678,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
         "npy for the article's and the scale model, where it is much cheaper)",
     )
     p.add_argument("--json", metavar="FILE", help="also write every figure as one JSON file")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", choices=_FLAGS["log_level"].choices)
     p.set_defaults(handler=cmd_bench)
     return parser
 

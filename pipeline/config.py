@@ -10,10 +10,18 @@ import contextlib
 import dataclasses
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any, Literal
+from typing import (
+    Any,
+    Literal,
+    TypeVar,
+    dataclass_transform,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 from urllib.parse import parse_qs, urlsplit
 
 from pipeline.errors import ConfigError
@@ -22,144 +30,18 @@ from pipeline.redact import redact_url
 RedisBackend = Literal["redis-py", "asyncio-redis"]
 EvictionPolicy = Literal["lru", "lfu", "wtinylfu"]
 LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 KafkaSecurity = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+#: Which ``kvpipe`` commands take a setting's flag: every command that connects, or ``serve``.
+FlagScope = Literal["common", "serve"]
 
 MiB = 1024 * 1024
 #: A host name in a Kafka bootstrap list (IPv6 addresses are checked apart).
 _HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")
-
-
-@dataclass(frozen=True, kw_only=True)
-class RedisSettings:
-    """Where parameters live and how hard to try reaching them."""
-
-    url: str = "redis://127.0.0.1:6379/0"
-    backend: RedisBackend = "redis-py"
-    key_prefix: str = "kvpipe"
-    timeout_s: float = 2.0
-    connect_timeout_s: float = 2.0
-    pool_size: int = 8
-
-    def redacted_url(self) -> str:
-        """The URL with any password replaced, safe to log."""
-        return redact_url(self.url)
-
-    def __repr__(self) -> str:
-        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        shown["url"] = self.redacted_url()
-        return f"RedisSettings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
-
-
-@dataclass(frozen=True, kw_only=True)
-class KafkaSettings:
-    """The broker, topic names and the worker group."""
-
-    bootstrap: str = "127.0.0.1:9092"
-    topic_prefix: str = "kvpipe"
-    partitions: int = 4
-    group_id: str = "kvpipe-workers"
-    client_id: str = "kvpipe"
-    request_timeout_s: float = 10.0
-    max_message_bytes: int = 4 * MiB
-    session_timeout_ms: int = 10_000
-    heartbeat_interval_ms: int = 1_000
-    fetch_max_wait_ms: int = 30
-    partition_fetch_bytes: int = 4 * MiB
-    linger_ms: int = 5
-    producer_batch_bytes: int = 1 * MiB
-    security_protocol: KafkaSecurity = "PLAINTEXT"
-    sasl_mechanism: SaslMechanism = "PLAIN"
-    sasl_username: str = ""
-    sasl_password: str = field(default="", repr=False)
-    ssl_cafile: str = ""
-    #: Topics a request may name in ``kvpipe-reply-to``: shell-style patterns, ``{prefix}``
-    #: standing for ``topic_prefix``.
-    reply_topics: tuple[str, ...] = ("{prefix}.results", "{prefix}.replies.*")
-
-    @property
-    def requests_topic(self) -> str:
-        return f"{self.topic_prefix}.requests"
-
-    @property
-    def results_topic(self) -> str:
-        return f"{self.topic_prefix}.results"
-
-    @property
-    def dlq_topic(self) -> str:
-        return f"{self.topic_prefix}.dlq"
-
-    @property
-    def updates_topic(self) -> str:
-        return f"{self.topic_prefix}.updates"
-
-    @property
-    def training_topic(self) -> str:
-        return f"{self.topic_prefix}.training"
-
-    def reply_allowed(self, topic: str) -> bool:
-        """Whether results may go to ``topic`` because a request asked: it matches an allowed
-        pattern and is none of the topics kvpipe itself reads or dead-letters into."""
-        if topic in (self.requests_topic, self.updates_topic, self.training_topic, self.dlq_topic):
-            return False
-        prefix = self.topic_prefix
-        return any(fnmatchcase(topic, p.replace("{prefix}", prefix)) for p in self.reply_topics)
-
-
-@dataclass(frozen=True, kw_only=True)
-class CacheSettings:
-    """The in-process parameter cache."""
-
-    capacity_bytes: int = 512 * MiB
-    ttl_s: float = 300.0
-    version_ttl_s: float = 2.0
-    policy: EvictionPolicy = "lru"
-    result_models: tuple[str, ...] = ()
-    result_bytes: int = 64 * MiB
-    result_shared_ttl_s: float = 0.0
-
-
-@dataclass(frozen=True, kw_only=True)
-class LimitSettings:
-    """What a single request may ask for; larger requests get a ``too_large`` error."""
-
-    max_request_bytes: int = 4 * MiB
-    max_elements: int = 1_000_000
-    max_rows: int = 4096
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorkerSettings:
-    """The inference loop: batching, concurrency, commits and shutdown."""
-
-    max_batch_size: int = 128
-    max_wait_ms: float = 0.0
-    max_in_flight: int = 4096
-    fetch_max_records: int = 1000
-    compute_threads: int = 2
-    blas_threads: int = 1
-    commit_interval_s: float = 0.2
-    send_timeout_s: float = 10.0
-    shutdown_timeout_s: float = 20.0
-    watchdog_s: float = 30.0
-    topic_check_s: float = 5.0
-    worker_id: str = ""
-    listen_updates: bool = True
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class Settings:
-    """Everything a kvpipe process needs, in one immutable value."""
-
-    redis: RedisSettings = field(default_factory=RedisSettings)
-    kafka: KafkaSettings = field(default_factory=KafkaSettings)
-    cache: CacheSettings = field(default_factory=CacheSettings)
-    limits: LimitSettings = field(default_factory=LimitSettings)
-    worker: WorkerSettings = field(default_factory=WorkerSettings)
-    log_format: LogFormat = "auto"
-    log_level: str = "info"
+#: The key of a field's :class:`_Spec` in its dataclass metadata.
+_SPEC = "kvpipe.setting"
+T = TypeVar("T")
 
 
 def _positive_int(raw: str) -> int:
@@ -219,226 +101,449 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Spec:
+    """What :func:`setting` records beside a field (see :class:`EnvVar`)."""
+
+    env: str
+    help: str
+    parse: Callable[[str], Any] | None
+    secret: bool
+    flag: str | None
+    flag_scope: FlagScope
+    metavar: str | None
+    shown: str | None
+
+
+#: ``parse`` may be left out for ``str`` and ``Literal`` fields, whose choices come from the
+#: ``Literal`` (``{choices}`` in ``help`` names them); ``secret`` keeps the value out of reprs
+#: and errors; ``flag`` is its ``kvpipe`` option, on every command that connects or on ``serve``
+#: (``flag_scope``); ``shown`` stands for the default in the README table.
+def setting(
+    *,
+    default: T,
+    env: str,
+    help: str,
+    parse: Callable[[str], Any] | None = None,
+    secret: bool = False,
+    flag: str | None = None,
+    flag_scope: FlagScope = "common",
+    metavar: str | None = None,
+    shown: str | None = None,
+) -> T:
+    """A settings field with, beside it, its env name, parser, help, choices and flag."""
+    spec = _Spec(
+        env=env,
+        help=help,
+        parse=parse,
+        secret=secret,
+        flag=flag,
+        flag_scope=flag_scope,
+        metavar=metavar,
+        shown=shown,
+    )
+    return field(default=default, repr=not secret, metadata={_SPEC: spec})
+
+
+@dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(field, setting))
+def settings_class(cls: type[T]) -> type[T]:
+    """A frozen, keyword-only dataclass whose :func:`setting` fields checkers understand."""
+    return dataclass(frozen=True, kw_only=True)(cls)
+
+
+@settings_class
+class RedisSettings:
+    """Where parameters live and how hard to try reaching them."""
+
+    url: str = setting(
+        default="redis://127.0.0.1:6379/0",
+        env="KVPIPE_REDIS",
+        help="Redis URL, redis://[user:pass@]host:port/db",
+        secret=True,
+        flag="--redis",
+        metavar="URL",
+    )
+    backend: RedisBackend = setting(
+        default="redis-py",
+        env="KVPIPE_REDIS_BACKEND",
+        help="Redis client: {choices}",
+        flag="--redis-backend",
+    )
+    key_prefix: str = setting(
+        default="kvpipe",
+        env="KVPIPE_KEY_PREFIX",
+        help="Prefix of every Redis key",
+        flag="--key-prefix",
+        metavar="P",
+    )
+    timeout_s: float = setting(
+        default=2.0,
+        env="KVPIPE_REDIS_TIMEOUT",
+        help="Seconds any Redis command may take",
+        parse=_positive_float,
+    )
+    connect_timeout_s: float = 2.0
+    pool_size: int = 8
+
+    def redacted_url(self) -> str:
+        """The URL with any password replaced, safe to log."""
+        return redact_url(self.url)
+
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["url"] = self.redacted_url()
+        return f"RedisSettings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+@settings_class
+class KafkaSettings:
+    """The broker, topic names and the worker group."""
+
+    bootstrap: str = setting(
+        default="127.0.0.1:9092",
+        env="KVPIPE_KAFKA",
+        help="Kafka bootstrap servers, host:port[,host:port]",
+        flag="--kafka",
+        metavar="HOST:PORT[,...]",
+    )
+    topic_prefix: str = setting(
+        default="kvpipe",
+        env="KVPIPE_TOPIC_PREFIX",
+        help="Prefix of the topic names (PREFIX.requests, .results, .dlq, .updates)",
+        flag="--topic-prefix",
+        metavar="P",
+    )
+    partitions: int = setting(
+        default=4,
+        env="KVPIPE_PARTITIONS",
+        help="Partitions of topics the worker creates",
+        parse=_positive_int,
+        flag="--partitions",
+        flag_scope="serve",
+    )
+    group_id: str = setting(
+        default="kvpipe-workers",
+        env="KVPIPE_GROUP",
+        help="Consumer group of the workers",
+        flag="--group",
+        flag_scope="serve",
+    )
+    client_id: str = "kvpipe"
+    request_timeout_s: float = 10.0
+    max_message_bytes: int = 4 * MiB
+    session_timeout_ms: int = setting(
+        default=10_000,
+        env="KVPIPE_SESSION_TIMEOUT_MS",
+        help="Consumer group session timeout (ms); a join takes about half of it on Tansu",
+        parse=_positive_int,
+    )
+    heartbeat_interval_ms: int = setting(
+        default=1_000,
+        env="KVPIPE_HEARTBEAT_MS",
+        help="Consumer heartbeat interval (ms); at most a third of the session timeout",
+        parse=_positive_int,
+    )
+    fetch_max_wait_ms: int = setting(
+        default=30,
+        env="KVPIPE_FETCH_MAX_WAIT_MS",
+        help="Longest a fetch waits at the broker for data (ms); on Tansu also a latency floor",
+        parse=_non_negative_int,
+    )
+    partition_fetch_bytes: int = setting(
+        default=4 * MiB,
+        env="KVPIPE_FETCH_PARTITION_BYTES",
+        help="Most bytes one fetch returns per partition",
+        parse=_positive_int,
+    )
+    linger_ms: int = setting(
+        default=5,
+        env="KVPIPE_LINGER_MS",
+        help="Longest the producer holds a message to fill a batch (ms)",
+        parse=_non_negative_int,
+    )
+    producer_batch_bytes: int = setting(
+        default=1 * MiB,
+        env="KVPIPE_PRODUCER_BATCH_BYTES",
+        help="Largest producer batch per partition in bytes",
+        parse=_positive_int,
+    )
+    security_protocol: KafkaSecurity = setting(
+        default="PLAINTEXT", env="KVPIPE_KAFKA_SECURITY", help="Kafka security protocol: {choices}"
+    )
+    sasl_mechanism: SaslMechanism = setting(
+        default="PLAIN", env="KVPIPE_KAFKA_SASL_MECHANISM", help="SASL mechanism: {choices}"
+    )
+    sasl_username: str = setting(
+        default="", env="KVPIPE_KAFKA_SASL_USERNAME", help="SASL user name"
+    )
+    sasl_password: str = setting(
+        default="", env="KVPIPE_KAFKA_SASL_PASSWORD", help="SASL password", secret=True
+    )
+    ssl_cafile: str = setting(
+        default="",
+        env="KVPIPE_KAFKA_SSL_CAFILE",
+        help="CA bundle to verify the brokers with SSL (default: the system's)",
+    )
+    #: Topics a request may name in ``kvpipe-reply-to``: shell-style patterns, ``{prefix}``
+    #: standing for ``topic_prefix``.
+    reply_topics: tuple[str, ...] = setting(
+        default=("{prefix}.results", "{prefix}.replies.*"),
+        env="KVPIPE_REPLY_TOPICS",
+        help="Topics a request may name as kvpipe-reply-to: comma-separated patterns, {prefix} "
+        "for KVPIPE_TOPIC_PREFIX (never the requests, updates, training or DLQ topic)",
+        parse=_names,
+    )
+
+    @property
+    def requests_topic(self) -> str:
+        return f"{self.topic_prefix}.requests"
+
+    @property
+    def results_topic(self) -> str:
+        return f"{self.topic_prefix}.results"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic_prefix}.dlq"
+
+    @property
+    def updates_topic(self) -> str:
+        return f"{self.topic_prefix}.updates"
+
+    @property
+    def training_topic(self) -> str:
+        return f"{self.topic_prefix}.training"
+
+    def reply_allowed(self, topic: str) -> bool:
+        """Whether results may go to ``topic`` because a request asked: it matches an allowed
+        pattern and is none of the topics kvpipe itself reads or dead-letters into."""
+        if topic in (self.requests_topic, self.updates_topic, self.training_topic, self.dlq_topic):
+            return False
+        prefix = self.topic_prefix
+        return any(fnmatchcase(topic, p.replace("{prefix}", prefix)) for p in self.reply_topics)
+
+
+@settings_class
+class CacheSettings:
+    """The in-process parameter cache."""
+
+    capacity_bytes: int = setting(
+        default=512 * MiB,
+        env="KVPIPE_CACHE_BYTES",
+        help="Parameter cache capacity in bytes",
+        parse=_positive_int,
+        flag="--cache-bytes",
+        flag_scope="serve",
+    )
+    ttl_s: float = setting(
+        default=300.0,
+        env="KVPIPE_CACHE_TTL",
+        help="Seconds a cached parameter lives after it was loaded",
+        parse=_positive_float,
+        flag="--cache-ttl",
+        flag_scope="serve",
+    )
+    version_ttl_s: float = setting(
+        default=2.0,
+        env="KVPIPE_VERSION_TTL",
+        help="Seconds a cached serving-version pointer lives",
+        parse=_positive_float,
+    )
+    policy: EvictionPolicy = setting(
+        default="lru",
+        env="KVPIPE_CACHE_POLICY",
+        help="Eviction policy: {choices}",
+        flag="--cache-policy",
+        flag_scope="serve",
+    )
+    result_models: tuple[str, ...] = setting(
+        default=(),
+        env="KVPIPE_RESULT_CACHE",
+        help="Dense models whose outputs are memoized by (model, version, input digest); * for all",
+        parse=_names,
+    )
+    result_bytes: int = setting(
+        default=64 * MiB,
+        env="KVPIPE_RESULT_CACHE_BYTES",
+        help="Byte budget of the result cache",
+        parse=_positive_int,
+    )
+    result_shared_ttl_s: float = setting(
+        default=0.0,
+        env="KVPIPE_RESULT_CACHE_SHARED_TTL",
+        help="Seconds memoized outputs are also kept in Redis for the fleet (0: this worker only)",
+        parse=_non_negative_float,
+    )
+
+
+@settings_class
+class LimitSettings:
+    """What a single request may ask for; larger requests get a ``too_large`` error."""
+
+    max_request_bytes: int = 4 * MiB
+    max_elements: int = 1_000_000
+    max_rows: int = 4096
+
+
+@settings_class
+class WorkerSettings:
+    """The inference loop: batching, concurrency, commits and shutdown."""
+
+    max_batch_size: int = setting(
+        default=128,
+        env="KVPIPE_MAX_BATCH",
+        help="Largest micro-batch the worker computes at once",
+        parse=_positive_int,
+        flag="--max-batch",
+        flag_scope="serve",
+    )
+    max_wait_ms: float = setting(
+        default=0.0,
+        env="KVPIPE_MAX_WAIT_MS",
+        help="Longest a request waits for its micro-batch to fill (0: run what each fetch brings)",
+        parse=_non_negative_float,
+    )
+    max_in_flight: int = setting(
+        default=4096,
+        env="KVPIPE_MAX_IN_FLIGHT",
+        help="Requests a worker holds before it stops fetching",
+        parse=_positive_int,
+    )
+    fetch_max_records: int = 1000
+    compute_threads: int = setting(
+        default=2,
+        env="KVPIPE_COMPUTE_THREADS",
+        help="Threads running numpy compute",
+        parse=_positive_int,
+    )
+    blas_threads: int = setting(
+        default=1,
+        env="KVPIPE_BLAS_THREADS",
+        help="BLAS threads per compute thread (1: parallelism comes from the compute threads)",
+        parse=_positive_int,
+    )
+    commit_interval_s: float = 0.2
+    send_timeout_s: float = 10.0
+    shutdown_timeout_s: float = 20.0
+    watchdog_s: float = setting(
+        default=30.0,
+        env="KVPIPE_WATCHDOG_S",
+        help="Restart the consumer after this many seconds behind with nothing fetched (0: off)",
+        parse=_non_negative_float,
+    )
+    topic_check_s: float = setting(
+        default=5.0,
+        env="KVPIPE_TOPIC_CHECK_S",
+        help="Seconds between checks that the results and DLQ topics exist (created again if not)",
+        parse=_positive_float,
+    )
+    worker_id: str = setting(
+        default="",
+        env="KVPIPE_WORKER_ID",
+        help="Name of this worker in results and logs",
+        flag="--worker-id",
+        flag_scope="serve",
+        shown="(host-pid)",
+    )
+    listen_updates: bool = setting(
+        default=True,
+        env="KVPIPE_LISTEN_UPDATES",
+        help="Apply training announcements from PREFIX.updates (off: the pointer TTL alone)",
+        parse=_flag,
+    )
+    metrics_host: str = setting(
+        default="127.0.0.1",
+        env="KVPIPE_METRICS_HOST",
+        help="Address the status server listens on (0.0.0.0 in containers)",
+    )
+    metrics_port: int | None = setting(
+        default=None,
+        env="KVPIPE_METRICS_PORT",
+        help="Serve /metrics, /healthz and /readyz on this port (unset: off; 0: any free port)",
+        parse=_port,
+    )
+
+
+@settings_class
+class Settings:
+    """Everything a kvpipe process needs, in one immutable value."""
+
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    log_format: LogFormat = setting(
+        default="auto",
+        env="KVPIPE_LOG_FORMAT",
+        help="Log format: {choices}; auto is pretty on a TTY, JSON otherwise",
+        flag="--log-format",
+    )
+    log_level: LogLevel = setting(
+        default="info", env="KVPIPE_LOG_LEVEL", help="Log level: {choices}", flag="--log-level"
+    )
+
+
 @dataclass(frozen=True)
 class EnvVar:
-    """One environment variable: the setting it fills and how it is parsed."""
+    """One environment variable: the setting it fills, how it is parsed, its flag if any."""
 
     name: str
     path: str
     parse: Callable[[str], Any]
     help: str
     secret: bool = False
+    choices: tuple[str, ...] = ()
+    flag: str | None = None
+    flag_scope: FlagScope = "common"
+    metavar: str | None = None
+    shown: str | None = None
 
 
-ENV_VARS: tuple[EnvVar, ...] = (
-    EnvVar(
-        "KVPIPE_KAFKA", "kafka.bootstrap", str, "Kafka bootstrap servers, host:port[,host:port]"
-    ),
-    EnvVar(
-        "KVPIPE_REDIS", "redis.url", str, "Redis URL, redis://[user:pass@]host:port/db", secret=True
-    ),
-    EnvVar(
-        "KVPIPE_REDIS_BACKEND",
-        "redis.backend",
-        _choice("redis-py", "asyncio-redis"),
-        "Redis client: redis-py (default) or asyncio-redis",
-    ),
-    EnvVar(
-        "KVPIPE_REDIS_TIMEOUT",
-        "redis.timeout_s",
-        _positive_float,
-        "Seconds any Redis command may take",
-    ),
-    EnvVar("KVPIPE_KEY_PREFIX", "redis.key_prefix", str, "Prefix of every Redis key"),
-    EnvVar(
-        "KVPIPE_TOPIC_PREFIX",
-        "kafka.topic_prefix",
-        str,
-        "Prefix of the topic names (PREFIX.requests, .results, .dlq, .updates)",
-    ),
-    EnvVar(
-        "KVPIPE_PARTITIONS",
-        "kafka.partitions",
-        _positive_int,
-        "Partitions of topics the worker creates",
-    ),
-    EnvVar("KVPIPE_GROUP", "kafka.group_id", str, "Consumer group of the workers"),
-    EnvVar(
-        "KVPIPE_REPLY_TOPICS",
-        "kafka.reply_topics",
-        _names,
-        "Topics a request may name as kvpipe-reply-to: comma-separated patterns, {prefix} for "
-        "KVPIPE_TOPIC_PREFIX (never the requests, updates, training or DLQ topic)",
-    ),
-    EnvVar(
-        "KVPIPE_SESSION_TIMEOUT_MS",
-        "kafka.session_timeout_ms",
-        _positive_int,
-        "Consumer group session timeout (ms); a join takes about half of it on Tansu",
-    ),
-    EnvVar(
-        "KVPIPE_KAFKA_SECURITY",
-        "kafka.security_protocol",
-        _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
-        "Kafka security protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
-    ),
-    EnvVar(
-        "KVPIPE_KAFKA_SASL_MECHANISM",
-        "kafka.sasl_mechanism",
-        _choice("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
-        "SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
-    ),
-    EnvVar("KVPIPE_KAFKA_SASL_USERNAME", "kafka.sasl_username", str, "SASL user name"),
-    EnvVar("KVPIPE_KAFKA_SASL_PASSWORD", "kafka.sasl_password", str, "SASL password", secret=True),
-    EnvVar(
-        "KVPIPE_KAFKA_SSL_CAFILE",
-        "kafka.ssl_cafile",
-        str,
-        "CA bundle to verify the brokers with SSL (default: the system's)",
-    ),
-    EnvVar(
-        "KVPIPE_HEARTBEAT_MS",
-        "kafka.heartbeat_interval_ms",
-        _positive_int,
-        "Consumer heartbeat interval (ms); at most a third of the session timeout",
-    ),
-    EnvVar(
-        "KVPIPE_FETCH_MAX_WAIT_MS",
-        "kafka.fetch_max_wait_ms",
-        _non_negative_int,
-        "Longest a fetch waits at the broker for data (ms); on Tansu also a latency floor",
-    ),
-    EnvVar(
-        "KVPIPE_FETCH_PARTITION_BYTES",
-        "kafka.partition_fetch_bytes",
-        _positive_int,
-        "Most bytes one fetch returns per partition",
-    ),
-    EnvVar(
-        "KVPIPE_LINGER_MS",
-        "kafka.linger_ms",
-        _non_negative_int,
-        "Longest the producer holds a message to fill a batch (ms)",
-    ),
-    EnvVar(
-        "KVPIPE_PRODUCER_BATCH_BYTES",
-        "kafka.producer_batch_bytes",
-        _positive_int,
-        "Largest producer batch per partition in bytes",
-    ),
-    EnvVar(
-        "KVPIPE_CACHE_BYTES",
-        "cache.capacity_bytes",
-        _positive_int,
-        "Parameter cache capacity in bytes",
-    ),
-    EnvVar(
-        "KVPIPE_CACHE_TTL",
-        "cache.ttl_s",
-        _positive_float,
-        "Seconds a cached parameter lives after it was loaded",
-    ),
-    EnvVar(
-        "KVPIPE_VERSION_TTL",
-        "cache.version_ttl_s",
-        _positive_float,
-        "Seconds a cached serving-version pointer lives",
-    ),
-    EnvVar(
-        "KVPIPE_CACHE_POLICY",
-        "cache.policy",
-        _choice("lru", "lfu", "wtinylfu"),
-        "Eviction policy: lru, lfu or wtinylfu",
-    ),
-    EnvVar(
-        "KVPIPE_RESULT_CACHE",
-        "cache.result_models",
-        _names,
-        "Dense models whose outputs are memoized by (model, version, input digest); * for all",
-    ),
-    EnvVar(
-        "KVPIPE_RESULT_CACHE_BYTES",
-        "cache.result_bytes",
-        _positive_int,
-        "Byte budget of the result cache",
-    ),
-    EnvVar(
-        "KVPIPE_RESULT_CACHE_SHARED_TTL",
-        "cache.result_shared_ttl_s",
-        _non_negative_float,
-        "Seconds memoized outputs are also kept in Redis for the fleet (0: this worker only)",
-    ),
-    EnvVar(
-        "KVPIPE_MAX_BATCH",
-        "worker.max_batch_size",
-        _positive_int,
-        "Largest micro-batch the worker computes at once",
-    ),
-    EnvVar(
-        "KVPIPE_MAX_WAIT_MS",
-        "worker.max_wait_ms",
-        _non_negative_float,
-        "Longest a request waits for its micro-batch to fill (0: run what each fetch brings)",
-    ),
-    EnvVar(
-        "KVPIPE_MAX_IN_FLIGHT",
-        "worker.max_in_flight",
-        _positive_int,
-        "Requests a worker holds before it stops fetching",
-    ),
-    EnvVar(
-        "KVPIPE_COMPUTE_THREADS",
-        "worker.compute_threads",
-        _positive_int,
-        "Threads running numpy compute",
-    ),
-    EnvVar(
-        "KVPIPE_BLAS_THREADS",
-        "worker.blas_threads",
-        _positive_int,
-        "BLAS threads per compute thread (1: parallelism comes from the compute threads)",
-    ),
-    EnvVar(
-        "KVPIPE_WATCHDOG_S",
-        "worker.watchdog_s",
-        _non_negative_float,
-        "Restart the consumer after this many seconds behind with nothing fetched (0: off)",
-    ),
-    EnvVar(
-        "KVPIPE_TOPIC_CHECK_S",
-        "worker.topic_check_s",
-        _positive_float,
-        "Seconds between checks that the results and DLQ topics exist (created again if not)",
-    ),
-    EnvVar(
-        "KVPIPE_LISTEN_UPDATES",
-        "worker.listen_updates",
-        _flag,
-        "Apply training announcements from PREFIX.updates (off: the pointer TTL alone)",
-    ),
-    EnvVar(
-        "KVPIPE_METRICS_PORT",
-        "worker.metrics_port",
-        _port,
-        "Serve /metrics, /healthz and /readyz on this port (unset: off; 0: any free port)",
-    ),
-    EnvVar(
-        "KVPIPE_METRICS_HOST",
-        "worker.metrics_host",
-        str,
-        "Address the status server listens on (0.0.0.0 in containers)",
-    ),
-    EnvVar("KVPIPE_WORKER_ID", "worker.worker_id", str, "Name of this worker in results and logs"),
-    EnvVar(
-        "KVPIPE_LOG_FORMAT",
-        "log_format",
-        _choice("auto", "json", "console"),
-        "Log format: auto (pretty on a TTY, JSON otherwise), json or console",
-    ),
-    EnvVar(
-        "KVPIPE_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "Log level"
-    ),
-)
+def _spoken(choices: tuple[str, ...]) -> str:
+    """``a, b or c``."""
+    return f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
+
+
+def _env_var(path: str, spec: _Spec, hint: Any) -> EnvVar:
+    """The :class:`EnvVar` of one field from its :class:`_Spec` and its type."""
+    choices: tuple[str, ...] = get_args(hint) if get_origin(hint) is Literal else ()
+    parse = spec.parse
+    if parse is None:
+        if choices:
+            parse = _choice(*choices)
+        elif hint is str:
+            parse = str
+        else:
+            raise TypeError(f"{spec.env} ({path}: {hint}) needs parse=")
+    text = spec.help.replace("{choices}", _spoken(choices)) if choices else spec.help
+    return EnvVar(
+        spec.env,
+        path,
+        parse,
+        text,
+        secret=spec.secret,
+        choices=choices,
+        flag=spec.flag,
+        flag_scope=spec.flag_scope,
+        metavar=spec.metavar,
+        shown=spec.shown,
+    )
+
+
+def _env_vars(cls: type[Any], prefix: str = "") -> Iterator[EnvVar]:
+    """Every :func:`setting` under ``cls``, nested settings groups included, in field order."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            yield from _env_vars(hint, f"{prefix}{f.name}.")
+        elif _SPEC in f.metadata:
+            yield _env_var(f"{prefix}{f.name}", f.metadata[_SPEC], hint)
+
+
+#: Every environment variable, derived from the :func:`setting` fields of :class:`Settings`.
+ENV_VARS: tuple[EnvVar, ...] = tuple(_env_vars(Settings))
 
 
 def with_values(settings: Settings, values: Mapping[str, Any]) -> Settings:
@@ -599,8 +704,8 @@ def env_table() -> str:
         value: Any = defaults
         for part in var.path.split("."):
             value = getattr(value, part)
-        if var.path == "worker.worker_id":
-            shown = "(host-pid)"
+        if var.shown is not None:
+            shown = var.shown
         elif value is None or value in ("", ()):
             shown = "(off)"
         else:

@@ -10,26 +10,16 @@ import asyncio
 import contextlib
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pipeline.cache.cache import CacheStats
 from pipeline.resource import AsyncResource
 
 log = structlog.get_logger("kvpipe.metrics")
-# the *_created series only double what a scrape needs
-disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0)  # fmt: skip
@@ -62,6 +52,49 @@ METRIC_NAMES = (
 )
 
 
+class CacheFigures(Protocol):
+    """The cache counters a scrape reads (``pipeline.cache.CacheStats`` has them)."""
+
+    @property
+    def hits(self) -> int: ...
+    @property
+    def misses(self) -> int: ...
+    @property
+    def loads(self) -> int: ...
+    @property
+    def load_errors(self) -> int: ...
+    @property
+    def evictions(self) -> int: ...
+    @property
+    def stale_served(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def capacity_bytes(self) -> int: ...
+    @property
+    def entries(self) -> int: ...
+    @property
+    def hit_rate(self) -> float: ...
+
+
+# The *_created series only double what a scrape needs. They are dropped from our exposition
+# here, not with disable_created_metrics(), which flips a switch for the whole process.
+class _WithoutCreated(Collector):
+    """A registry's metrics without their ``*_created`` series."""
+
+    _TYPES = ("counter", "histogram", "summary")
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._registry.collect():
+            if metric.type in self._TYPES:
+                created = metric.name + "_created"
+                metric.samples = [s for s in metric.samples if s.name != created]
+            yield metric
+
+
 class _LiveCollector(Collector):
     """Reads cache stats and worker gauges at scrape time."""
 
@@ -70,7 +103,7 @@ class _LiveCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         live = self._read()
-        stats: CacheStats | None = live.get("cache")
+        stats: CacheFigures | None = live.get("cache")
         if stats is not None:
             for name, value, text in (
                 ("hits", stats.hits, "Cache lookups answered from memory"),
@@ -187,7 +220,7 @@ class WorkerMetrics:
             self.consumer_lag.remove(partition)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(_WithoutCreated(self.registry))
 
 
 ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]

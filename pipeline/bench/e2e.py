@@ -24,8 +24,9 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.bench.echo import echo_topic
+from pipeline.bench.figures import MODEL, check_answer
+from pipeline.bench.harness import prepare_side
 from pipeline.bench.loadgen import SendLog, percentiles, run_open_loop, schedule
-from pipeline.bench.suites import MODEL, check_answer, prepare_side
 from pipeline.config import KafkaSettings, Settings
 from pipeline.dev.procs import Children, child_env
 from pipeline.errors import KvpipeError

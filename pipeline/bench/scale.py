@@ -23,18 +23,16 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.bench.e2e import Reader
-from pipeline.bench.suites import (
+from pipeline.bench.figures import (
     MODEL,
     Comparison,
     Emit,
     RunFigures,
     Side,
-    Step,
-    compare,
-    prepare_side,
     request_backlog,
     verify_results,
 )
+from pipeline.bench.harness import Step, compare, prepare_side
 from pipeline.config import Settings
 from pipeline.dev.procs import Children, child_env
 from pipeline.errors import KvpipeError, UnreadableMessage
@@ -60,7 +58,7 @@ def scale_model(layers: list[int] | None = None) -> Model:
 
 
 class _ArrivalsView:
-    """What :func:`~pipeline.bench.suites.verify_results` reads: first arrival per key, repeats."""
+    """What :func:`~pipeline.bench.figures.verify_results` reads: first arrival per key, repeats."""
 
     def __init__(self, first: dict[bytes, Message], duplicates: int) -> None:
         self.first = first

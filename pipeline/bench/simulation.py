@@ -302,3 +302,30 @@ def format_table(rows: Sequence[TableRow]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+def bench_cache(accesses: int | None = None) -> dict[str, Any]:
+    """The ``cache`` suite: the shipped policies beside Belady's optimum, printed (no services)."""
+    accesses = accesses or 10**6
+    print(
+        f"cache   simulation: {accesses} accesses per trace, seed 0 "
+        "(LRU, LFU, W-TinyLFU, Belady's MIN)",
+        flush=True,
+    )
+    out = run_cache_bench(seed=0, accesses=accesses)
+    print(format_table(out["rows"]), flush=True)
+    print(f"cache   {out['seconds']:.1f} s", flush=True)
+    return out
+
+
+class CacheResult:
+    """The cache simulation as a suite result (it has no answers to get wrong)."""
+
+    passed = True
+
+    def __init__(self, out: dict[str, Any]) -> None:
+        self.out = out
+
+    def as_dict(self) -> dict[str, Any]:
+        """The simulation's figures as written to ``cache.json``."""
+        return self.out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -11,14 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bench.loadgen import percentile
+from consumers.inference import start_serving
+from consumers.trainer import Publish, TrainSettings, train
 from pipeline.client import InferenceClient
 from pipeline.config import Settings, with_values
 from pipeline.dev.local import LocalServices
 from pipeline.io.kv import open_kv
 from pipeline.io.wire import JSON, NPY, Result
+from pipeline.params.models import EmbeddingScorer, build_model
 from pipeline.params.models import preset as preset_model
 from pipeline.params.store import ParamStore
+from pipeline.params.training import SyntheticClicks, accuracy
 
 DEMO_MODEL = "demo"
 
@@ -53,7 +57,11 @@ class DemoReport:
 
 
 def _percentile(values: list[float], q: float) -> float:
-    return percentile(values, q) or 0.0
+    """The nearest-rank ``q``-th percentile (0 < q <= 100) of ``values``; 0 when empty."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q / 100 * len(ordered)), 1) - 1]
 
 
 async def run_demo(
@@ -66,8 +74,6 @@ async def run_demo(
     progress: Callable[[int, int], None] | None = None,
 ) -> DemoReport:
     """Run the whole demo on fresh local services and stop everything it started."""
-    from consumers.inference import start_serving
-
     model = preset_model(preset)
     params = model.init(seed)
     report = DemoReport(requests=requests, preset=preset)
@@ -217,11 +223,6 @@ async def run_train_demo(
     emit: Callable[[Wave], None] | None = None,
 ) -> TrainDemoReport:
     """A worker serves an embedding scorer while the trainer learns it; accuracy per wave."""
-    from consumers.inference import start_serving
-    from consumers.trainer import Publish, TrainSettings, train
-    from pipeline.params.models import EmbeddingScorer, build_model
-    from pipeline.params.training import SyntheticClicks, accuracy
-
     model = build_model(TRAIN_ARCH)
     assert isinstance(model, EmbeddingScorer)
     task = SyntheticClicks(model, seed=seed)

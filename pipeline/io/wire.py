@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -65,25 +66,45 @@ class Request:
         return 0 if self.inputs is None else int(self.inputs.shape[0])
 
 
+class Status(StrEnum):
+    """Whether a result carries outputs (``ok``) or an error code and message (``error``)."""
+
+    OK = "ok"
+    ERROR = "error"
+
+
+class CacheSource(StrEnum):
+    """Where an ok result's answer came from: parameters as the cache gave them, or a memo.
+
+    ``hit``, ``loaded`` and ``stale`` are the values of the parameter cache's ``Source`` (the
+    worst of the batch's pieces); ``memo`` is an output the result cache already held.
+    """
+
+    HIT = "hit"
+    LOADED = "loaded"
+    STALE = "stale"
+    MEMO = "memo"
+
+
 @dataclass(slots=True)
 class Result:
-    """The answer to one request; ``outputs`` is set when ``status == "ok"``."""
+    """The answer to one request; ``outputs`` is set when ``status`` is ``Status.OK``."""
 
     id: str
     model: str
-    status: str
+    status: Status
     version: int | None = None
     outputs: Array | None = None
     error_code: str | None = None
     error_message: str | None = None
-    cache: str | None = None
+    cache: CacheSource | None = None
     stale: bool = False
     worker: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == Status.OK
 
     def meta(self) -> dict[str, Any]:
         """Everything but the outputs, as JSON-able values."""
@@ -112,7 +133,7 @@ def error_result(request: Request, exc: KvpipeError, *, worker: str = "") -> Res
     return Result(
         id=request.id,
         model=request.model,
-        status="error",
+        status=Status.ERROR,
         version=request.version,
         error_code=exc.code,
         error_message=str(exc),
@@ -410,15 +431,16 @@ def decode_result(value: bytes, headers: Headers | None) -> Result:
             raw = meta.get("outputs")
             outputs = None if raw is None else np.asarray(raw, dtype=np.float32)
         err = meta.get("error") or {}
+        cache = meta.get("cache")
         return Result(
             id=str(meta["id"]),
             model=str(meta.get("model", "")),
-            status=str(meta["status"]),
+            status=Status(meta["status"]),
             version=meta.get("version"),
             outputs=outputs,
             error_code=err.get("code"),
             error_message=err.get("message"),
-            cache=meta.get("cache"),
+            cache=None if cache is None else CacheSource(cache),
             stale=bool(meta.get("stale", False)),
             worker=str(meta.get("worker", "")),
             timings=dict(meta.get("timings") or {}),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,16 +29,10 @@ class TensorSpec:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
-class Model(Protocol):
-    """A stateless architecture: parameters come in, outputs go out.
-
-    ``kind`` is ``"dense"`` (every parameter is a versioned tensor) or ``"embedding"`` (besides
-    its tensors, tables of rows read a few at a time; ``tables`` maps a table name to its
-    (rows, row width), and ``forward`` gets the rows of the batch as ``params[table]``).
-    """
+class _Architecture(Protocol):
+    """What every model kind has: parameters come in, outputs go out, no state kept."""
 
     arch: dict[str, Any]
-    kind: str
     tables: dict[str, tuple[int, int]]
     input_dim: int
     output_dim: int
@@ -48,6 +42,32 @@ class Model(Protocol):
     def init(self, seed: int) -> dict[str, Array]: ...
 
     def forward(self, params: Params, x: Array) -> Array: ...
+
+
+class DenseModel(_Architecture, Protocol):
+    """A model whose every parameter is a versioned tensor; float32 rows in, rows out."""
+
+    @property
+    def kind(self) -> Literal["dense"]: ...
+
+
+class EmbeddingModel(_Architecture, Protocol):
+    """A model that scores integer ids: besides its tensors, tables of rows read a few at a time.
+
+    ``tables`` maps a table name to its (rows, row width); ``forward`` gets the rows of the
+    batch as ``params[table]``.
+    """
+
+    @property
+    def kind(self) -> Literal["embedding"]: ...
+
+    def init_tables(self, seed: int) -> dict[str, Array]: ...
+
+    def check_ids(self, ids: npt.NDArray[Any]) -> str | None: ...
+
+
+#: A stateless architecture; ``model.kind == "embedding"`` narrows it to an EmbeddingModel.
+Model = DenseModel | EmbeddingModel
 
 
 def _activate(name: str, x: Array) -> Array:
@@ -81,6 +101,8 @@ class MLP:
     Tensors are named ``w0, b0, w1, b1, ...``; ``W_i`` has shape (in, out).
     """
 
+    kind: Final = "dense"
+
     def __init__(
         self, layers: list[int], *, activation: str = "relu", softmax: bool = False
     ) -> None:
@@ -91,7 +113,6 @@ class MLP:
         self.layers = [int(n) for n in layers]
         self.activation = activation
         self.softmax = softmax
-        self.kind = "dense"
         self.tables: dict[str, tuple[int, int]] = {}
         self.input_dim = self.layers[0]
         self.output_dim = self.layers[-1]
@@ -135,13 +156,14 @@ class LinearHeads:
     concatenated on the last axis.
     """
 
+    kind: Final = "dense"
+
     def __init__(self, *, dim_in: int, dim_out: int, heads: int = 2) -> None:
         if min(dim_in, dim_out, heads) <= 0:
             raise ConfigError("linear heads need positive dim_in, dim_out and heads")
         self.dim_in = int(dim_in)
         self.dim_out = int(dim_out)
         self.heads = int(heads)
-        self.kind = "dense"
         self.tables: dict[str, tuple[int, int]] = {}
         self.input_dim = self.dim_in
         self.output_dim = self.dim_out * self.heads
@@ -184,11 +206,12 @@ class EmbeddingScorer:
     rows ``[user_id, item_id]``; the output is one probability per row.
     """
 
+    kind: Final = "embedding"
+
     def __init__(self, *, users: int, items: int, dim: int) -> None:
         if min(users, items, dim) <= 0:
             raise ConfigError("an embedding scorer needs positive users, items and dim")
         self.users, self.items, self.dim = int(users), int(items), int(dim)
-        self.kind = "embedding"
         self.tables: dict[str, tuple[int, int]] = {
             "user": (self.users, self.dim + 1),
             "item": (self.items, self.dim + 1),

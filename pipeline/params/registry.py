@@ -6,13 +6,14 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from pipeline.cache.cache import ParamCache, Source
 from pipeline.errors import ConfigError, ModelNotFound, ParamsCorrupt, ParamsUnavailable
+from pipeline.params.keys import ManifestKey, PointerKey, RowKey, TensorKey, of_model, of_version
 from pipeline.params.models import Model, build_model
 from pipeline.params.store import Manifest, ParamStore
 
@@ -38,16 +39,12 @@ class Resolved:
     source: Source
 
 
-def _row_id(key: Hashable) -> int:
-    """The row id of a ``("row", model, table, id)`` cache key."""
-    return int(cast(tuple[str, str, str, int], key)[3])
-
-
 class ModelRegistry:
     """Finds the serving version and its tensors through the cache, single-flight per key.
 
-    Cache keys: ``("ptr", model)`` for the version pointer (short TTL: how fast a publish is
-    seen without an announcement), ``("manifest", model, v)`` and ``("t", model, v, name)``.
+    Cache keys (:mod:`pipeline.params.keys`): a :class:`PointerKey` for the version pointer
+    (short TTL: how fast a publish is seen without an announcement), a :class:`ManifestKey` and
+    a :class:`TensorKey` per tensor for each version, a :class:`RowKey` per embedding row.
     """
 
     def __init__(
@@ -62,7 +59,7 @@ class ModelRegistry:
 
     async def current_version(self, name: str) -> tuple[int, Source]:
         version, source = await self.cache.get(
-            ("ptr", name),
+            PointerKey(name),
             lambda: self._gone_if_served(name, None, self._read_pointer(name)),
             ttl_s=self.version_ttl_s,
         )
@@ -78,10 +75,11 @@ class ModelRegistry:
         """
         version = await self.store.current_version(name)
         manifest = await self.store.manifest(name, version)
-        known = self.cache.peek(("manifest", name, version))
+        key = ManifestKey(name, version)
+        known = self.cache.peek(key)
         if isinstance(known, Manifest) and known.created_at != manifest.created_at:
             self.drop_version(name, version)
-        self.cache.put(("manifest", name, version), manifest)
+        self.cache.put(key, manifest)
         return version
 
     def _moved_to(self, name: str, version: int) -> None:
@@ -100,14 +98,17 @@ class ModelRegistry:
             sources.append(src)
         v = version
         manifest, src = await self.cache.get(
-            ("manifest", name, v),
+            ManifestKey(name, v),
             lambda: self._gone_if_served(name, v, self.store.manifest(name, v)),
         )
         sources.append(src)
         model = self._model_for(manifest)
         names = list(manifest.tensors)
         loaded = await asyncio.gather(
-            *(self.cache.get(("t", name, v, t), self._tensor_loader(manifest, t)) for t in names)
+            *(
+                self.cache.get(TensorKey(name, v, t), self._tensor_loader(manifest, t))
+                for t in names
+            )
         )
         params = {t: arr for t, (arr, _) in zip(names, loaded, strict=True)}
         sources.extend(s for _, s in loaded)
@@ -186,16 +187,16 @@ class ModelRegistry:
         self, name: str, table: str, width: int, column: npt.NDArray[np.int64]
     ) -> tuple[npt.NDArray[np.float32], Source]:
         unique = np.unique(column)
-        keys: list[Hashable] = [("row", name, table, int(i)) for i in unique]
+        keys: list[Hashable] = [RowKey(name, table, int(i)) for i in unique]
 
         async def load(missing: list[Hashable]) -> dict[Hashable, Any]:
-            found = await self.store.read_rows(name, table, [_row_id(k) for k in missing], width)
-            return {("row", name, table, i): row for i, row in found.items()}
+            ids = [k.row for k in missing if isinstance(k, RowKey)]
+            found = await self.store.read_rows(name, table, ids, width)
+            return {RowKey(name, table, i): row for i, row in found.items()}
 
         def absent(key: Hashable) -> BaseException:
-            return ParamsUnavailable(
-                f"row {_row_id(key)} of {name!r} table {table!r} is not in Redis"
-            )
+            row = key.row if isinstance(key, RowKey) else key
+            return ParamsUnavailable(f"row {row} of {name!r} table {table!r} is not in Redis")
 
         values, source = await self.cache.get_many(keys, load, missing=absent)
         matrix = np.stack([values[k] for k in keys])
@@ -203,46 +204,29 @@ class ModelRegistry:
 
     def invalidate_rows(self, name: str, table: str, ids: list[int]) -> int:
         """Drop cached rows an update rewrote."""
-        return sum(self.cache.invalidate(("row", name, table, int(i))) for i in ids)
+        return sum(self.cache.invalidate(RowKey(name, table, int(i))) for i in ids)
 
     def set_version(self, name: str, version: int) -> None:
         """Serve ``version`` from the next batch on (an announcement said it is current).
 
         A pointer read already in flight is discarded, so it cannot put an older version back.
         """
-        key = ("ptr", name)
+        key = PointerKey(name)
         self.cache.invalidate(key)
         self.cache.put(key, int(version), ttl_s=self.version_ttl_s)
         self._moved_to(name, int(version))
 
     def invalidate_pointer(self, name: str) -> bool:
         """Forget the cached serving version of ``name`` so the next request reads it anew."""
-        return self.cache.invalidate(("ptr", name))
+        return self.cache.invalidate(PointerKey(name))
 
     def drop_model(self, name: str) -> int:
         """Drop every cached piece of every version of a model (its data is gone)."""
         for key in [k for k in self._models if k[0] == name]:
             del self._models[key]
-        return self.cache.invalidate_where(
-            lambda key: (
-                isinstance(key, tuple)
-                and len(key) >= 3
-                and key[0] in ("manifest", "t")
-                and key[1] == name
-            )
-        )
+        return self.cache.invalidate_where(lambda key: of_model(key, name))
 
     def drop_version(self, name: str, version: int) -> int:
         """Drop every cached piece of one version."""
         self._models.pop((name, version), None)
-
-        def match(key: Hashable) -> bool:
-            return (
-                isinstance(key, tuple)
-                and len(key) >= 3
-                and key[0] in ("manifest", "t")
-                and key[1] == name
-                and key[2] == version
-            )
-
-        return self.cache.invalidate_where(match)
+        return self.cache.invalidate_where(lambda key: of_version(key, name, version))

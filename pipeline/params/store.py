@@ -28,6 +28,7 @@ from pipeline.errors import (
 from pipeline.io.kv import KeyValue
 from pipeline.io.npy import from_npy, to_npy
 from pipeline.names import check_name
+from pipeline.params.keys import OutputKey
 from pipeline.params.models import build_model
 
 ROW_CHUNK = 5000
@@ -182,20 +183,16 @@ class ParamStore:
     def table_key(self, model: str, table: str) -> str:
         return f"{self.prefix}:{model}:emb:{table}"
 
-    def output_key(self, model: str, version: int, digest: bytes) -> str:
-        return f"{self.prefix}:{model}:v{version}:out:{digest.hex()}"
+    def output_key(self, key: OutputKey) -> str:
+        return f"{self.prefix}:{key.model}:v{key.version}:out:{key.digest.hex()}"
 
-    async def read_outputs(
-        self, model: str, version: int, digests: Sequence[bytes]
-    ) -> list[bytes | None]:
+    async def read_outputs(self, keys: Sequence[OutputKey]) -> list[bytes | None]:
         """Memoized outputs a fleet shares (``.npy`` bytes), one MGET; None where absent."""
-        return await self.kv.mget([self.output_key(model, version, d) for d in digests])
+        return await self.kv.mget([self.output_key(k) for k in keys])
 
-    async def write_outputs(
-        self, model: str, version: int, outputs: Mapping[bytes, bytes], ttl_s: float
-    ) -> None:
+    async def write_outputs(self, outputs: Mapping[OutputKey, bytes], ttl_s: float) -> None:
         """Share memoized outputs for ``ttl_s`` seconds (they expire with no one to clean)."""
-        writes = {self.output_key(model, version, d): blob for d, blob in outputs.items()}
+        writes = {self.output_key(k): blob for k, blob in outputs.items()}
         await self.kv.set_many(writes, ex=ttl_s)
 
     async def write_rows(

@@ -1,4 +1,8 @@
-"""In-order offset bookkeeping: commit a partition only up to its first unfinished message."""
+"""Offsets: the in-order book of what is answered, and when and how it is committed.
+
+A partition is committed only up to its first unfinished message; on a timer, on revocation
+(the revoked partitions' finished work, then they are forgotten) and at drain.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,15 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Hashable, Iterable
+from typing import Protocol, cast
+
+import structlog
+
+from pipeline.errors import BrokerUnavailable
+from pipeline.io.kafka import CommitRejected, Partition
+from pipeline.serving.stats import WorkerStats
+
+log = structlog.get_logger("kvpipe.worker")
 
 
 class _Book:
@@ -107,3 +120,50 @@ class OffsetTracker:
                 return False
             await self.wait_changed(min(remaining, 0.5))
         return True
+
+
+class Committer(Protocol):
+    """What commits need of a consumer."""
+
+    async def commit(self, offsets: dict[Partition, int]) -> None: ...
+
+
+class Commits:
+    """The commit policy over an :class:`OffsetTracker`: every ``interval_s``, on revocation
+    and at drain; a refused commit is counted and logged, and tried again next time."""
+
+    def __init__(self, stats: WorkerStats, *, interval_s: float) -> None:
+        self.book = OffsetTracker()
+        self.stats = stats
+        self.interval_s = interval_s
+
+    async def commit(self, consumer: Committer) -> None:
+        """Commit every partition whose position moved."""
+        offsets = self.book.committable()
+        if not offsets:
+            return
+        try:
+            await consumer.commit(cast(dict[Partition, int], offsets))
+        except (CommitRejected, BrokerUnavailable) as exc:
+            self.stats.commit_failures += 1
+            log.warning("commit_failed", error=str(exc))
+            return
+        self.book.committed(offsets)
+        self.stats.commits += 1
+
+    async def revoke(
+        self, consumer: Committer, partitions: list[Partition], *, timeout_s: float
+    ) -> tuple[bool, int]:
+        """Wait (bounded) for the partitions' work, commit it, forget them.
+
+        Returns whether everything finished, and how many unfinished messages were dropped
+        (left uncommitted: the next owner answers them again)."""
+        idle = await self.book.wait_idle(partitions, timeout_s)
+        offsets = self.book.committable(partitions)
+        try:
+            await consumer.commit(cast(dict[Partition, int], offsets))
+            self.book.committed(offsets)
+        except (CommitRejected, BrokerUnavailable) as exc:
+            self.stats.commit_failures += 1
+            log.warning("commit_on_revoke_failed", error=str(exc))
+        return idle, self.book.forget(partitions)

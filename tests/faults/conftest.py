@@ -11,16 +11,19 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import pytest
 import pytest_asyncio
 
-from consumers.inference import MakeRegistry, start_serving
+import consumers.inference
+from consumers.inference import start_serving
 from pipeline.config import Settings, settings_from_env, settings_to_env, with_values
 from pipeline.dev.local import KafkaBroker, RedisServer
 from pipeline.io.kafka import ensure_topics
 from pipeline.io.kv import open_kv
 from pipeline.params.models import preset
+from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
 from pipeline.serving.worker import Worker
 from tests.conftest import BrokerFactory, RedisFactory
@@ -75,7 +78,7 @@ class Fleet:
         self,
         worker_id: str,
         *,
-        make_registry: MakeRegistry | None = None,
+        registry: type[ModelRegistry] | None = None,
         values: dict[str, Any] | None = None,
     ) -> Worker:
         """A worker in this event loop (to read its counters or swap its model), ready."""
@@ -84,9 +87,9 @@ class Fleet:
             {"worker.worker_id": worker_id, **(values or {})},
         )
         stop = asyncio.Event()
-        worker, task = await start_serving(
-            settings, stop, make_registry=make_registry, timeout_s=30
-        )
+        # The worker's registry class swapped for this start only (it is built before ready).
+        with mock.patch.object(consumers.inference, "ModelRegistry", registry or ModelRegistry):
+            worker, task = await start_serving(settings, stop, timeout_s=30)
         self.here.append((stop, task))
         return worker
 

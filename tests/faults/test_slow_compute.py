@@ -8,12 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache.cache import ParamCache
 from pipeline.client import InferenceClient
-from pipeline.config import Settings
 from pipeline.params.models import Model
 from pipeline.params.registry import ModelRegistry
-from pipeline.params.store import Manifest, ParamStore
+from pipeline.params.store import Manifest
 from tests.integration.conftest import collect
 
 DELAY_S = 3.0  # the fault stack's session timeout is 2 s
@@ -38,10 +36,6 @@ class SlowRegistry(ModelRegistry):
         return SlowModel(super()._model_for(manifest))  # type: ignore[return-value]
 
 
-def slow_registry(store: ParamStore, cache: ParamCache[Any], settings: Settings) -> ModelRegistry:
-    return SlowRegistry(store, cache, version_ttl_s=settings.cache.version_ttl_s)
-
-
 async def test_compute_longer_than_the_session_timeout_causes_no_rebalance(
     fault_stack: Any,
 ) -> None:
@@ -52,7 +46,7 @@ async def test_compute_longer_than_the_session_timeout_causes_no_rebalance(
     await fleet.start("other")
     await asyncio.sleep(3.0)
     worker = await fleet.serve_here(
-        "w", make_registry=slow_registry, values={"worker.max_batch_size": 10}
+        "w", registry=SlowRegistry, values={"worker.max_batch_size": 10}
     )
     n = 120
     x = np.random.default_rng(6).standard_normal((n, 32)).astype(np.float32)

@@ -1,7 +1,8 @@
 """The key-value adapter against a real redis-server, for both client backends.
 
-Behaviour tests also run against :class:`MemoryKV`, so the unit-test fake is held to what Redis
-really does. Connection tests cover a missing, frozen, restarted and password-protected Redis.
+Behaviour tests also run against :class:`MemoryKV`, so the shipped in-memory backend is held to
+what Redis really does. Connection tests cover a missing, frozen, restarted and
+password-protected Redis.
 """
 
 from __future__ import annotations

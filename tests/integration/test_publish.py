@@ -25,7 +25,7 @@ from pipeline.io.npy import MAX_NPZ_BYTES
 from pipeline.params.models import preset
 from pipeline.params.store import ParamStore
 from tests.integration.test_cli import kvpipe
-from tests.unit.test_npz import CASES, MiB, hostile, write_bomb
+from tests.unit.io.test_npz import CASES, MiB, hostile, write_bomb
 
 pytestmark = pytest.mark.integration
 

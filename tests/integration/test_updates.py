@@ -214,7 +214,8 @@ async def test_embedding_rows_single_round_trip_and_row_updates(
     settings = make_settings()
     arch = {"kind": "embedding", "users": 300, "items": 800, "dim": 8}
     scorer = build_model(arch)
-    tables = scorer.init_tables(0)  # type: ignore[attr-defined]
+    assert scorer.kind == "embedding"  # narrows the type: an EmbeddingModel has tables
+    tables = scorer.init_tables(0)
     async with open_kv(settings.redis) as kv:
         store = ParamStore(kv, prefix=settings.redis.key_prefix)
         await store.publish("rec", arch, scorer.init(0), tables=tables)

@@ -208,7 +208,9 @@ async def test_a_bug_in_a_batch_still_answers_and_commits(
     make_settings: Any, make_client: Any
 ) -> None:
     import asyncio
+    from unittest import mock
 
+    import consumers.inference
     from consumers.inference import start_serving
     from pipeline.params.registry import ModelRegistry
 
@@ -222,13 +224,8 @@ async def test_a_bug_in_a_batch_still_answers_and_commits(
     await publish(settings, "m")
     client = await make_client(settings)
     stop = asyncio.Event()
-    worker, task = await start_serving(
-        settings,
-        stop,
-        make_registry=lambda store, cache, s: Buggy(
-            store, cache, version_ttl_s=s.cache.version_ttl_s
-        ),
-    )
+    with mock.patch.object(consumers.inference, "ModelRegistry", Buggy):  # built before ready
+        worker, task = await start_serving(settings, stop)
     try:
         k = settings.kafka
         async with ResultStream(k, k.results_topic, from_beginning=True) as stream:

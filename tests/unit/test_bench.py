@@ -6,21 +6,22 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bench.suites import (
+from pipeline.bench.figures import (
     Comparison,
-    NaiveRegistry,
     RunFigures,
     Side,
     ratio_line,
     request_backlog,
     side_line,
-    side_settings,
 )
+from pipeline.bench.harness import FetchCounts, side_settings
+from pipeline.bench.naive import NaiveRegistry
 from pipeline.cache.cache import ParamCache, Source
 from pipeline.config import LimitSettings, Settings
 from pipeline.io.kv.memory import MemoryKV
 from pipeline.io.wire import decode_request
 from pipeline.params.models import preset
+from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
 
 
@@ -102,3 +103,6 @@ async def test_naive_registry_reads_everything_from_redis_every_time() -> None:
     assert kv.calls["mget"] - before.get("mget", 0) == 3  # every tensor, every call
     assert kv.calls["get"] - before.get("get", 0) == 6  # pointer and manifest, every call
     assert registry.fetches == 3 and len(cache) == 0
+    # the harness reports its Redis reads, not cache figures; the cached registry's are
+    assert isinstance(registry, FetchCounts)
+    assert not isinstance(ModelRegistry(store, cache), FetchCounts)

@@ -13,8 +13,8 @@ from pipeline.bench.e2e import (
     summary_lines,
 )
 from pipeline.bench.echo import echo_topic
+from pipeline.bench.runner import Options, _parse_options
 from pipeline.bench.scale import scale_model
-from pipeline.bench.suites import Options, _parse_options
 from pipeline.config import Settings
 from pipeline.dev.procs import child_env
 from pipeline.errors import ConfigError

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from pipeline.bench import plots
-from pipeline.bench import suites as bench
-from pipeline.bench.suites import Comparison, write_outputs
+from pipeline.bench.figures import Comparison, machine
+from pipeline.bench.runner import write_outputs
 from tests.unit.test_bench import _side
 
 pytest.importorskip("matplotlib")
@@ -47,7 +47,7 @@ def _e2e_doc() -> dict[str, Any]:
 def _cmp_doc() -> dict[str, Any]:
     a = Comparison("batching", _side("batched", [(100, 1.0)]), _side("single", [(100, 4.0)]), 2.5)
     b = Comparison("batching", _side("batched", [(100, 1.0)]), _side("single", [(100, 2.0)]), 2.5)
-    return {"machine": bench.machine(), "results": {"batching": a.as_dict(), "mlp": b.as_dict()}}
+    return {"machine": machine(), "results": {"batching": a.as_dict(), "mlp": b.as_dict()}}
 
 
 def _cache_doc() -> dict[str, Any]:

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import RedisSettings, settings_from_env
 from pipeline.errors import ConfigError
-from pipeline.io.kv import _reason
+from pipeline.io.kv.protocol import _reason
 from pipeline.redact import redact_url, url_secrets
 
 PLAIN = "s3cr3t-Pa55"

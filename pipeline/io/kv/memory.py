@@ -1,25 +1,33 @@
-"""Fakes at the service boundaries, for unit tests of the modules above them.
+"""An in-memory :class:`~pipeline.io.kv.protocol.KeyValue`: for kvpipe's tests and your own.
 
-:class:`MemoryKV` implements :class:`pipeline.io.kv.KeyValue` in memory with Redis's semantics
-(types, expiry, counters), counts calls per method, and can be told to fail or to be slow.
-The integration tests run the same behaviour checks against it and against real Redis.
+:class:`MemoryKV` keeps Redis's semantics (types, expiry, counters, ``set_if_greater``), checks
+arguments with the same rules as the Redis backends, counts calls per method, and can be told
+to fail or to be slow. The integration tests run the same behaviour checks against it and
+against a real Redis, so a test that passes on it means what it says.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from pipeline.errors import KvpipeError
+from pipeline.io.kv.protocol import _expire_ms, _key, _number, _ttl_ms, _value
 from pipeline.resource import AsyncResource
+
+if TYPE_CHECKING:
+    from pipeline.io.kv.protocol import KeyValue
+
+__all__ = ["MemoryKV"]
 
 _Value = bytes | dict[str, bytes]
 
 
 def _wrongtype() -> KvpipeError:
+    """What Redis answers for a command on a key of the other kind (string or hash)."""
     return KvpipeError(
         "memory KV: WRONGTYPE Operation against a key holding the wrong kind of value",
         code="store_error",
@@ -27,25 +35,17 @@ def _wrongtype() -> KvpipeError:
 
 
 def _check_key(key: str) -> None:
-    if not isinstance(key, str):
-        raise TypeError(f"Redis keys and hash fields must be str, not {type(key).__name__}")
+    """Refuse a key or hash field that is not ``str``, as the Redis backends do."""
+    _key(key)
 
 
 def _check_value(value: bytes) -> None:
-    if not isinstance(value, bytes):
-        raise TypeError(f"Redis values must be bytes, not {type(value).__name__}")
-
-
-def _ttl_ms(ex: float | None) -> int | None:
-    if ex is None:
-        return None
-    if not (isinstance(ex, int | float) and math.isfinite(ex) and ex > 0):
-        raise ValueError(f"ex must be a positive number of seconds, not {ex!r}")
-    return max(1, math.ceil(ex * 1000))
+    """Refuse a value that is not ``bytes``, as the Redis backends do."""
+    _value(value)
 
 
 class MemoryKV(AsyncResource):
-    """An in-memory :class:`~pipeline.io.kv.KeyValue` for unit tests.
+    """An in-memory :class:`~pipeline.io.kv.protocol.KeyValue` for tests, with test hooks.
 
     - ``clock``: seconds, monotonic; inject a fake one to expire keys without sleeping.
     - ``calls``: how many times each method was called (``calls["mget"]``).
@@ -165,8 +165,7 @@ class MemoryKV(AsyncResource):
         _check_key(key)
         for other in persist:
             _check_key(other)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"expected an int, not {type(value).__name__}")
+        _number(value)
         await self._call("set_if_greater")
         current = self._string(key)  # like the script's GET: WRONGTYPE on a hash
         try:
@@ -188,12 +187,10 @@ class MemoryKV(AsyncResource):
 
     async def expire(self, key: str, seconds: float) -> bool:
         _check_key(key)
-        if not (isinstance(seconds, int | float) and math.isfinite(seconds)):
-            raise ValueError(f"seconds must be a finite number, not {seconds!r}")
+        ms = _expire_ms(seconds)
         await self._call("expire")
         if self._live(key) is None:
             return False
-        ms = math.ceil(seconds * 1000)
         if ms <= 0:
             self._remove(key)
         else:
@@ -270,3 +267,7 @@ class MemoryKV(AsyncResource):
 
     async def start(self) -> None:
         await self.ping()
+
+
+if TYPE_CHECKING:
+    _CONFORMS: type[KeyValue] = MemoryKV  # mypy checks the whole protocol is implemented

@@ -10,6 +10,7 @@ import pytest
 from pipeline.cache.cache import ParamCache, Source
 from pipeline.errors import ModelNotFound, ParamsCorrupt, ParamsUnavailable, StoreUnavailable
 from pipeline.io.kv.memory import MemoryKV
+from pipeline.params.keys import ManifestKey, TensorKey
 from pipeline.params.models import preset
 from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
@@ -122,15 +123,13 @@ async def test_a_version_switch_drops_the_replaced_version(  # type: ignore[no-u
     registry.set_version("m", 2)
     await registry.resolve("m")
     keys = set(registry.cache.keys())
-    assert not any(
-        isinstance(k, tuple) and k[:3] in (("t", "m", 1), ("manifest", "m", 1)) for k in keys
-    )
-    assert ("t", "m", 2, "w0") in keys
+    assert not any(isinstance(k, ManifestKey | TensorKey) and k.version == 1 for k in keys)
+    assert TensorKey("m", 2, "w0") in keys and ManifestKey("m", 2) in keys
     clock.now += 5  # the pointer TTL path drops it too
     await registry.store.publish("m", model.arch, model.init(3))
     assert (await registry.resolve("m")).version == 3
     keys_after = set(registry.cache.keys())
-    assert not any(isinstance(k, tuple) and k[:3] == ("t", "m", 2) for k in keys_after)
+    assert not any(isinstance(k, TensorKey) and k.version == 2 for k in keys_after)
 
 
 async def test_flushed_redis_is_params_unavailable_never_stale(  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from pipeline.cache.cache import Source
 from pipeline.config import LimitSettings
 from pipeline.errors import UnreadableMessage
 from pipeline.io.npy import to_npy
@@ -15,7 +16,9 @@ from pipeline.io.wire import (
     H_ID,
     H_MODEL,
     NPY,
+    CacheSource,
     Result,
+    Status,
     decode_request,
     decode_result,
     encode_request,
@@ -133,3 +136,71 @@ def test_error_result_round_trip() -> None:
     )
     back = decode_result(*encode_result(res))
     assert (back.ok, back.error_code, back.outputs) == (False, "unknown_model", None)
+
+
+def test_status_and_cache_are_enums_that_decode_as_enums() -> None:
+    res = Result(
+        id="a",
+        model="m",
+        status=Status.OK,
+        version=2,
+        outputs=np.array([[0.5, 1.5]], dtype=np.float32),
+        cache=CacheSource.MEMO,
+        worker="w1",
+        timings={"total_ms": 1.0},
+    )
+    for ctype in ("application/json", NPY):
+        back = decode_result(*encode_result(res, ctype))
+        assert back.status is Status.OK and back.cache is CacheSource.MEMO and back.ok
+        assert back.meta() == res.meta()
+    err = decode_result(*encode_result(Result(id="b", model="m", status=Status.ERROR)))
+    assert err.status is Status.ERROR and err.cache is None and not err.ok
+    assert err.status == "error" and f"{err.status}" == "error"  # still compares as text
+
+
+def test_enum_results_encode_to_the_same_bytes_as_before() -> None:
+    """The wire format did not move: golden bytes from the plain-string ``Result``."""
+    res = Result(
+        id="a",
+        model="m",
+        status=Status.OK,
+        version=2,
+        outputs=np.array([[0.5, 1.5]], dtype=np.float32),
+        cache=CacheSource.MEMO,
+        worker="w1",
+        timings={"total_ms": 1.0},
+    )
+    meta = (
+        b'{"id":"a","model":"m","version":2,"status":"ok","error":null,"cache":"memo",'
+        b'"stale":false,"worker":"w1","timings":{"total_ms":1.0}'
+    )
+    assert encode_result(res)[0] == meta + b',"outputs":[[0.5,1.5]]}'
+    assert dict(encode_result(res, NPY)[1])["kvpipe-result"] == meta + b"}"
+    err = Result(id="a", model="m", status=Status.ERROR, error_code="x", error_message="y")
+    assert encode_result(err)[0] == (
+        b'{"id":"a","model":"m","version":null,"status":"error","error":{"code":"x",'
+        b'"message":"y"},"cache":null,"stale":false,"worker":"","timings":{},"outputs":null}'
+    )
+    assert json.loads(encode_result(res)[0])["status"] == "ok"
+
+
+def test_every_parameter_cache_source_is_a_result_cache_value() -> None:
+    assert {CacheSource(s) for s in Source} == {
+        CacheSource.HIT,
+        CacheSource.LOADED,
+        CacheSource.STALE,
+    }
+    assert CacheSource(Source.STALE) is CacheSource.STALE
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"id": "a", "status": "maybe"},
+        {"id": "a", "status": "ok", "cache": "warm"},
+        {"id": "a", "status": ["ok"]},
+    ],
+)
+def test_unknown_status_or_cache_is_not_a_result(meta: dict[str, object]) -> None:
+    with pytest.raises(UnreadableMessage, match="not a kvpipe result"):
+        decode_result(json.dumps(meta).encode(), [])

@@ -6,23 +6,19 @@ import asyncio
 import inspect
 import socket
 
+import asyncio_redis
 import pytest
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from pipeline.config import RedisSettings
 from pipeline.errors import ConfigError, KvpipeError, StoreOutOfMemory, StoreUnavailable
-from pipeline.io.kv import (
-    AsyncioRedisKV,
-    KeyValue,
-    RedisPyKV,
-    _from_error_reply,
-    _from_redis_py,
-    _reason,
-    asyncio_redis_endpoint,
-    open_kv,
-)
+from pipeline.io.kv import KeyValue, open_kv
+from pipeline.io.kv.asyncio_redis import AsyncioRedisKV, asyncio_redis_endpoint
+from pipeline.io.kv.asyncio_redis import _reason as aio_reason
 from pipeline.io.kv.memory import MemoryKV
+from pipeline.io.kv.protocol import _from_error_reply, _reason
+from pipeline.io.kv.redis_py import RedisPyKV, _from_redis_py
 from pipeline.redact import redact_url, url_secrets
 
 SECRET = "s3cret-Pa55"
@@ -168,6 +164,12 @@ def test_foreign_error_text_is_one_short_line_without_secrets() -> None:
     assert len(text) <= 200
     assert url_secrets("redis://lonely@h:1/0") == ("lonely",)
     assert url_secrets("redis://h:1/0") == ()
+
+
+def test_asyncio_redis_names_a_lost_connection_and_masks_secrets() -> None:
+    assert aio_reason(asyncio_redis.ConnectionLostError(None), ()) == "connection lost"
+    assert aio_reason(OSError(f"AUTH {SECRET} refused"), (SECRET,)) == "AUTH *** refused"
+    assert aio_reason(TimeoutError(), ()) == "timed out"
 
 
 @pytest.mark.parametrize("backend", ["redis-py", "asyncio-redis"])

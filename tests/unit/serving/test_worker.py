@@ -156,14 +156,14 @@ async def test_a_result_that_cannot_be_encoded_is_answered_alone() -> None:
         producer=FakeProducer(s.broker),  # type: ignore[arg-type]
         consumer_factory=lambda w: FakeConsumer(s.broker, w),  # type: ignore[arg-type,return-value]
     )
-    real = worker._encode
+    real = worker.delivery._encode
 
     def flaky(item: Any, result: Any) -> Any:
         if result.id == "r3":
             result.worker = "\ud800"  # a field no request controls, broken after the fact
         return real(item, result)
 
-    worker._encode = flaky  # type: ignore[method-assign]
+    worker.delivery._encode = flaky  # type: ignore[method-assign]
     async with worker:
         task = asyncio.create_task(worker.run(stop))
         for _ in range(2000):

@@ -1,0 +1,66 @@
+"""Typed keys of the in-process caches: one small frozen type per kind of cached value.
+
+Two keys are equal only when they are of the same kind and every field is equal, so kinds
+never collide even where their fields do; drops select by type and field, never by shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class PointerKey:
+    """A model's serving version pointer (short TTL: how fast a publish is seen)."""
+
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestKey:
+    """The manifest of one version of a model."""
+
+    model: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class TensorKey:
+    """One named tensor of one version of a model."""
+
+    model: str
+    version: int
+    tensor: str
+
+
+@dataclass(frozen=True, slots=True)
+class RowKey:
+    """One row of an embedding table (rows are not versioned: updates rewrite them)."""
+
+    model: str
+    table: str
+    row: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutputKey:
+    """A memoized output: one version of a model on inputs with this digest."""
+
+    model: str
+    version: int
+    digest: bytes
+
+
+CacheKey = PointerKey | ManifestKey | TensorKey | RowKey | OutputKey
+
+
+def of_model(key: object, model: str) -> bool:
+    """Whether ``key`` is a versioned piece (manifest or tensor) of ``model``."""
+    return isinstance(key, ManifestKey | TensorKey) and key.model == model
+
+
+def of_version(key: object, model: str, version: int) -> bool:
+    """Whether ``key`` is a piece (manifest or tensor) of exactly this version of ``model``."""
+    return (
+        isinstance(key, ManifestKey | TensorKey) and key.model == model and key.version == version
+    )
