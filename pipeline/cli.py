@@ -315,7 +315,7 @@ async def _results(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_local(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.dev.local import local_down, local_up
+    from pipeline.dev.daemon import local_down, local_up
 
     state = Path(args.state_dir)
     if args.action == "up":

@@ -17,13 +17,12 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 import pipeline.dev.local as local
 from pipeline.config import Settings
+from pipeline.dev.daemon import local_down, local_up
 from pipeline.dev.local import (
     KafkaBroker,
     LocalServices,
     RedisServer,
     free_port,
-    local_down,
-    local_up,
 )
 from pipeline.errors import LocalServiceError
 from tests.conftest import BrokerFactory, RedisFactory
