@@ -1,4 +1,8 @@
-"""The in-process async parameter cache: byte budget, LRU/LFU eviction, TTL, single-flight."""
+"""The in-process async parameter cache: byte budget, eviction, TTL, single-flight.
+
+Eviction is by policy (:mod:`pipeline.cache.eviction`): LRU, LFU or W-TinyLFU. A failed load
+is not kept, but its key backs off before its loader runs again (``failure_backoff_s``).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ V = TypeVar("V")
 
 Clock = Callable[[], float]
 
-#: Python's own cost of one cache entry (array object, key tuple, entry, policy links),
+#: Python's own cost of one cache entry (array object, key object, entry, policy links),
 #: counted in the byte budget beside the data; measured about 560 bytes on CPython 3.11.
 ENTRY_OVERHEAD_BYTES = 560
 

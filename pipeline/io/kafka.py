@@ -1,8 +1,11 @@
 """The Kafka adapter: producer, consumer and topic set-up over aiokafka, errors translated.
 
-Nothing above this module imports aiokafka. Every network step carries its own timeout,
-because aiokafka's ``send_and_wait`` and ``stop()`` can hang when the broker is gone
-(aiokafka#1101).
+In ``pipeline`` and ``consumers`` this is the only module that imports aiokafka, except the
+dev tooling: ``pipeline.bench`` (the bare consume -> produce echo it measures against, and its
+topic clean-up) and ``pipeline.dev.local`` (the local broker's readiness check). The forbidden
+contract in ``pyproject.toml`` (``lint-imports``, run by ``make lint``) allows exactly those.
+Every network step carries its own timeout, because aiokafka's ``send_and_wait`` and
+``stop()`` can hang when the broker is gone (aiokafka#1101).
 """
 
 from __future__ import annotations
