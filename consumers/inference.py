@@ -24,6 +24,7 @@ from pipeline.io.kafka import Producer, ensure_topics
 from pipeline.io.kv import KeyValue, open_kv
 from pipeline.logging import configure_logging
 from pipeline.metrics import ReadyCheck, StatusServer, WorkerMetrics
+from pipeline.params.plugins import load_model_plugins
 from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
 from pipeline.serving.worker import Worker, WorkerStats, tune_gc
@@ -156,7 +157,9 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 
 
 async def run_until_signalled(settings: Settings) -> WorkerStats:
-    """Serve until SIGTERM or SIGINT, as a process of its own (its garbage collector tuned)."""
+    """Serve until SIGTERM or SIGINT, as a process of its own (model plugins loaded, its
+    garbage collector tuned)."""
+    load_model_plugins(settings.model_plugins)
     tune_gc()
     stop = asyncio.Event()
     install_stop_signals(stop)

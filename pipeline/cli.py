@@ -35,6 +35,9 @@ PROG = "kvpipe"
 _FLAGS: dict[str, EnvVar] = {v.flag[2:].replace("-", "_"): v for v in ENV_VARS if v.flag}
 #: The setting each flag fills, by argparse ``dest``.
 _FLAG_PATHS = {dest: var.path for dest, var in _FLAGS.items()}
+#: Commands that build models from stored architectures, so load the model plugins first
+#: (``serve`` loads them in its worker process, :func:`consumers.inference.run_until_signalled`).
+_MODEL_COMMANDS = frozenset({"publish", "produce", "train"})
 
 
 def _flag_type(var: EnvVar) -> Callable[[str], Any]:
@@ -707,6 +710,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             level=getattr(args, "log_level", None) or "warning",
             dependencies="critical",
         )
+        if args.command in _MODEL_COMMANDS:
+            from pipeline.params.plugins import load_model_plugins
+
+            load_model_plugins(settings.model_plugins)
         return handler(args, settings)
     except KvpipeError as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)

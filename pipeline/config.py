@@ -69,6 +69,14 @@ def _names(raw: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in raw.split(",") if n.strip())
 
 
+def _modules(raw: str) -> tuple[str, ...]:
+    names = _names(raw)
+    for name in names:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError(f"{name!r} is not a module name; use package.module[,package.module]")
+    return names
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 65535:
@@ -481,6 +489,13 @@ class Settings:
     )
     log_level: LogLevel = setting(
         default="info", env="KVPIPE_LOG_LEVEL", help="Log level: {choices}", flag="--log-level"
+    )
+    model_plugins: tuple[str, ...] = setting(
+        default=(),
+        env="KVPIPE_MODEL_PLUGINS",
+        help="Modules of model plugins to import at start, comma-separated, each listing its "
+        "classes in KVPIPE_MODELS (installed kvpipe.models entry points load anyway)",
+        parse=_modules,
     )
 
 

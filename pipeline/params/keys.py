@@ -25,12 +25,11 @@ class ManifestKey:
 
 
 @dataclass(frozen=True, slots=True)
-class TensorKey:
-    """One named tensor of one version of a model."""
+class BlobKey:
+    """A tensor of a model by content: the sha256 of its ``.npy`` bytes, shared by versions."""
 
     model: str
-    version: int
-    tensor: str
+    sha256: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,16 +50,15 @@ class OutputKey:
     digest: bytes
 
 
-CacheKey = PointerKey | ManifestKey | TensorKey | RowKey | OutputKey
+CacheKey = PointerKey | ManifestKey | BlobKey | RowKey | OutputKey
 
 
 def of_model(key: object, model: str) -> bool:
-    """Whether ``key`` is a versioned piece (manifest or tensor) of ``model``."""
-    return isinstance(key, ManifestKey | TensorKey) and key.model == model
+    """Whether ``key`` is a versioned piece (manifest or tensor content) of ``model``."""
+    return isinstance(key, ManifestKey | BlobKey) and key.model == model
 
 
 def of_version(key: object, model: str, version: int) -> bool:
-    """Whether ``key`` is a piece (manifest or tensor) of exactly this version of ``model``."""
-    return (
-        isinstance(key, ManifestKey | TensorKey) and key.model == model and key.version == version
-    )
+    """Whether ``key`` belongs to exactly this version of ``model`` (its manifest: content is
+    shared by versions, so the registry decides which of a version's tensors go with it)."""
+    return isinstance(key, ManifestKey) and key.model == model and key.version == version

@@ -1,10 +1,18 @@
-"""Numpy model architectures, described by a JSON-able ``arch`` dict stored in the manifest."""
+"""Numpy model architectures, described by a JSON-able ``arch`` dict stored in the manifest.
+
+``arch["kind"]`` picks a builder from the registry of kinds: the built-ins (``mlp``,
+``linear_heads``, ``embedding``) and the dense :class:`ModelPlugin` classes registered at the
+process edge (:mod:`pipeline.params.plugins`). An arch only ever selects a registered kind;
+nothing here imports a module an arch names.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import numbers
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol
+from typing import Any, ClassVar, Final, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -259,6 +267,221 @@ class EmbeddingScorer:
         return scores.reshape(-1, 1)
 
 
+class ModelPlugin(Protocol):
+    """A dense model from outside kvpipe: what a plugin class provides (docs/plugins.md)."""
+
+    #: The ``"kind"`` of the arch dicts this class builds; never a built-in kind.
+    kind: ClassVar[str]
+    #: Columns of an input row and of an output row, known once the arch is read.
+    input_dim: int
+    output_dim: int
+
+    def __init__(self, arch: Mapping[str, Any]) -> None: ...
+
+    def tensor_specs(self) -> Mapping[str, TensorSpec | tuple[int, ...]]: ...
+
+    def forward(self, params: Params, x: Array) -> npt.ArrayLike: ...
+
+
+#: How a plugin names its kind and its tensors: they are stored in manifests and Redis keys.
+_PLUGIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}", re.ASCII)
+#: Longest error text a plugin's own message contributes.
+_SHOWN_CHARS = 300
+
+
+def one_line(text: object) -> str:
+    """``text`` on one line, cut to a readable length."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= _SHOWN_CHARS else flat[:_SHOWN_CHARS] + "..."
+
+
+def _positive_int(value: object) -> int | None:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > 0:
+        return int(value)
+    return None
+
+
+def _spec_of(kind: str, name: object, spec: object) -> TensorSpec:
+    """A plugin's tensor spec checked: a valid tensor name, positive dims, a numeric dtype."""
+    if not isinstance(name, str) or not _PLUGIN_NAME.fullmatch(name):
+        raise ConfigError(
+            f"model plugin {kind!r}: tensor name {name!r} must be 1-64 letters, digits, '_', "
+            "'.' or '-', starting with a letter"
+        )
+    if isinstance(spec, tuple):
+        spec = TensorSpec(spec)
+    if not isinstance(spec, TensorSpec):
+        raise ConfigError(
+            f"model plugin {kind!r}: tensor {name!r} has spec {spec!r}; "
+            "use TensorSpec(shape, dtype) or a shape tuple"
+        )
+    dims = [_positive_int(d) for d in spec.shape]
+    if not dims or None in dims:
+        raise ConfigError(
+            f"model plugin {kind!r}: tensor {name!r} has shape {spec.shape!r}; "
+            "use a tuple of positive ints"
+        )
+    try:
+        dtype = np.dtype(spec.dtype)
+    except TypeError:
+        dtype = np.dtype(object)
+    if dtype.kind not in "fiu" or dtype.itemsize > 8:
+        raise ConfigError(
+            f"model plugin {kind!r}: tensor {name!r} has dtype {spec.dtype!r}; "
+            "use a float or integer dtype such as float32"
+        )
+    return TensorSpec(tuple(d for d in dims if d is not None), dtype.name)
+
+
+class PluginModel:
+    """A :class:`ModelPlugin` instance seen as a :class:`DenseModel`: checked once, then run.
+
+    The plugin's answers are checked where kvpipe relies on them: positive widths, valid
+    tensor specs, and outputs of shape (rows, ``output_dim``) cast to float32.
+    """
+
+    kind: Final = "dense"
+
+    def __init__(self, plugin_class: type[ModelPlugin], arch: Mapping[str, Any]) -> None:
+        name = plugin_class.kind
+        try:
+            plugin = plugin_class(arch)
+            specs = dict(plugin.tensor_specs())
+        except ConfigError as exc:
+            raise ConfigError(one_line(exc)) from None
+        except (KeyError, TypeError, ValueError):
+            raise
+        except Exception as exc:
+            raise ConfigError(
+                f"model plugin {name!r} cannot build {dict(arch)!r}: "
+                f"{type(exc).__name__}: {one_line(exc)}"
+            ) from None
+        dims = getattr(plugin, "input_dim", None), getattr(plugin, "output_dim", None)
+        input_dim, output_dim = _positive_int(dims[0]), _positive_int(dims[1])
+        if input_dim is None or output_dim is None:
+            raise ConfigError(
+                f"model plugin {name!r}: input_dim and output_dim must be positive ints, "
+                f"got {dims[0]!r} and {dims[1]!r}"
+            )
+        if not specs:
+            raise ConfigError(f"model plugin {name!r}: tensor_specs() names no tensors")
+        self.plugin = plugin
+        self._specs = {t: _spec_of(name, t, spec) for t, spec in specs.items()}
+        self.tables: dict[str, tuple[int, int]] = {}
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.arch: dict[str, Any] = {**arch, "kind": name}
+
+    def tensor_specs(self) -> dict[str, TensorSpec]:
+        return dict(self._specs)
+
+    def init(self, seed: int) -> dict[str, Array]:
+        """The plugin's own ``init(seed)`` if it has one, else seeded small normal weights."""
+        own = getattr(self.plugin, "init", None)
+        if callable(own):
+            return {t: np.asarray(a) for t, a in dict(own(seed)).items()}
+        rng = np.random.default_rng(seed)
+        return {
+            t: (rng.standard_normal(s.shape) * 0.1).astype(s.dtype) for t, s in self._specs.items()
+        }
+
+    def forward(self, params: Params, x: Array) -> Array:
+        y = np.asarray(self.plugin.forward(params, x))
+        if y.shape != (x.shape[0], self.output_dim) or y.dtype.kind not in "fiu":
+            raise ValueError(
+                f"model plugin {self.arch['kind']!r} returned {y.dtype} outputs of shape "
+                f"{y.shape} for {x.shape[0]} rows; expected ({x.shape[0]}, {self.output_dim})"
+            )
+        return y.astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """A registered architecture kind: how to build it and where it came from."""
+
+    build: Callable[[Mapping[str, Any]], Model]
+    source: str
+    plugin: type[Any] | None = None
+
+
+#: Every architecture kind this process can build, by the name in ``arch["kind"]``.
+_KINDS: dict[str, _Kind] = {}
+BUILTIN_KINDS: Final = ("mlp", "linear_heads", "embedding")
+
+
+def _register(kind: str, entry: _Kind) -> None:
+    """Add ``kind``; the same plugin class again is a no-op, any other clash a ConfigError."""
+    known = _KINDS.get(kind)
+    if known is not None:
+        if entry.plugin is not None and known.plugin is entry.plugin:
+            return
+        if kind in BUILTIN_KINDS:
+            raise ConfigError(
+                f"{entry.source} names kind {kind!r}, which is built in; give it another kind"
+            )
+        raise ConfigError(
+            f"model kind {kind!r} is registered twice, by {known.source} and by {entry.source}; "
+            "remove one or rename its kind"
+        )
+    _KINDS[kind] = entry
+
+
+def register_model(plugin_class: object, *, source: str | None = None) -> str:
+    """Register a :class:`ModelPlugin` class under its ``kind``; returns the kind.
+
+    ``source`` says where it came from in errors (default: its module and class name).
+    ConfigError, in one line, when it breaks the protocol or its kind is taken.
+    """
+    if not isinstance(plugin_class, type):
+        shown = source or repr(plugin_class)
+        raise ConfigError(f"model plugin {shown} is a {type(plugin_class).__name__}, not a class")
+    where = f"model plugin {plugin_class.__module__}.{plugin_class.__qualname__}"
+    where = f"{where} ({source})" if source else where
+    kind = getattr(plugin_class, "kind", None)
+    if not isinstance(kind, str) or not _PLUGIN_NAME.fullmatch(kind):
+        raise ConfigError(
+            f'{where} has kind {kind!r}; set a class attribute kind = "name" (1-64 letters, '
+            "digits, '_', '.' or '-', starting with a letter)"
+        )
+    for method in ("tensor_specs", "forward"):
+        if not callable(getattr(plugin_class, method, None)):
+            raise ConfigError(f"{where} has no {method}() method")
+    cls: type[ModelPlugin] = plugin_class
+
+    def build(arch: Mapping[str, Any]) -> Model:
+        return PluginModel(cls, arch)
+
+    _register(kind, _Kind(build, where, plugin_class))
+    return kind
+
+
+def model_kinds() -> dict[str, str]:
+    """Every kind this process can build, with where it came from."""
+    return {kind: entry.source for kind, entry in _KINDS.items()}
+
+
+def _mlp(arch: Mapping[str, Any]) -> Model:
+    return MLP(
+        list(arch["layers"]),
+        activation=str(arch.get("activation", "relu")),
+        softmax=bool(arch.get("softmax", False)),
+    )
+
+
+def _embedding(arch: Mapping[str, Any]) -> Model:
+    return EmbeddingScorer(users=int(arch["users"]), items=int(arch["items"]), dim=int(arch["dim"]))
+
+
+def _linear_heads(arch: Mapping[str, Any]) -> Model:
+    return LinearHeads(
+        dim_in=int(arch["dim_in"]), dim_out=int(arch["dim_out"]), heads=int(arch.get("heads", 2))
+    )
+
+
+for _name, _build in zip(BUILTIN_KINDS, (_mlp, _linear_heads, _embedding), strict=True):
+    _register(_name, _Kind(_build, "kvpipe (built in)"))
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "article": {"kind": "linear_heads", "dim_in": 1000, "dim_out": 1000, "heads": 2},
     "mlp": {"kind": "mlp", "layers": [32, 64, 8], "activation": "relu", "softmax": False},
@@ -268,27 +491,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def build_model(arch: Mapping[str, Any]) -> Model:
     """The model an ``arch`` dict describes; ConfigError when it describes none."""
+    if not isinstance(arch, Mapping):
+        raise ConfigError(f"an architecture is a JSON object with a kind, got {arch!r}")
     kind = arch.get("kind")
+    entry = _KINDS.get(kind) if isinstance(kind, str) else None
+    if entry is None:
+        raise ConfigError(
+            f"unknown architecture kind {one_line(repr(kind))}; known: {', '.join(_KINDS)} "
+            "(a plugin kind must be installed as a kvpipe.models entry point or named in "
+            "KVPIPE_MODEL_PLUGINS in every process that builds it)"
+        )
     try:
-        if kind == "mlp":
-            return MLP(
-                list(arch["layers"]),
-                activation=str(arch.get("activation", "relu")),
-                softmax=bool(arch.get("softmax", False)),
-            )
-        if kind == "embedding":
-            return EmbeddingScorer(
-                users=int(arch["users"]), items=int(arch["items"]), dim=int(arch["dim"])
-            )
-        if kind == "linear_heads":
-            return LinearHeads(
-                dim_in=int(arch["dim_in"]),
-                dim_out=int(arch["dim_out"]),
-                heads=int(arch.get("heads", 2)),
-            )
+        return entry.build(arch)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"architecture {dict(arch)!r} is incomplete: {exc}") from None
-    raise ConfigError(f"unknown architecture kind {kind!r}; known: mlp, linear_heads, embedding")
+        raise ConfigError(
+            f"architecture {one_line(repr(dict(arch)))} is incomplete: {one_line(exc)}"
+        ) from None
 
 
 def preset(name: str) -> Model:

@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from pipeline.cache.cache import ParamCache, Source
 from pipeline.errors import ConfigError, ModelNotFound, ParamsCorrupt, ParamsUnavailable
-from pipeline.params.keys import ManifestKey, PointerKey, RowKey, TensorKey, of_model, of_version
+from pipeline.params.keys import BlobKey, ManifestKey, PointerKey, RowKey, of_model
 from pipeline.params.models import Model, build_model
 from pipeline.params.store import Manifest, ParamStore
 
@@ -43,8 +43,19 @@ class ModelRegistry:
     """Finds the serving version and its tensors through the cache, single-flight per key.
 
     Cache keys (:mod:`pipeline.params.keys`): a :class:`PointerKey` for the version pointer
-    (short TTL: how fast a publish is seen without an announcement), a :class:`ManifestKey` and
-    a :class:`TensorKey` per tensor for each version, a :class:`RowKey` per embedding row.
+    (short TTL: how fast a publish is seen without an announcement), a :class:`ManifestKey` per
+    version, a :class:`BlobKey` per tensor content (the manifest's sha256), a :class:`RowKey`
+    per embedding row.
+
+    Tensors are cached by content: versions of a model that share a tensor share one entry
+    (one Redis read, counted once in the byte budget), so a new version reloads only the
+    tensors that changed. A batch still gets one manifest's tensors: content is looked up
+    through that manifest, and every Redis read is checked against it (sha256, dtype, shape).
+    The registry remembers which content each resolved version uses; dropping a version drops
+    its manifest and the content no other remembered version uses. When the serving version
+    changes, the replaced version's content is dropped only at the model's next resolve, once
+    the new manifest has claimed what it shares (an announcement names a version before its
+    manifest is read).
     """
 
     def __init__(
@@ -56,6 +67,8 @@ class ModelRegistry:
         self._models: OrderedDict[tuple[str, int], Model] = OrderedDict()
         self._serving: dict[str, int] = {}
         self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._uses: dict[str, dict[int, frozenset[str]]] = {}
+        self._retired: dict[str, set[str]] = {}
 
     async def current_version(self, name: str) -> tuple[int, Source]:
         version, source = await self.cache.get(
@@ -83,12 +96,17 @@ class ModelRegistry:
         return version
 
     def _moved_to(self, name: str, version: int) -> None:
-        """When the serving version changes, drop the one it replaced from the cache: its
+        """When the serving version changes, retire the one it replaced: its manifest goes now,
+        its content once the new version has claimed what it shares (see :meth:`_claim`); its
         hit counts would otherwise keep it over the new version's tensors under LFU."""
         before = self._serving.get(name)
         self._serving[name] = version
         if before is not None and before != version:
-            self.drop_version(name, before)
+            self._models.pop((name, before), None)
+            self.cache.invalidate(ManifestKey(name, before))
+            shas = self._uses.get(name, {}).pop(before, None)
+            if shas:
+                self._retired.setdefault(name, set()).update(shas)
 
     async def resolve(self, name: str, version: int | None = None) -> Resolved:
         """The model at ``version`` (the serving one when None), all tensors of one version."""
@@ -103,19 +121,39 @@ class ModelRegistry:
         )
         sources.append(src)
         model = self._model_for(manifest)
+        self._claim(manifest)
         names = list(manifest.tensors)
         loaded = await asyncio.gather(
             *(
-                self.cache.get(TensorKey(name, v, t), self._tensor_loader(manifest, t))
+                self.cache.get(
+                    BlobKey(name, manifest.tensors[t].sha256), self._tensor_loader(manifest, t)
+                )
                 for t in names
             )
         )
-        params = {t: arr for t, (arr, _) in zip(names, loaded, strict=True)}
+        params = {t: _fits(manifest, t, arr) for t, (arr, _) in zip(names, loaded, strict=True)}
         sources.extend(s for _, s in loaded)
         self._seen[(name, v)] = None
         if len(self._seen) > 10_000:  # versions served long ago: forget the oldest
             self._seen.popitem(last=False)
         return Resolved(name, v, model, manifest, params, worst(sources))
+
+    def _claim(self, manifest: Manifest) -> None:
+        """Remember the content this version uses; drop retired content no version uses."""
+        name = manifest.model
+        uses = self._uses.setdefault(name, {})
+        if manifest.version not in uses:
+            uses[manifest.version] = frozenset(m.sha256 for m in manifest.tensors.values())
+            if len(uses) > 64:  # versions pinned long ago: forget the oldest claim
+                del uses[next(iter(uses))]
+        retired = self._retired.pop(name, None)
+        if retired:
+            self._drop_content(name, retired)
+
+    def _drop_content(self, name: str, shas: frozenset[str] | set[str]) -> int:
+        """Drop the cached content among ``shas`` that no remembered version of ``name`` uses."""
+        used = set().union(*self._uses.get(name, {}).values())
+        return sum(self.cache.invalidate(BlobKey(name, s)) for s in shas - used)
 
     def _tensor_loader(self, manifest: Manifest, tensor: str) -> Any:
         return lambda: self._gone_if_served(
@@ -224,9 +262,30 @@ class ModelRegistry:
         """Drop every cached piece of every version of a model (its data is gone)."""
         for key in [k for k in self._models if k[0] == name]:
             del self._models[key]
+        self._uses.pop(name, None)
+        self._retired.pop(name, None)
         return self.cache.invalidate_where(lambda key: of_model(key, name))
 
     def drop_version(self, name: str, version: int) -> int:
-        """Drop every cached piece of one version."""
+        """Drop one version's manifest and the tensors no other resolved version shares."""
         self._models.pop((name, version), None)
-        return self.cache.invalidate_where(lambda key: of_version(key, name, version))
+        shas = self._uses.get(name, {}).pop(version, None)
+        if shas is None:  # never resolved here: its cached manifest (if any) names its tensors
+            known = self.cache.peek(ManifestKey(name, version))
+            shas = frozenset(
+                m.sha256 for m in (known.tensors.values() if isinstance(known, Manifest) else ())
+            )
+        dropped = int(self.cache.invalidate(ManifestKey(name, version)))
+        return dropped + self._drop_content(name, shas)
+
+
+def _fits(manifest: Manifest, tensor: str, arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """The cached content for ``tensor``, checked against this manifest's dtype and shape."""
+    meta = manifest.tensors[tensor]
+    if str(arr.dtype) != meta.dtype or tuple(arr.shape) != meta.shape:
+        raise ParamsCorrupt(
+            f"tensor {tensor!r} of {manifest.model!r} v{manifest.version}: its content "
+            f"(sha256 {meta.sha256[:12]}) is {arr.dtype}{arr.shape}, manifest says "
+            f"{meta.dtype}{meta.shape}"
+        )
+    return arr

@@ -14,7 +14,7 @@ from pipeline.client import ResultStream
 from pipeline.io.kafka import Consumer, Partition
 from pipeline.io.kv import open_kv
 from pipeline.io.wire import H_DLQ_REASON, NPY, encode_request
-from pipeline.params.models import preset
+from pipeline.params.models import build_model, preset
 from pipeline.params.store import ParamStore
 from tests.integration.conftest import collect
 
@@ -162,6 +162,68 @@ async def test_cold_burst_reads_each_tensor_once_from_redis(
     }
     # the version pointer, the manifest and four tensors: six GETs for 200 requests
     assert reads == {"cmdstat_get": 6}, json.dumps(stats)
+
+
+async def test_a_head_only_update_reads_only_the_head_from_redis(
+    redis_factory: Any, make_settings: Any, start_worker: Any, make_client: Any
+) -> None:
+    import asyncio
+
+    from pipeline.io.kafka import Producer
+    from pipeline.params.updates import Announcement, announce
+
+    server = await redis_factory()
+    # the pointer is read once at start: afterwards only the announcement moves it
+    settings = make_settings(redis__url=server.url, cache__version_ttl_s=600.0)
+    arch = {"kind": "mlp", "layers": [32, 64, 64, 8], "activation": "relu", "softmax": False}
+    model = build_model(arch)
+    p1 = model.init(0)
+    p2 = {**p1, "b2": p1["b2"] + np.float32(0.5)}  # fine-tune only the last layer's bias
+    assert len(p1) == 6
+    x = np.random.default_rng(1).standard_normal((50, 32)).astype(np.float32)
+    raw = redis_py.Redis.from_url(server.url)
+    try:
+        async with open_kv(settings.redis) as kv:
+            store = ParamStore(kv, prefix=settings.redis.key_prefix)
+            await store.publish("head", arch, p1)
+            client = await make_client(settings)
+            k = settings.kafka
+            async with ResultStream(k, k.results_topic, from_beginning=True) as stream:
+                await start_worker(settings)
+                for i in range(50):
+                    await client.submit("head", x[i : i + 1], id=f"a{i}", wait=False)
+                await client.flush()
+                before = await collect(stream, {f"a{i}" for i in range(50)})
+                assert {r[0].version for r in before.values()} == {1}
+                await store.publish("head", arch, p2)
+                await raw.config_resetstat()
+                async with Producer(k) as producer:
+                    version, attempt = 1, 0
+                    while version == 1 and attempt < 100:  # the listener may start after a send
+                        attempt += 1
+                        await announce(producer, k, Announcement("head", "dense", 2))
+                        await client.submit("head", x[:1], id=f"p{attempt}")
+                        version = (await collect(stream, {f"p{attempt}"}))[f"p{attempt}"][0].version
+                        await asyncio.sleep(0.05 if version == 1 else 0)
+                assert version == 2
+                for i in range(50):
+                    await client.submit("head", x[i : i + 1], id=f"b{i}", wait=False)
+                await client.flush()
+                after = await collect(stream, {f"b{i}" for i in range(50)})
+        stats = await raw.info("commandstats")
+    finally:
+        await raw.aclose()
+    assert all(r[0].ok and r[0].version == 2 for r in after.values())
+    expected = model.forward(p2, x)
+    for i in range(50):
+        np.testing.assert_allclose(after[f"b{i}"][0].outputs[0], expected[i], rtol=1e-4, atol=1e-5)  # type: ignore[index]
+    reads = {
+        name: int(v["calls"])
+        for name, v in stats.items()
+        if name.removeprefix("cmdstat_") in ("get", "mget", "hget", "hmget", "hgetall")
+    }
+    # v2's manifest and its one changed tensor of six; the other five are v1's cached arrays
+    assert reads == {"cmdstat_get": 2}, json.dumps(stats)
 
 
 @pytest.mark.parametrize(("max_wait_ms", "most_batches"), [(300.0, 4), (0.0, None)])

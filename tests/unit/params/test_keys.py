@@ -12,12 +12,12 @@ import pytest
 from pipeline.cache.cache import ParamCache
 from pipeline.io.kv.memory import MemoryKV
 from pipeline.params.keys import (
+    BlobKey,
     CacheKey,
     ManifestKey,
     OutputKey,
     PointerKey,
     RowKey,
-    TensorKey,
     of_model,
     of_version,
 )
@@ -30,20 +30,21 @@ def test_equal_fields_equal_keys_and_hashes() -> None:
     pairs: list[tuple[CacheKey, CacheKey]] = [
         (PointerKey("m"), PointerKey("m")),
         (ManifestKey("m", 1), ManifestKey(model="m", version=1)),
-        (TensorKey("m", 1, "w0"), TensorKey("m", 1, "w0")),
+        (BlobKey("m", "ab01"), BlobKey(model="m", sha256="ab01")),
         (RowKey("m", "user", 7), RowKey("m", "user", 7)),
         (OutputKey("m", 1, b"\x00" * 16), OutputKey("m", 1, b"\x00" * 16)),
     ]
     for a, b in pairs:
         assert a == b and hash(a) == hash(b) and a is not b
         assert len({a, b}) == 1
-    assert TensorKey("m", 1, "w0") != TensorKey("m", 2, "w0")
+    assert BlobKey("m", "ab01") != BlobKey("n", "ab01")  # content is shared within a model
     assert RowKey("m", "user", 7) != RowKey("m", "item", 7)
 
 
 def test_fields_are_named_frozen_and_slotted() -> None:
-    key = TensorKey("m", 3, "w0")
-    assert (key.model, key.version, key.tensor) == ("m", 3, "w0")
+    key = ManifestKey("m", 3)
+    assert (key.model, key.version) == ("m", 3)
+    assert [f.name for f in dataclasses.fields(BlobKey)] == ["model", "sha256"]
     assert [f.name for f in dataclasses.fields(RowKey)] == ["model", "table", "row"]
     assert [f.name for f in dataclasses.fields(OutputKey)] == ["model", "version", "digest"]
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -56,7 +57,7 @@ def test_distinct_kinds_never_collide_even_with_equal_fields() -> None:
     keys: list[CacheKey] = [
         PointerKey("m"),
         ManifestKey("m", 1),
-        TensorKey("m", 1, "x"),
+        BlobKey("m", "x"),
         OutputKey("m", 1, b"x"),
         RowKey("m", "x", 1),
     ]
@@ -64,8 +65,8 @@ def test_distinct_kinds_never_collide_even_with_equal_fields() -> None:
         assert a != b
     assert len(set(keys)) == len(keys)
     # ...and never equal to the tuples that were the keys before.
-    assert TensorKey("m", 1, "x") != ("t", "m", 1, "x")
-    assert TensorKey("m", 1, "x") != ("m", 1, "x")
+    assert BlobKey("m", "x") != ("t", "m", 1, "x")
+    assert BlobKey("m", "x") != ("m", "x")
     table: dict[object, str] = {k: type(k).__name__ for k in keys}
     assert [table[k] for k in keys] == [type(k).__name__ for k in keys]
 
@@ -75,8 +76,8 @@ def _population() -> list[CacheKey]:
     for model, version in itertools.product(["m", "n"], [1, 2]):
         keys += [
             ManifestKey(model, version),
-            TensorKey(model, version, "w0"),
-            TensorKey(model, version, "b0"),
+            BlobKey(model, f"w0-v{version}"),
+            BlobKey(model, f"b0-v{version}"),
             OutputKey(model, version, b"d"),
         ]
     for model in ["m", "n"]:
@@ -86,13 +87,10 @@ def _population() -> list[CacheKey]:
 
 def test_version_and_model_predicates_select_exactly() -> None:
     keys = _population()
-    assert {k for k in keys if of_version(k, "m", 1)} == {
-        ManifestKey("m", 1),
-        TensorKey("m", 1, "w0"),
-        TensorKey("m", 1, "b0"),
-    }
+    # content belongs to no one version (the registry knows which versions use it)
+    assert {k for k in keys if of_version(k, "m", 1)} == {ManifestKey("m", 1)}
     pieces_of_n = {ManifestKey("n", v) for v in (1, 2)}
-    pieces_of_n |= {TensorKey("n", v, t) for v in (1, 2) for t in ("w0", "b0")}
+    pieces_of_n |= {BlobKey("n", f"{t}-v{v}") for v in (1, 2) for t in ("w0", "b0")}
     assert {k for k in keys if of_model(k, "n")} == pieces_of_n
     assert not of_version(("t", "m", 1, "w0"), "m", 1)  # old-style tuples are not pieces
 
@@ -104,9 +102,9 @@ async def test_drop_by_version_through_the_cache_keeps_bytes_right() -> None:
         await cache.get(k, lambda: asyncio.sleep(0, np.zeros(10, dtype=np.uint8)))
     assert cache.stats.bytes == 10 * len(keys)
     dropped = cache.invalidate_where(lambda k: of_version(k, "m", 2))
-    assert dropped == 3
+    assert dropped == 1
     left = set(cache.keys())
-    gone = {ManifestKey("m", 2), TensorKey("m", 2, "w0"), TensorKey("m", 2, "b0")}
+    gone = {ManifestKey("m", 2)}
     assert left == set(keys) - gone
     assert OutputKey("m", 2, b"d") in left and PointerKey("m") in left
     assert cache.stats.bytes == 10 * len(left)
@@ -122,13 +120,16 @@ async def test_registry_uses_typed_keys_and_drops_one_version() -> None:
         await registry.resolve("m", seed)
     await registry.resolve("m")
     keys = set(cache.keys())
-    assert all(isinstance(k, PointerKey | ManifestKey | TensorKey) for k in keys)
+    assert all(isinstance(k, PointerKey | ManifestKey | BlobKey) for k in keys)
     assert PointerKey("m") in keys
-    assert {TensorKey("m", v, "w0") for v in (1, 2)} <= keys
+    v1, v2 = await registry.resolve("m", 1), await registry.resolve("m", 2)
+    assert {BlobKey("m", r.manifest.tensors["w0"].sha256) for r in (v1, v2)} <= keys
     assert registry.drop_version("m", 1) == 1 + 4  # the manifest and four tensors
     after = set(cache.keys())
-    assert not any(isinstance(k, ManifestKey | TensorKey) and k.version == 1 for k in after)
-    assert {ManifestKey("m", 2), TensorKey("m", 2, "w0"), PointerKey("m")} <= after
+    assert ManifestKey("m", 1) not in after
+    assert not any(BlobKey("m", meta.sha256) in after for meta in v1.manifest.tensors.values())
+    w0 = BlobKey("m", v2.manifest.tensors["w0"].sha256)
+    assert {ManifestKey("m", 2), w0, PointerKey("m")} <= after
     assert registry.drop_model("m") == 1 + 4
     assert set(cache.keys()) == {PointerKey("m")}
 
