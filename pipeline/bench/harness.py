@@ -211,7 +211,7 @@ async def run_worker_side(
             except Exception as exc:
                 fig.failure = fig.failure or f"the worker failed: {type(exc).__name__}: {exc}"
     sources = verify_results(fig, arrivals, ids, model.forward(params, inputs), manifest.version)
-    fig.detail["results_by_cache"] = dict(sources)
+    fig.detail["results_by_cache"] = {str(k): n for k, n in sources.items()}
     fig.detail["param_mb"] = round(manifest.nbytes / 1e6, 3)
     if stats is not None:
         fig.detail["batches"] = stats.batches

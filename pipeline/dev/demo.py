@@ -113,9 +113,8 @@ async def run_demo(
             continue
         result = found[0]
         report.duplicates += len(found) - 1
-        report.results_by_cache[result.cache or "none"] = (
-            report.results_by_cache.get(result.cache or "none", 0) + 1
-        )
+        source = str(result.cache or "none")
+        report.results_by_cache[source] = report.results_by_cache.get(source, 0) + 1
         if not result.ok or result.outputs is None:
             report.errors += 1
             continue
