@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     CommitFailedError,
+    CorruptRecordException,
     KafkaError,
     MessageSizeTooLargeError,
     TopicAlreadyExistsError,
@@ -67,6 +68,8 @@ class Message:
     value: bytes | None
     headers: Headers
     timestamp_ms: int
+    #: Set (and ``value`` None) when the broker's bytes for this offset could not be parsed.
+    problem: str | None = None
 
 
 def _options(settings: KafkaSettings) -> dict[str, Any]:
@@ -298,11 +301,19 @@ RebalanceCallback = Callable[[list[Partition]], Awaitable[None]]
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, on_revoked: RebalanceCallback, on_assigned: RebalanceCallback) -> None:
+    def __init__(
+        self,
+        on_revoked: RebalanceCallback,
+        on_assigned: RebalanceCallback,
+        forget: Callable[[Iterable[TopicPartition]], None],
+    ) -> None:
         self._on_revoked = on_revoked
         self._on_assigned = on_assigned
+        self._forget = forget
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        revoked = list(revoked)
+        self._forget(revoked)
         await self._on_revoked([Partition(tp.topic, tp.partition) for tp in revoked])
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
@@ -311,6 +322,10 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 async def _noop(_: list[Partition]) -> None:
     return None
+
+
+#: What aiokafka raises for records it cannot parse (its C reader raises the decode error bare).
+_UNPARSABLE = (CorruptRecordException, UnicodeDecodeError)
 
 
 class Consumer(AsyncResource):
@@ -341,7 +356,10 @@ class Consumer(AsyncResource):
         self.group_id = group_id
         self.assign_from = assign_from
         self.stop_timeout_s = stop_timeout_s
-        self._listener = _Listener(on_revoked, on_assigned)
+        self._listener = _Listener(on_revoked, on_assigned, self._forget)
+        #: Per partition, one past the last offset handed out: where to go back to when a
+        #: fetch fails on a record it cannot parse (aiokafka drops what it drained meanwhile).
+        self._next: dict[TopicPartition, int] = {}
         self._consumer = AIOKafkaConsumer(
             **_options(settings),
             group_id=group_id,
@@ -392,11 +410,20 @@ class Consumer(AsyncResource):
         return [Partition(tp.topic, tp.partition) for tp in self._consumer.assignment()]
 
     async def getmany(self, *, timeout_ms: int, max_records: int) -> list[Message]:
-        """Fetch what is there (up to ``max_records``), waiting at most ``timeout_ms``."""
+        """Fetch what is there (up to ``max_records``), waiting at most ``timeout_ms``.
+
+        A record batch aiokafka cannot parse (a header name that is not UTF-8, say: any
+        librdkafka producer can send one) would fail every fetch for good; its offsets come
+        back one by one as messages with ``problem`` set, so the caller can dead-letter them."""
         try:
             batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        except _UNPARSABLE:
+            return await self._around_corrupt(max_records)
         except KafkaError as exc:
             raise _unavailable(self.settings, "fetching", exc) from None
+        return self._messages(batches)
+
+    def _messages(self, batches: Mapping[TopicPartition, Sequence[Any]]) -> list[Message]:
         out: list[Message] = []
         for tp, records in batches.items():
             part = Partition(tp.topic, tp.partition)
@@ -404,6 +431,49 @@ class Consumer(AsyncResource):
                 out.append(
                     Message(part, r.offset, r.key, r.value, tuple(r.headers or ()), r.timestamp)
                 )
+            if records:
+                self._next[tp] = records[-1].offset + 1
+        return out
+
+    def _forget(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
+            self._next.pop(tp, None)
+
+    async def _resume_at(self, tp: TopicPartition) -> int | None:
+        """The first offset of ``tp`` not handed out yet (the group's commit before any)."""
+        offset = self._next.get(tp)
+        if offset is None and self.group_id is not None:
+            offset = await _bounded(self.settings, "reading offsets", self._consumer.committed(tp))
+        return offset
+
+    async def _around_corrupt(self, max_records: int) -> list[Message]:
+        """After a fetch failed on records aiokafka cannot parse: go back to what was handed
+        out, then fetch partition by partition; a partition that fails is stepped past one
+        offset, which comes back as a message with its problem (every offset is accounted)."""
+        tps = sorted(self._consumer.assignment())
+        for tp in tps:
+            offset = await self._resume_at(tp)
+            if offset is not None:
+                self._consumer.seek(tp, offset)
+        out: list[Message] = []
+        for tp in tps:
+            try:
+                got = await self._consumer.getmany(tp, timeout_ms=500, max_records=max_records)
+            except _UNPARSABLE as exc:
+                offset = await self._resume_at(tp)
+                if offset is None:
+                    offset = await _bounded(
+                        self.settings, "reading a position", self._consumer.position(tp)
+                    )
+                self._consumer.seek(tp, offset + 1)
+                self._next[tp] = offset + 1
+                problem = f"the broker's record batch cannot be parsed: {type(exc).__name__}: {exc}"
+                part, now_ms = Partition(tp.topic, tp.partition), int(time.time() * 1000)
+                out.append(Message(part, offset, None, None, (), now_ms, problem))
+            except KafkaError as exc:
+                raise _unavailable(self.settings, "fetching", exc) from None
+            else:
+                out += self._messages(got)
         return out
 
     async def lag(self) -> dict[Partition, int]:

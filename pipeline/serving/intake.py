@@ -16,6 +16,8 @@ log = structlog.get_logger("kvpipe.worker")
 def read_item(msg: Message, settings: Settings, now_ms: float) -> Item:
     """The request in ``msg``; ``request.error`` says why it will be refused (a reply-to
     topic not allowed, a deadline passed). Raises :class:`UnreadableMessage` for the DLQ."""
+    if msg.problem is not None:
+        raise UnreadableMessage(msg.problem, code="corrupt_record")
     try:
         request = decode_request(msg.value, msg.headers, settings.limits)
     except UnreadableMessage:

@@ -10,6 +10,7 @@ import asyncio
 import gc
 import json
 import os
+import sys
 from collections import Counter
 from typing import Any
 
@@ -217,3 +218,58 @@ async def test_huge_unknown_model_names_cost_bounded_memory(
     log_chars = len(logged.out) + len(logged.err)
     print(f"rss growth {grown / 2**20:.1f} MiB, log {log_chars} chars for {n} 1 MB model names")
     assert grown < 300 * 2**20  # the old code grew 1,750 MiB here; this run, under 100
+
+
+_PRODUCE_BAD_BATCH = """
+import asyncio, json, os, sys
+from aiokafka import AIOKafkaProducer  # pure-Python records: AIOKAFKA_NO_EXTENSIONS is set
+
+class Raw(str):
+    def encode(self, *a, **k):
+        return b"\\xff\\xfe-not-utf8"  # what a librdkafka producer may send as a header name
+
+async def main(bootstrap, topic):
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=200)
+    await p.start()
+    body = lambda i: json.dumps({"id": f"batch{i}", "model": "m", "inputs": [[0.0] * 32]}).encode()
+    futs = [
+        await p.send(topic, body(0), partition=0),
+        await p.send(topic, body(1), partition=0, headers=[(Raw("x"), b"v")]),
+        await p.send(topic, body(2), partition=0),
+    ]
+    await asyncio.gather(*futs)
+    await p.stop()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_a_record_batch_the_client_cannot_parse_is_dead_lettered_not_stuck(
+    make_settings: Any, start_worker: Any, make_client: Any
+) -> None:
+    """aiokafka fails every fetch of a batch holding a header name that is not UTF-8; the
+    worker steps past it offset by offset, dead-letters each, and serves on."""
+    settings = make_settings()
+    await publish(settings, "m")
+    client = await make_client(settings)
+    k = settings.kafka
+    env = {**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PRODUCE_BAD_BATCH, k.bootstrap, k.requests_topic, env=env
+    )
+    assert await asyncio.wait_for(proc.wait(), 60) == 0
+    async with ResultStream(k, k.results_topic, from_beginning=True) as stream:
+        running = await start_worker(settings)
+        for i in range(20):
+            await client.submit("m", np.zeros((1, 32)), id=f"after{i}", wait=False)
+        await client.flush()
+        got = await collect(stream, {f"after{i}" for i in range(20)}, timeout=30)
+        assert len(got) == 20 and all(v[0].ok for v in got.values())
+        dead = await read_all(settings, k.dlq_topic, want=3, timeout=20)
+        await running.stop()
+    sources = sorted(dict(m.headers)["kvpipe-dlq-source"].decode() for m in dead)
+    assert sources == [f"{k.requests_topic}[0]@{i}" for i in range(3)]
+    reasons = {dict(m.headers)[H_DLQ_REASON].decode().split(":")[0] for m in dead}
+    assert reasons == {"corrupt_record"}
+    offsets = await _committed_vs_end(settings, 23)
+    assert all(c == end for c, end in offsets.values()), offsets
