@@ -139,9 +139,10 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.io.kv import open_kv
     from pipeline.params.models import EmbeddingScorer, build_model, preset
     from pipeline.params.store import ParamStore, check_model_name
-    from pipeline.params.updates import Announcement
 
     check_model_name(args.model)
+    if args.onnx:
+        return await _publish_onnx(args, settings)
     if args.from_file:
         from pipeline.io.npy import read_npz
 
@@ -183,6 +184,59 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
         )
     else:
         print(published.version)
+    return await _announce_published(args, settings, published, embedding=tables is not None)
+
+
+def _read_onnx(path: Path) -> bytes:
+    """The bytes of an ONNX file, refused before reading when it is over the size limit."""
+    from pipeline.params.onnx import OnnxLimits
+
+    limit = OnnxLimits().max_file_bytes
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise ConfigError(f"{path} is {size} bytes, over the ONNX file limit of {limit}")
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+async def _publish_onnx(args: argparse.Namespace, settings: Settings) -> int:
+    """``kvpipe publish --onnx FILE.onnx``: the file checked before Redis is touched."""
+    from pipeline.io.kv import open_kv
+    from pipeline.params.onnx import prepare_onnx
+    from pipeline.params.store import ParamStore
+
+    if args.arch:
+        raise ConfigError("--arch does not go with --onnx: the graph says its architecture")
+    data = await asyncio.to_thread(_read_onnx, Path(args.onnx))
+    prepared = await asyncio.to_thread(prepare_onnx, data)
+    async with open_kv(settings.redis) as kv:
+        store = ParamStore(kv, prefix=settings.redis.key_prefix, retention_s=args.retention)
+        published = await store.publish_onnx(args.model, prepared)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "version": published.version,
+                    "bytes": published.nbytes,
+                    "current": published.current,
+                    "tensors": len(published.manifest.tensors),
+                }
+            )
+        )
+    else:
+        print(published.version)
+    return await _announce_published(args, settings, published, embedding=False)
+
+
+async def _announce_published(
+    args: argparse.Namespace, settings: Settings, published: Any, *, embedding: bool
+) -> int:
+    """Announce a publish, unless a newer version got there first or --no-announce."""
+    from pipeline.params.updates import Announcement
+
     if not published.is_current:
         # A concurrent publish of a newer version won: never announce this one as serving.
         print(
@@ -193,9 +247,7 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 0
     if args.announce:
-        ann = Announcement(
-            args.model, "embedding" if tables is not None else "dense", published.version
-        )
+        ann = Announcement(args.model, "embedding" if embedding else "dense", published.version)
         try:
             await _announce(settings, ann)
         except KvpipeError as exc:
@@ -517,6 +569,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src.add_argument(
         "--preset", choices=["article", "mlp", "embedding"], help="a seeded random init"
+    )
+    src.add_argument(
+        "--onnx",
+        metavar="FILE.onnx",
+        help="an ONNX model: its initializers become tensors, its graph one more key "
+        "(needs kvpipe[onnx])",
     )
     p.add_argument("--arch", help='architecture JSON, e.g. \'{"kind":"mlp","layers":[4,8,2]}\'')
     p.add_argument("--activation", default="relu", help="MLP activation when guessing the arch")

@@ -15,6 +15,7 @@ from pipeline.cache.cache import ParamCache, Source
 from pipeline.errors import ConfigError, ModelNotFound, ParamsCorrupt, ParamsUnavailable
 from pipeline.params.keys import BlobKey, ManifestKey, PointerKey, RowKey, of_model
 from pipeline.params.models import Model, build_model
+from pipeline.params.onnx import GRAPH_PARAM
 from pipeline.params.store import Manifest, ParamStore
 
 T = TypeVar("T")
@@ -45,7 +46,8 @@ class ModelRegistry:
     Cache keys (:mod:`pipeline.params.keys`): a :class:`PointerKey` for the version pointer
     (short TTL: how fast a publish is seen without an announcement), a :class:`ManifestKey` per
     version, a :class:`BlobKey` per tensor content (the manifest's sha256), a :class:`RowKey`
-    per embedding row.
+    per embedding row. An ONNX version's graph is content too (``BlobKey`` of its sha256,
+    verified when read); it comes with the tensors under ``GRAPH_PARAM``.
 
     Tensors are cached by content: versions of a model that share a tensor share one entry
     (one Redis read, counted once in the byte budget), so a new version reloads only the
@@ -123,15 +125,22 @@ class ModelRegistry:
         model = self._model_for(manifest)
         self._claim(manifest)
         names = list(manifest.tensors)
-        loaded = await asyncio.gather(
-            *(
-                self.cache.get(
-                    BlobKey(name, manifest.tensors[t].sha256), self._tensor_loader(manifest, t)
-                )
-                for t in names
+        loads = [
+            self.cache.get(
+                BlobKey(name, manifest.tensors[t].sha256), self._tensor_loader(manifest, t)
             )
-        )
-        params = {t: _fits(manifest, t, arr) for t, (arr, _) in zip(names, loaded, strict=True)}
+            for t in names
+        ]
+        graph_sha = manifest.graph_sha256
+        if graph_sha is not None:
+            loads.append(self.cache.get(BlobKey(name, graph_sha), self._graph_loader(manifest)))
+        loaded = await asyncio.gather(*loads)
+        params = {
+            t: _fits(manifest, t, arr)
+            for t, (arr, _) in zip(names, loaded[: len(names)], strict=True)
+        }
+        if graph_sha is not None:
+            params[GRAPH_PARAM] = loaded[-1][0]
         sources.extend(s for _, s in loaded)
         self._seen[(name, v)] = None
         if len(self._seen) > 10_000:  # versions served long ago: forget the oldest
@@ -143,7 +152,7 @@ class ModelRegistry:
         name = manifest.model
         uses = self._uses.setdefault(name, {})
         if manifest.version not in uses:
-            uses[manifest.version] = frozenset(m.sha256 for m in manifest.tensors.values())
+            uses[manifest.version] = _content(manifest)
             if len(uses) > 64:  # versions pinned long ago: forget the oldest claim
                 del uses[next(iter(uses))]
         retired = self._retired.pop(name, None)
@@ -159,6 +168,15 @@ class ModelRegistry:
         return lambda: self._gone_if_served(
             manifest.model, manifest.version, self.store.tensor(manifest, tensor)
         )
+
+    def _graph_loader(self, manifest: Manifest) -> Any:
+        async def load() -> npt.NDArray[np.uint8]:
+            blob = await self.store.graph(manifest)
+            graph = np.frombuffer(blob, dtype=np.uint8)  # an array: sized by nbytes in the cache
+            graph.flags.writeable = False
+            return graph
+
+        return lambda: self._gone_if_served(manifest.model, manifest.version, load())
 
     async def _gone_if_served(self, name: str, version: int | None, load: Awaitable[T]) -> T:
         """Redis answering "no such model/version" for a model this worker has served means
@@ -272,11 +290,17 @@ class ModelRegistry:
         shas = self._uses.get(name, {}).pop(version, None)
         if shas is None:  # never resolved here: its cached manifest (if any) names its tensors
             known = self.cache.peek(ManifestKey(name, version))
-            shas = frozenset(
-                m.sha256 for m in (known.tensors.values() if isinstance(known, Manifest) else ())
-            )
+            shas = _content(known) if isinstance(known, Manifest) else frozenset()
         dropped = int(self.cache.invalidate(ManifestKey(name, version)))
         return dropped + self._drop_content(name, shas)
+
+
+def _content(manifest: Manifest) -> frozenset[str]:
+    """The sha256 of every piece of content a version uses: its tensors and its graph."""
+    shas = {m.sha256 for m in manifest.tensors.values()}
+    if manifest.graph_sha256 is not None:
+        shas.add(manifest.graph_sha256)
+    return frozenset(shas)
 
 
 def _fits(manifest: Manifest, tensor: str, arr: npt.NDArray[Any]) -> npt.NDArray[Any]:

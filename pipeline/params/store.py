@@ -2,12 +2,14 @@
 
 Key layout (DESIGN.md, "Parameters in Redis"), with ``P`` the deployment's key prefix:
 ``P:{model}:current`` the serving version, ``P:{model}:v{n}:manifest`` JSON,
-``P:{model}:v{n}:t:{name}`` one tensor as ``.npy`` bytes, ``P:{model}:versions`` a hash of
-version -> JSON summary, ``P:{model}:seq`` the version counter.
+``P:{model}:v{n}:t:{name}`` one tensor as ``.npy`` bytes, ``P:{model}:v{n}:graph`` the graph
+of an ONNX version without its weights (its sha256 is the arch's ``graph_sha256``),
+``P:{model}:versions`` a hash of version -> JSON summary, ``P:{model}:seq`` the version counter.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -30,6 +32,7 @@ from pipeline.io.npy import from_npy, to_npy
 from pipeline.names import check_name
 from pipeline.params.keys import OutputKey
 from pipeline.params.models import build_model
+from pipeline.params.onnx import OnnxLimits, PreparedOnnx, prepare_onnx
 
 ROW_CHUNK = 5000
 #: How long the keys of a version being published live until its pointer move persists them.
@@ -72,6 +75,12 @@ class Manifest:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def graph_sha256(self) -> str | None:
+        """The sha256 of the version's graph key (ONNX versions), None when it has none."""
+        sha = self.arch.get("graph_sha256")
+        return sha if isinstance(sha, str) else None
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -174,6 +183,9 @@ class ParamStore:
     def tensor_key(self, model: str, version: int, name: str) -> str:
         return f"{self.prefix}:{model}:v{version}:t:{name}"
 
+    def graph_key(self, model: str, version: int) -> str:
+        return f"{self.prefix}:{model}:v{version}:graph"
+
     def versions_key(self, model: str) -> str:
         return f"{self.prefix}:{model}:versions"
 
@@ -236,15 +248,23 @@ class ParamStore:
         tensors: Mapping[str, npt.ArrayLike],
         *,
         tables: Mapping[str, npt.NDArray[Any]] | None = None,
+        graph: bytes | None = None,
     ) -> Published:
         """Write a new version (tensors and manifest first), then make it current in one step.
 
         The pointer only moves forward: when a newer version became current meanwhile (a
         concurrent publish), this one stays an older version and the result says so.
         ``tables`` (embedding models) are written whole, before the pointer moves; later
-        training steps rewrite only the rows they touch (:meth:`write_rows`).
+        training steps rewrite only the rows they touch (:meth:`write_rows`). ``graph`` (ONNX
+        versions, see :meth:`publish_onnx`) is written with the tensors; its sha256 must be
+        the arch's ``graph_sha256``.
         """
         check_model_name(model)
+        sha = arch.get("graph_sha256")
+        if (graph is None) != (sha is None) or (
+            graph is not None and hashlib.sha256(graph).hexdigest() != sha
+        ):
+            raise ConfigError("the graph does not match the architecture's graph_sha256")
         built = build_model(arch)
         specs = built.tensor_specs()
         for name, table in (tables or {}).items():
@@ -278,6 +298,8 @@ class ParamStore:
         manifest = Manifest(model, version, dict(arch), metas, time.time())
         writes = {self.tensor_key(model, version, n): b for n, b in blobs.items()}
         writes[self.manifest_key(model, version)] = manifest.to_bytes()
+        if graph is not None:
+            writes[self.graph_key(model, version)] = bytes(graph)
         # Pending until the pointer move persists them: a failed publish leaves nothing for good.
         await self.kv.set_many(writes, ex=self.pending_ttl_s)
         for name, table in (tables or {}).items():
@@ -297,10 +319,26 @@ class ParamStore:
             await self.expire_old(model)
         return Published(manifest, current)
 
-    def version_keys(self, model: str, version: int, tensors: Sequence[str]) -> list[str]:
-        return [self.manifest_key(model, version)] + [
-            self.tensor_key(model, version, t) for t in tensors
-        ]
+    async def publish_onnx(
+        self, model: str, data: bytes | PreparedOnnx, *, limits: OnnxLimits | None = None
+    ) -> Published:
+        """Publish an ONNX file: every initializer a versioned tensor, the graph without its
+        weights under :meth:`graph_key`. The file is checked first
+        (:func:`pipeline.params.onnx.prepare_onnx`, unless ``data`` is its result); a refused
+        one is a one-line ConfigError and writes nothing."""
+        check_model_name(model)
+        if isinstance(data, PreparedOnnx):
+            prepared = data
+        else:  # parsing and checking a graph is CPU work: off the event loop
+            prepared = await asyncio.to_thread(prepare_onnx, data, limits)
+        return await self.publish(model, prepared.arch, prepared.tensors, graph=prepared.graph)
+
+    def version_keys(
+        self, model: str, version: int, tensors: Sequence[str], *, graph: bool = False
+    ) -> list[str]:
+        keys = [self.manifest_key(model, version)]
+        keys += [self.tensor_key(model, version, t) for t in tensors]
+        return keys + ([self.graph_key(model, version)] if graph else [])
 
     async def expire_old(self, model: str, *, keep: Sequence[int] = ()) -> list[int]:
         """Let old versions expire after the retention period; forget listed ones that are gone.
@@ -332,8 +370,9 @@ class ParamStore:
                 continue
             manifest_raw = await self.kv.get(self.manifest_key(model, version))
             if manifest_raw is not None:
-                names = list(Manifest.from_bytes(manifest_raw).tensors)
-                for key in self.version_keys(model, version, names):
+                old = Manifest.from_bytes(manifest_raw)
+                graph = old.graph_sha256 is not None
+                for key in self.version_keys(model, version, list(old.tensors), graph=graph):
                     await self.kv.expire(key, self.retention_s)
             summary["expires_at"] = now + self.retention_s
             await self.kv.hset_many(self.versions_key(model), {field: json.dumps(summary).encode()})
@@ -374,6 +413,19 @@ class ParamStore:
                 f"tensor {name!r} of {manifest.model!r} v{manifest.version} is gone"
             )
         return verify_tensor(manifest, name, blob)
+
+    async def graph(self, manifest: Manifest) -> bytes:
+        """The graph of an ONNX version, checked against the manifest's ``graph_sha256``."""
+        sha = manifest.graph_sha256
+        where = f"the graph of {manifest.model!r} v{manifest.version}"
+        if sha is None:
+            raise ParamsCorrupt(f"{manifest.model!r} v{manifest.version} has no graph")
+        blob = await self.kv.get(self.graph_key(manifest.model, manifest.version))
+        if blob is None:
+            raise VersionNotFound(f"{where} is gone")
+        if hashlib.sha256(blob).hexdigest() != sha:
+            raise ParamsCorrupt(f"{where} fails its sha256 check")
+        return blob
 
     async def load(
         self, model: str, version: int | None = None
@@ -427,7 +479,11 @@ class ParamStore:
         for name in names:
             if not await self.kv.exists(self.tensor_key(model, version, name)):
                 raise VersionNotFound(f"tensor {name!r} of {model!r} v{version} is gone")
-        await self._keep_version(model, version, self.version_keys(model, version, names))
+        graph = manifest.graph_sha256 is not None
+        if graph and not await self.kv.exists(self.graph_key(model, version)):
+            raise VersionNotFound(f"the graph of {model!r} v{version} is gone")
+        keys = self.version_keys(model, version, names, graph=graph)
+        await self._keep_version(model, version, keys)
         try:
             previous: int | None = await self.current_version(model)
         except ModelNotFound:

@@ -172,8 +172,19 @@ class BatchRunner:
         try:
             outputs = await self._compute(resolved.model, run.params, [it.request for it in good])
         except Exception as exc:
-            log.exception("compute_failed", model=resolved.name, version=resolved.version)
-            failure = KvpipeError(f"compute failed: {type(exc).__name__}: {exc}")
+            failure: KvpipeError
+            if isinstance(exc, KvpipeError):  # the model said why, with a stable code
+                log.warning(
+                    "compute_failed",
+                    model=resolved.name,
+                    version=resolved.version,
+                    code=exc.code,
+                    error=str(exc),
+                )
+                failure = exc
+            else:
+                log.exception("compute_failed", model=resolved.name, version=resolved.version)
+                failure = KvpipeError(f"compute failed: {type(exc).__name__}: {exc}")
             failed = good + ([it for it, _ in memo.repeats] if memo is not None else [])
             run.answers += [
                 (it, error_result(it.request, failure, worker=self.worker_id)) for it in failed
