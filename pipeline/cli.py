@@ -383,9 +383,87 @@ def cmd_local(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _demo_onnx(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.dev.demo import (
+        DIGITS_HELD_OUT,
+        ROUNDING_MARGIN,
+        missing_onnx_extra,
+        run_onnx_demo,
+    )
+
+    missing = missing_onnx_extra()
+    if missing:
+        print(
+            f"kvpipe demo --onnx needs the onnx extra ({', '.join(missing)} missing): "
+            "pip install -e '.[onnx]'",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(
+        fmt=settings.log_format, level=args.log_level or "warning", dependencies="error"
+    )
+    print(
+        "kvpipe demo --onnx: training scikit-learn's MLPClassifier on its bundled digits, "
+        "converting it with skl2onnx, publishing it as ONNX into a fresh local Redis, sending "
+        "the held-out rows through Kafka one a request",
+        file=sys.stderr,
+    )
+    with progress("results", DIGITS_HELD_OUT, enabled=not args.json) as update:
+        report = asyncio.run(
+            run_onnx_demo(seed=args.seed, base=settings, progress=lambda done, _: update(done))
+        )
+    if args.json:
+        print(json.dumps(report.as_dict()))
+        return 0 if report.passed else 1
+    n = report.requests
+    print(
+        f"requests {n}  served {report.served}  errors {report.errors}"
+        f"{' ' + str(report.error_codes) if report.error_codes else ''}  "
+        f"missing {report.missing}  wrong version {report.wrong_version}  "
+        f"duplicates {report.duplicates}"
+    )
+    print(f"correct {report.same}/{n}  (served label equals scikit-learn's predict on the row)")
+    for m in report.mismatches:
+        print(
+            f"  row {m.row}: served {m.served}, scikit-learn {m.sklearn}, probability margin "
+            f"{m.margin:.2e} (served {m.served_margin:.2e}): "
+            + ("float rounding" if m.rounding else f"NOT rounding (>= {ROUNDING_MARGIN:g})")
+        )
+    print(
+        f"served accuracy {report.served_accuracy:.4f} on the true labels  "
+        f"(scikit-learn's own {report.sklearn_accuracy:.4f})"
+    )
+    print(f"probabilities: largest difference from predict_proba {report.max_probability_diff:.2e}")
+    print(f"throughput {report.requests_per_s} req/s over {report.seconds} s")
+    print(
+        f"latency p50 {report.latency_p50_ms} ms  p99 {report.latency_p99_ms} ms  "
+        f"(burst of {n}, send to result; worker p50 {report.worker_total_p50_ms} ms)"
+    )
+    hidden = "-".join(str(h) for h in report.hidden)
+    print(
+        f"model: MLPClassifier 64-{hidden}-10 trained in {report.train_seconds} s "
+        f"(scikit-learn {report.sklearn_version}), ONNX {report.onnx_bytes} bytes, "
+        f"{report.tensors} weight tensors in Redis, version {report.version}, "
+        f"{report.cache_loads} loads from Redis"
+    )
+    rounded = len(report.mismatches)
+    if report.passed and not rounded:
+        print(f"PASS: all {n} served labels equal scikit-learn's predict")
+    elif report.passed:
+        print(
+            f"PASS: {report.same} of {n} served labels equal scikit-learn's predict, "
+            f"{rounded} differ within float rounding (margin < {ROUNDING_MARGIN:g})"
+        )
+    else:
+        print("FAIL: see above")
+    return 0 if report.passed else 1
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.dev.demo import Wave, run_demo, run_train_demo
 
+    if args.onnx:
+        return _demo_onnx(args, settings)
     if args.train:
         configure_logging(
             fmt=settings.log_format, level=args.log_level or "warning", dependencies="error"
@@ -628,10 +706,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end to end on fresh local services; exits 0 when all correct")
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--preset", choices=["article", "mlp"], default="mlp")
-    p.add_argument(
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
         "--train",
         action="store_true",
         help="serve while training: accuracy of served results per wave",
+    )
+    mode.add_argument(
+        "--onnx",
+        action="store_true",
+        help="scikit-learn's digits MLP as ONNX, served against its own predict (the onnx "
+        "extra; --requests and --preset do not apply)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -687,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "suite",
-        choices=["naive", "echo", "batching", "memo", "cache", "e2e", "scale", "all"],
+        choices=["naive", "echo", "batching", "memo", "cache", "e2e", "scale", "onnx", "all"],
         nargs="?",
         default="all",
     )
@@ -702,7 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="requests per run of each side (default 2000 for naive's cached side, 50000 for "
-        "echo, 3000 for batching and memo, 20000 for batching's small MLP, 8000 for scale)",
+        "echo, 3000 for batching and memo, 20000 for batching's small MLP and onnx, 8000 for "
+        "scale)",
     )
     p.add_argument(
         "--naive-requests",
@@ -722,13 +808,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--rates",
         metavar="R1,R2,...",
         help="e2e: offered rates in requests/s "
-        "(default 1000,2000,4000,8000,12000,16000,24000,32000)",
+        "(default 1000,2000,4000,8000,12000,16000,24000,32000); onnx: the first is the rate "
+        "of the p99 runs (default 1000)",
     )
     p.add_argument(
         "--duration",
         type=float,
         metavar="S",
-        help="e2e: seconds of load at each rate (default 4)",
+        help="e2e: seconds of load at each rate (default 4); onnx: of each p99 run (default 3)",
     )
     p.add_argument(
         "--layers",

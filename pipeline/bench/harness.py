@@ -144,14 +144,19 @@ async def prepare_side(
     settings: Settings, model: Model, params: dict[str, Array], extra_topics: Sequence[str] = ()
 ) -> Manifest:
     """Publish ``model`` as the benchmark's model under the side's keys; make its topics."""
-    k = settings.kafka
     async with open_kv(settings.redis) as kv:
         published = await ParamStore(kv, prefix=settings.redis.key_prefix).publish(
             MODEL, model.arch, params
         )
+    await side_topics(settings, extra_topics)
+    return published.manifest
+
+
+async def side_topics(settings: Settings, extra_topics: Sequence[str] = ()) -> None:
+    """Make a side's requests, results, dead-letter and updates topics (and ``extra_topics``)."""
+    k = settings.kafka
     topics = [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic, *extra_topics]
     await ensure_topics(k, topics)
-    return published.manifest
 
 
 def side_settings(
@@ -182,8 +187,28 @@ async def run_worker_side(
     start: Start = start_serving,
 ) -> None:
     """Publish, produce the backlog, start a worker, time it to the last result, verify."""
-    k = settings.kafka
     manifest = await prepare_side(settings, model, params)
+    ids, arrivals, worker, stats = await serve_backlog(
+        fig, settings, inputs, timeout_s, wire, start
+    )
+    sources = verify_results(fig, arrivals, ids, model.forward(params, inputs), manifest.version)
+    fig.detail["results_by_cache"] = {str(k): n for k, n in sources.items()}
+    fig.detail["param_mb"] = round(manifest.nbytes / 1e6, 3)
+    worker_detail(fig, worker, stats)
+
+
+async def serve_backlog(
+    fig: RunFigures,
+    settings: Settings,
+    inputs: Array,
+    timeout_s: float,
+    wire: str = JSON,
+    start: Start = start_serving,
+) -> tuple[list[str], Arrivals, Worker, WorkerStats | None]:
+    """Produce one request per row of ``inputs`` (the side's model already published), start a
+    worker, time it from its assignment to the last distinct answer, stop it; the answers are
+    the caller's to check."""
+    k = settings.kafka
     ids, backlog = request_backlog(inputs, wire)
     fig.detail["wire"] = wire
     fig.backlog_s = await produce_backlog(k, k.requests_topic, backlog)
@@ -210,9 +235,11 @@ async def run_worker_side(
                 fig.failure = fig.failure or str(exc)
             except Exception as exc:
                 fig.failure = fig.failure or f"the worker failed: {type(exc).__name__}: {exc}"
-    sources = verify_results(fig, arrivals, ids, model.forward(params, inputs), manifest.version)
-    fig.detail["results_by_cache"] = {str(k): n for k, n in sources.items()}
-    fig.detail["param_mb"] = round(manifest.nbytes / 1e6, 3)
+    return ids, arrivals, worker, stats
+
+
+def worker_detail(fig: RunFigures, worker: Worker, stats: WorkerStats | None) -> None:
+    """The worker's batches, commits and cache (or Redis fetch) figures into ``fig.detail``."""
     if stats is not None:
         fig.detail["batches"] = stats.batches
         if stats.memo_hits or stats.memo_misses:

@@ -17,6 +17,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GROUP_LABELS = {
     "batching": "article's model (two 1000x1000 heads)",
     "batching-mlp": "small MLP (32-64-8)",
+    "onnx": "digits MLP, same weights: ONNX (onnxruntime) vs numpy",
 }
 
 

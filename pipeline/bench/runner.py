@@ -21,6 +21,9 @@ with a wrong, failed or missing answer has no figure.
 - ``e2e`` (:mod:`pipeline.bench.e2e`): open-loop latency per offered rate, worker and echo
   as processes of their own. ``scale`` (:mod:`pipeline.bench.scale`): one worker process
   against two. ``cache`` (:mod:`pipeline.bench.simulation`): the offline eviction simulation.
+- ``onnx`` (:mod:`pipeline.bench.onnx_digits`): scikit-learn's digits MLP served as ONNX
+  (onnxruntime) against kvpipe's numpy MLP with the same weights: throughput, p99 latency, and
+  the session build time per version. Needs the ``onnx`` extra; not part of ``all``.
 
 Every suite prints its table and writes ``DIR/SUITE.json`` and, with matplotlib,
 ``DIR/SUITE.png`` (:mod:`pipeline.bench.plots`).
@@ -45,6 +48,7 @@ from pipeline.bench.figures import ATOL, RTOL, Emit, machine
 from pipeline.bench.harness import PARTITIONS, drop_topics, side_settings
 from pipeline.bench.memo import bench_memo
 from pipeline.bench.naive import bench_naive
+from pipeline.bench.onnx_digits import bench_onnx
 from pipeline.bench.overhead import bench_echo
 from pipeline.bench.scale import bench_scale
 from pipeline.bench.simulation import CacheResult, bench_cache
@@ -62,6 +66,7 @@ DEFAULT_REQUESTS = {
     "batching-mlp": 20000,
     "memo": 3000,
     "scale": 8000,
+    "onnx": 20000,
 }
 DEFAULT_OUT = "bench-results"
 DEFAULT_NAIVE_REQUESTS = 200
@@ -156,6 +161,19 @@ async def run_suite(
                 settings, tag, n, rounds, emit, layers=opts.layers, wire=opts.wire_for("scale")
             )
         }
+    if suite == "onnx":
+        return dict(
+            await bench_onnx(
+                settings,
+                tag,
+                opts.count("onnx"),
+                rounds,
+                emit,
+                wire=opts.wire_for("mlp"),
+                duration_s=opts.duration_s,
+                latency_rate=opts.rates[0] if opts.rates else None,
+            )
+        )
     raise ValueError(f"unknown suite {suite!r}")
 
 
@@ -234,8 +252,12 @@ def _parse_options(args: argparse.Namespace) -> Options:
     return Options(requests, naive_requests, rounds, rates, duration, layers, wire)
 
 
+#: ``all``: every suite but ``onnx`` (it needs the optional onnx extra and trains a model).
 ALL_SUITES = ["echo", "naive", "batching", "e2e", "scale", "cache"]
-KEYS = {"batching": ["batching", "batching-mlp", "batching-light"]}
+KEYS = {
+    "batching": ["batching", "batching-mlp", "batching-light"],
+    "onnx": ["onnx", "onnx-latency", "onnx-session"],
+}
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:

@@ -360,6 +360,7 @@ class Consumer(AsyncResource):
         #: Per partition, one past the last offset handed out: where to go back to when a
         #: fetch fails on a record it cannot parse (aiokafka drops what it drained meanwhile).
         self._next: dict[TopicPartition, int] = {}
+        self._earliest = auto_offset_reset == "earliest"
         self._consumer = AIOKafkaConsumer(
             **_options(settings),
             group_id=group_id,
@@ -395,6 +396,10 @@ class Consumer(AsyncResource):
         else:
             await _bounded(
                 self.settings, "seeking to start", self._consumer.seek_to_beginning(*tps)
+            )
+        for tp in tps:  # where a fetch that fails to parse goes back to (see getmany)
+            self._next[tp] = await _bounded(
+                self.settings, "reading positions", self._consumer.position(tp)
             )
         return [Partition(tp.topic, tp.partition) for tp in tps]
 
@@ -444,6 +449,11 @@ class Consumer(AsyncResource):
         offset = self._next.get(tp)
         if offset is None and self.group_id is not None:
             offset = await _bounded(self.settings, "reading offsets", self._consumer.committed(tp))
+        if offset is None and self._earliest:  # where the group starts without a commit
+            starts = await _bounded(
+                self.settings, "reading offsets", self._consumer.beginning_offsets([tp])
+            )
+            offset = starts[tp]
         return offset
 
     async def _around_corrupt(self, max_records: int) -> list[Message]:

@@ -1,4 +1,4 @@
-"""``kvpipe bench e2e`` and ``kvpipe bench scale`` at tiny sizes: real processes, real services.
+"""``kvpipe bench e2e``, ``scale`` and ``onnx`` at tiny sizes: real processes, real services.
 
 Behaviour only (no timing thresholds): the JSON has its figures, every answer was right, the
 worker processes are gone afterwards.
@@ -80,3 +80,33 @@ def test_scale_small(tmp_path: Path) -> None:
         _gone(run["detail"]["pids"])
     assert scale["ratio"] is not None and scale["goal"] == 1.6
     assert "goal >= 1.6x" in output
+
+
+@pytest.mark.timeout(150)
+def test_onnx_small(tmp_path: Path) -> None:
+    for module in ("onnx", "onnxruntime", "skl2onnx", "sklearn"):
+        pytest.importorskip(module)
+    code, output, doc = bench(
+        tmp_path, "onnx", "--requests", "300", "--rounds", "1", "--duration", "1", timeout=140
+    )
+    assert code == 0, output
+    results = doc["results"]
+    assert doc["passed"] and set(results) == {"onnx", "onnx-latency", "onnx-session"}, output
+    cmp = results["onnx"]
+    assert [s["side"] for s in cmp["sides"]] == ["onnx", "numpy"] and cmp["ratio"] is not None
+    for side in cmp["sides"]:
+        run = side["runs"][0]
+        # every answer checked: the numpy side's probabilities, the ONNX side's label and
+        # probability columns, against the numpy MLP with scikit-learn's weights
+        assert run["ok"] == 300 and run["wrong"] == run["missing"] == run["errors"] == 0
+        assert run["detail"]["numpy_vs_predict_proba_max_diff"] <= 1e-5
+        assert run["detail"]["sklearn_accuracy"] > 0.9
+    latency = results["onnx-latency"]
+    assert latency["passed"] and latency["rate"] > 0
+    assert latency["p99_ms"]["onnx"] > 0 and latency["p99_ms"]["numpy"] > 0
+    for run in latency["runs"]:
+        assert run["ok"] == run["sent"] > 0 and run["wrong"] == run["missing"] == 0
+    session = results["onnx-session"]
+    assert session["passed"] and session["versions"] >= 2 and session["wrong"] == 0
+    assert 0 < session["build_ms"]["mean"] <= session["build_ms"]["max"]
+    assert "ONNX (onnxruntime)" in output and "session build per version" in output
