@@ -65,6 +65,18 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[max(math.ceil(q / 100 * len(ordered)), 1) - 1]
 
 
+def _demo_settings(local: LocalServices, base: Settings | None) -> Settings:
+    """The demo's worker settings on its own local services (a quick group join)."""
+    return with_values(
+        local.settings(base),
+        {
+            "worker.worker_id": "demo-worker",
+            "kafka.session_timeout_ms": 2000,
+            "kafka.heartbeat_interval_ms": 300,
+        },
+    )
+
+
 async def run_demo(
     *,
     requests: int = 1000,
@@ -79,14 +91,7 @@ async def run_demo(
     params = model.init(seed)
     report = DemoReport(requests=requests, preset=preset)
     async with LocalServices() as local:
-        settings = with_values(
-            local.settings(base),
-            {
-                "worker.worker_id": "demo-worker",
-                "kafka.session_timeout_ms": 2000,
-                "kafka.heartbeat_interval_ms": 300,
-            },
-        )
+        settings = _demo_settings(local, base)
         async with open_kv(settings.redis) as kv:
             manifest = await ParamStore(kv, prefix=settings.redis.key_prefix).publish(
                 DEMO_MODEL, model.arch, params
@@ -429,14 +434,7 @@ async def run_onnx_demo(
     # before the services start: training alongside their start-up takes several times longer
     digits = await asyncio.to_thread(_train_digits, seed, hidden)
     async with LocalServices() as local:
-        settings = with_values(
-            local.settings(base),
-            {
-                "worker.worker_id": "demo-worker",
-                "kafka.session_timeout_ms": 2000,
-                "kafka.heartbeat_interval_ms": 300,
-            },
-        )
+        settings = _demo_settings(local, base)
         async with open_kv(settings.redis) as kv:
             published = await ParamStore(kv, prefix=settings.redis.key_prefix).publish_onnx(
                 ONNX_DEMO_MODEL, digits.onnx
