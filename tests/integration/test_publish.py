@@ -26,35 +26,12 @@ from pipeline.params.models import preset
 from pipeline.params.store import ParamStore
 from tests.integration.test_cli import kvpipe
 from tests.unit.io.test_npz import CASES, MiB, hostile, write_bomb
+from tests.unit.params.test_publish import SlowKV
 
 pytestmark = pytest.mark.integration
 
 BACKENDS: list[RedisBackend] = ["redis-py", "asyncio-redis"]
 RedisFactory = Callable[..., Awaitable[RedisServer]]
-
-
-class SlowKV:
-    """Delegates to a real adapter and holds every reply for ``delay_s`` (a slow publisher);
-    ``took_version`` is set as soon as its INCR (the version number) has come back."""
-
-    def __init__(self, inner: KeyValue, delay_s: float) -> None:
-        self._inner = inner
-        self.delay_s = delay_s
-        self.took_version = asyncio.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._inner, name)
-        if not asyncio.iscoroutinefunction(attr):
-            return attr
-
-        async def slowed(*args: Any, **kwargs: Any) -> Any:
-            result = await attr(*args, **kwargs)
-            if name == "incr":
-                self.took_version.set()
-            await asyncio.sleep(self.delay_s)
-            return result
-
-        return slowed
 
 
 @pytest_asyncio.fixture(params=BACKENDS)

@@ -18,9 +18,10 @@ from pipeline.params.store import PENDING_TTL_S, ParamStore
 
 
 class SlowKV:
-    """Delegates to ``inner`` and sleeps ``delay_s`` after every reply (a slow publisher)."""
+    """Delegates to ``inner`` (any KeyValue) and sleeps ``delay_s`` after every reply (a slow
+    publisher); ``took_version`` is set as soon as its INCR (the version number) came back."""
 
-    def __init__(self, inner: MemoryKV, delay_s: float) -> None:
+    def __init__(self, inner: Any, delay_s: float) -> None:
         self._inner = inner
         self.delay_s = delay_s
         self.took_version = asyncio.Event()
