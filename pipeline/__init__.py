@@ -6,7 +6,7 @@ this package loads no Redis client, no bench, plotting or local-service module, 
 other library's global state.
 """
 
-from pipeline.client import InferenceClient, ResultStream, ResultTimeout
+from pipeline.client import InferenceClient, ResultStream, ResultTimeout, SyncClient
 from pipeline.config import Settings, settings_from_env
 from pipeline.errors import ConfigError, KvpipeError, RequestError, ServiceError
 from pipeline.io.kv import KeyValue, open_kv
@@ -26,6 +26,7 @@ __all__ = [
     "ResultTimeout",
     "ServiceError",
     "Settings",
+    "SyncClient",
     "open_kv",
     "settings_from_env",
 ]

@@ -312,6 +312,15 @@ class KafkaSettings:
 
     @property
     def dlq_topic(self) -> str:
+    #: Where request-reply clients read their answers: empty for a topic per client (created
+    #: on first use, deleted on close), or one shared topic read from its end, filtered by id.
+    reply_topic: str = setting(
+        default="",
+        env="KVPIPE_REPLY_TOPIC",
+        help="Shared reply topic of request-reply clients (kvpipe infer), answers filtered by "
+        "id; never deleted, created only when absent. Empty: a topic per client, deleted on "
+        "close (needs the right to create and delete topics)",
+    )
         return f"{self.topic_prefix}.dlq"
 
     @property
@@ -731,3 +740,8 @@ def env_table() -> str:
 
 if __name__ == "__main__":
     print(env_table())
+    if k.reply_topic and not k.reply_allowed(k.reply_topic):
+        raise ConfigError(
+            f"KVPIPE_REPLY_TOPIC={k.reply_topic!r} does not match KVPIPE_REPLY_TOPICS "
+            f"({','.join(k.reply_topics)}): the workers would not answer there"
+        )

@@ -135,6 +135,38 @@ async def ensure_topics(
         await asyncio.wait_for(admin.close(), settings.request_timeout_s)
 
 
+async def list_topics(settings: KafkaSettings) -> frozenset[str]:
+    """Every topic the cluster has, listed without naming any (naming one creates it on
+    brokers that auto-create topics: Tansu always, Kafka by default)."""
+    admin = AIOKafkaAdminClient(**_options(settings))
+    await _bounded(settings, "connecting the admin client", admin.start())
+    try:
+        return frozenset(await _bounded(settings, "listing topics", admin.list_topics()))
+    finally:
+        await asyncio.wait_for(admin.close(), settings.request_timeout_s)
+
+
+async def delete_topics(settings: KafkaSettings, topics: Iterable[str]) -> list[str]:
+    """Delete those of ``topics`` that exist; returns the names deleted."""
+    admin = AIOKafkaAdminClient(**_options(settings))
+    await _bounded(settings, "connecting the admin client", admin.start())
+    try:
+        existing = set(await _bounded(settings, "listing topics", admin.list_topics()))
+        doomed = [t for t in dict.fromkeys(topics) if t in existing]
+        if doomed:
+            response = await _bounded(settings, "deleting topics", admin.delete_topics(doomed))
+            # 3: UNKNOWN_TOPIC_OR_PARTITION, deleted meanwhile by someone else
+            failed = [(t, c) for t, c, *_ in response.topic_error_codes if c not in (0, 3)]
+            if failed:
+                raise BrokerUnavailable(
+                    f"Kafka at {settings.bootstrap}: deleting topics failed "
+                    f"(topic, error code: {failed}); check the client's DeleteTopics rights"
+                )
+        return doomed
+    finally:
+        await asyncio.wait_for(admin.close(), settings.request_timeout_s)
+
+
 class Producer(AsyncResource):
     """An aiokafka producer with bounded start, send and stop."""
 
@@ -175,10 +207,15 @@ class Producer(AsyncResource):
     async def existing_topics(self) -> frozenset[str]:
         """Every topic the cluster has. Listed without naming any topic: a metadata request
         that names one makes many brokers (Tansu, Kafka's default) create it."""
-        metadata = await _bounded(
-            self.settings, "listing topics", self._producer.client.fetch_all_metadata()
-        )
-        return frozenset(metadata.topics())
+        client = self._producer.client
+        metadata = await _bounded(self.settings, "listing topics", client.fetch_all_metadata())
+        listed = frozenset(metadata.topics())
+        # Stop tracking topics that are gone (a client's reply topic deleted on its close):
+        # aiokafka's metadata refreshes name every tracked topic, which would create them again.
+        tracked = set(getattr(client, "_topics", ()))
+        if tracked - listed:
+            client.set_topics([t for t in tracked if t in listed])
+        return listed
 
     async def enqueue(
         self,
