@@ -94,8 +94,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.inference import run_until_signalled
 
     configure_logging(fmt=settings.log_format, level=settings.log_level)
-    asyncio.run(run_until_signalled(settings))
-    return 0
+    return asyncio.run(run_until_signalled(settings))
 
 
 def _arch_from_tensors(

@@ -301,6 +301,15 @@ class KafkaSettings:
         "for KVPIPE_TOPIC_PREFIX (never the requests, updates, training or DLQ topic)",
         parse=_names,
     )
+    #: Where request-reply clients read their answers: empty for a topic per client (created
+    #: on first use, deleted on close), or one shared topic read from its end, filtered by id.
+    reply_topic: str = setting(
+        default="",
+        env="KVPIPE_REPLY_TOPIC",
+        help="Shared reply topic of request-reply clients (kvpipe infer), answers filtered by "
+        "id; never deleted, created only when absent. Empty: a topic per client, deleted on "
+        "close (needs the right to create and delete topics)",
+    )
 
     @property
     def requests_topic(self) -> str:
@@ -312,15 +321,6 @@ class KafkaSettings:
 
     @property
     def dlq_topic(self) -> str:
-    #: Where request-reply clients read their answers: empty for a topic per client (created
-    #: on first use, deleted on close), or one shared topic read from its end, filtered by id.
-    reply_topic: str = setting(
-        default="",
-        env="KVPIPE_REPLY_TOPIC",
-        help="Shared reply topic of request-reply clients (kvpipe infer), answers filtered by "
-        "id; never deleted, created only when absent. Empty: a topic per client, deleted on "
-        "close (needs the right to create and delete topics)",
-    )
         return f"{self.topic_prefix}.dlq"
 
     @property
@@ -713,6 +713,11 @@ def validate(settings: Settings) -> Settings:
         )
     if k.ssl_cafile and not k.security_protocol.endswith("SSL"):
         raise ConfigError("KVPIPE_KAFKA_SSL_CAFILE is set but the security protocol has no SSL")
+    if k.reply_topic and not k.reply_allowed(k.reply_topic):
+        raise ConfigError(
+            f"KVPIPE_REPLY_TOPIC={k.reply_topic!r} does not match KVPIPE_REPLY_TOPICS "
+            f"({','.join(k.reply_topics)}): the workers would not answer there"
+        )
     if settings.kafka.heartbeat_interval_ms * 3 > settings.kafka.session_timeout_ms:
         raise ConfigError("heartbeat interval must be at most a third of the session timeout")
     if settings.worker.max_batch_size > settings.worker.max_in_flight:
@@ -740,8 +745,3 @@ def env_table() -> str:
 
 if __name__ == "__main__":
     print(env_table())
-    if k.reply_topic and not k.reply_allowed(k.reply_topic):
-        raise ConfigError(
-            f"KVPIPE_REPLY_TOPIC={k.reply_topic!r} does not match KVPIPE_REPLY_TOPICS "
-            f"({','.join(k.reply_topics)}): the workers would not answer there"
-        )

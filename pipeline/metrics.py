@@ -30,6 +30,7 @@ METRIC_NAMES = (
     "kvpipe_requests_total",
     "kvpipe_results_total",
     "kvpipe_dead_letters_total",
+    "kvpipe_dedupe_skipped_total",
     "kvpipe_batch_rows",
     "kvpipe_request_seconds",
     "kvpipe_stage_seconds",
@@ -154,6 +155,11 @@ class WorkerMetrics:
             "kvpipe_results", "Results published", ["model", "status", "code"], registry=r
         )
         self.dead_letters = Counter("kvpipe_dead_letters", "Messages sent to the DLQ", registry=r)
+        self.dedupe_skipped = Counter(
+            "kvpipe_dedupe_skipped",
+            "Redelivered requests skipped: their id was recorded as answered (KVPIPE_DEDUPE_TTL)",
+            registry=r,
+        )
         self.batch_rows = Histogram(
             "kvpipe_batch_rows", "Rows per computed micro-batch", buckets=BATCH_BUCKETS, registry=r
         )
@@ -227,18 +233,25 @@ ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
 
 
 class StatusServer(AsyncResource):
-    """``/metrics``, ``/healthz`` (the process answers) and ``/readyz`` (it can serve)."""
+    """``/metrics``, ``/healthz`` (the process answers) and ``/readyz`` (it can serve).
+
+    ``render``, when given, makes the ``/metrics`` body instead of ``metrics`` (a supervisor
+    aggregates its children's)."""
 
     def __init__(
         self,
-        metrics: WorkerMetrics,
+        metrics: WorkerMetrics | None,
         ready: ReadyCheck,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        render: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
+        if metrics is None and render is None:
+            raise ValueError("a status server needs metrics or a render function")
         self.metrics = metrics
         self.ready = ready
+        self.render = render
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
@@ -246,7 +259,8 @@ class StatusServer(AsyncResource):
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
-        self.metrics.served_on = (self.host, self.port)
+        if self.metrics is not None:
+            self.metrics.served_on = (self.host, self.port)
         log.info("status_server_started", host=self.host, port=self.port)
 
     async def aclose(self) -> None:
@@ -283,7 +297,12 @@ class StatusServer(AsyncResource):
 
     async def _route(self, path: str) -> tuple[str, str, bytes]:
         if path == "/metrics":
-            return "200 OK", "text/plain; version=0.0.4", self.metrics.exposition()
+            if self.render is not None:
+                body = await self.render()
+            else:
+                assert self.metrics is not None
+                body = self.metrics.exposition()
+            return "200 OK", "text/plain; version=0.0.4", body
         if path == "/healthz":
             return "200 OK", "text/plain", b"ok\n"
         if path == "/readyz":

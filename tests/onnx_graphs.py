@@ -137,3 +137,43 @@ def cnn_reference(w: dict[str, Any], x: np.ndarray) -> np.ndarray:
     conv += w["conv_b"].astype(np.float64)[None, :, None, None]
     h = np.maximum(conv, 0).reshape(img.shape[0], -1)
     return h @ w["fc_w"].astype(np.float64) + w["fc_b"].astype(np.float64)
+
+
+def two_input_model(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Two named inputs and two named outputs: ``features`` float [N, 16] through a dense layer,
+    plus a bias row picked by ``bucket`` int64 [N, 1] from a table ``E`` [16, 5]; outputs
+    ``label`` int64 [N] (the argmax) and ``scores`` float [N, 5]."""
+    rng = np.random.default_rng(seed)
+    w = {
+        "W0": (rng.standard_normal((16, 5)) / 4).astype(np.float32),
+        "E": rng.standard_normal((16, 5)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["features", "W0"], ["m"]),
+        helper.make_node("Gather", ["E", "bucket"], ["g3"], axis=0),
+        helper.make_node("Flatten", ["g3"], ["g"], axis=1),
+        helper.make_node("Add", ["m", "g"], ["scores"]),
+        helper.make_node("ArgMax", ["scores"], ["label"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 16]),
+            helper.make_tensor_value_info("bucket", TensorProto.INT64, ["N", 1]),
+        ],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 5]),
+        ],
+        [numpy_helper.from_array(a, name) for name, a in w.items()],
+    )
+    return helper.make_model(graph, opset_imports=OPSET), w
+
+
+def two_input_reference(
+    w: dict[str, np.ndarray], features: np.ndarray, bucket: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two-input model in float64 numpy: (label, scores)."""
+    scores = features.astype(np.float64) @ w["W0"] + w["E"][bucket.reshape(-1)]
+    return scores.argmax(axis=1), scores

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -56,6 +56,9 @@ class Request:
     model: str
     inputs: npt.NDArray[Any] | None  # float32 inputs, or int64 ids for embedding models
     version: int | None = None
+    #: Named inputs (``"inputs": {"name": matrix}``), rows on the first axis; the runner packs
+    #: them into ``inputs`` in the model's own layout (``Model.pack_inputs``).
+    named: dict[str, npt.NDArray[Any]] | None = None
     content_type: str = JSON
     reply_to: str | None = None
     deadline_ms: int | None = None
@@ -63,7 +66,11 @@ class Request:
 
     @property
     def rows(self) -> int:
-        return 0 if self.inputs is None else int(self.inputs.shape[0])
+        if self.inputs is not None:
+            return int(self.inputs.shape[0])
+        if self.named:
+            return int(next(iter(self.named.values())).shape[0])
+        return 0
 
 
 class Status(StrEnum):
@@ -101,6 +108,9 @@ class Result:
     stale: bool = False
     worker: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    #: Every output by name in its own dtype and shape (rows first), for models whose outputs
+    #: have names (ONNX); ``outputs`` holds the same values side by side as float32.
+    named: dict[str, npt.NDArray[Any]] | None = None
 
     @property
     def ok(self) -> bool:
@@ -125,6 +135,8 @@ class Result:
     def to_json(self) -> dict[str, Any]:
         out = self.meta()
         out["outputs"] = None if self.outputs is None else self.outputs.tolist()
+        if self.named is not None:
+            out["named_outputs"] = {k: v.tolist() for k, v in self.named.items()}
         return out
 
 
@@ -267,6 +279,74 @@ def check_ids(raw: Any, limits: LimitSettings) -> npt.NDArray[np.int64]:
     return ids
 
 
+#: At most this many named inputs in one request, and this many axes per input.
+MAX_NAMED_INPUTS = 64
+MAX_INPUT_AXES = 8
+
+
+def check_named(raw: Any, limits: LimitSettings) -> dict[str, npt.NDArray[Any]]:
+    """Named inputs (``{"name": array, ...}``, rows on the first axis) as int64 or finite
+    float32 arrays with one row count, within the limits together; or raise."""
+    if not isinstance(raw, dict) or not raw:
+        raise RequestError("named inputs must be a non-empty object", code="bad_request")
+    if len(raw) > MAX_NAMED_INPUTS:
+        raise RequestError(
+            f"{len(raw)} named inputs is over the limit of {MAX_NAMED_INPUTS}", code="too_large"
+        )
+    out: dict[str, npt.NDArray[Any]] = {}
+    rows: int | None = None
+    elements = 0
+    for name, value in raw.items():
+        shown = safe_text(name, MAX_ECHO_CHARS)
+        if (
+            not isinstance(name, str)
+            or not name
+            or len(name) > MAX_ID_CHARS
+            or not _encodable(name)
+        ):
+            raise RequestError(f"input name {shown!r} is not a usable name", code="bad_request")
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError) as exc:
+            raise RequestError(
+                f"input {shown!r} is not a rectangular array: {exc}", code="bad_shape"
+            ) from None
+        if arr.dtype.kind not in "iuf":
+            raise RequestError(
+                f"input {shown!r} must be numbers, got dtype {arr.dtype}", code="bad_dtype"
+            )
+        if not 1 <= arr.ndim <= MAX_INPUT_AXES or 0 in arr.shape:
+            raise RequestError(
+                f"input {shown!r} must hold rows on its first axis (1 to {MAX_INPUT_AXES} axes, "
+                f"none empty), got shape {arr.shape}",
+                code="bad_shape",
+            )
+        if rows is not None and arr.shape[0] != rows:
+            raise RequestError(
+                f"input {shown!r} has {arr.shape[0]} rows; the others have {rows}",
+                code="bad_shape",
+            )
+        rows = int(arr.shape[0])
+        elements += int(arr.size)
+        if elements > limits.max_elements or rows > limits.max_rows:
+            raise RequestError(
+                f"the named inputs are over the limits ({limits.max_rows} rows, "
+                f"{limits.max_elements} elements)",
+                code="too_large",
+            )
+        if arr.dtype.kind in "iu":
+            if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
+                raise RequestError(f"input {shown!r} is out of range", code="bad_input")
+            out[name] = np.ascontiguousarray(arr, dtype=np.int64)
+        elif arr.dtype.kind == "f" and not bool(np.abs(arr).max() <= _F32_MAX):
+            raise RequestError(
+                f"input {shown!r} contains NaN or infinity (in float32)", code="non_finite"
+            )
+        else:
+            out[name] = np.ascontiguousarray(arr, dtype=np.float32)
+    return out
+
+
 def decode_request(
     value: bytes | None, raw_headers: Headers | None, limits: LimitSettings
 ) -> Request:
@@ -302,7 +382,9 @@ def decode_request(
         request.model = _check_model(body.get("model"))
         request.version = _check_version(body.get("version"))
         request.reply_to, request.deadline_ms = _routing(headers)
-        if "inputs" in body:
+        if isinstance(body.get("inputs"), dict):
+            request.named = check_named(body["inputs"], limits)
+        elif "inputs" in body:
             request.inputs = check_inputs(body["inputs"], limits)
         elif "ids" in body:
             request.inputs = check_ids(body["ids"], limits)
@@ -368,16 +450,21 @@ def encode_request(
     *,
     id: str,
     model: str,
-    inputs: npt.ArrayLike | None = None,
+    inputs: npt.ArrayLike | Mapping[str, npt.ArrayLike] | None = None,
     ids: npt.ArrayLike | None = None,
     version: int | None = None,
     content_type: str = JSON,
     reply_to: str | None = None,
     deadline_ms: int | None = None,
 ) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """The value and headers of a request message: ``inputs`` (floats) or ``ids`` (integers)."""
+    """The value and headers of a request message: ``inputs`` (floats; a mapping of names to
+    arrays for named inputs, JSON only) or ``ids`` (integers)."""
     if (inputs is None) == (ids is None):
         raise ValueError("give exactly one of inputs and ids")
+    if isinstance(inputs, Mapping):
+        if content_type != JSON:
+            raise ValueError("named inputs travel as JSON; use content_type=JSON")
+        inputs = {str(k): np.ascontiguousarray(v) for k, v in inputs.items()}
     headers: list[tuple[str, bytes]] = [(H_CONTENT_TYPE, content_type.encode())]
     if reply_to is not None:
         headers.append((H_REPLY_TO, reply_to.encode()))
@@ -394,6 +481,9 @@ def encode_request(
     if version is not None:
         body["version"] = version
     field, data = ("inputs", inputs) if ids is None else ("ids", ids)
+    if isinstance(data, Mapping):
+        body[field] = data
+        return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), headers
     if isinstance(data, np.ndarray):
         data = np.ascontiguousarray(data)
     body[field] = data
@@ -413,6 +503,8 @@ def encode_result(
         ]
     body = result.meta()
     body["outputs"] = None if result.outputs is None else np.ascontiguousarray(result.outputs)
+    if result.named is not None:
+        body["named_outputs"] = {k: np.ascontiguousarray(v) for k, v in result.named.items()}
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), [(H_CONTENT_TYPE, _JSON_B)]
 
 
@@ -430,6 +522,8 @@ def decode_result(value: bytes, headers: Headers | None) -> Result:
             meta = orjson.loads(value)
             raw = meta.get("outputs")
             outputs = None if raw is None else np.asarray(raw, dtype=np.float32)
+        raw_named = meta.get("named_outputs")
+        named = None if raw_named is None else {str(k): np.asarray(v) for k, v in raw_named.items()}
         err = meta.get("error") or {}
         cache = meta.get("cache")
         return Result(
@@ -444,6 +538,7 @@ def decode_result(value: bytes, headers: Headers | None) -> Result:
             stale=bool(meta.get("stale", False)),
             worker=str(meta.get("worker", "")),
             timings=dict(meta.get("timings") or {}),
+            named=named,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UnreadableMessage(f"not a kvpipe result: {exc}") from None

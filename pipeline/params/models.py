@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Final, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, RequestError
 
 Array = npt.NDArray[np.float32]
 Params = Mapping[str, npt.NDArray[Any]]
@@ -384,6 +384,32 @@ class PluginModel:
         return {
             t: (rng.standard_normal(s.shape) * 0.1).astype(s.dtype) for t, s in self._specs.items()
         }
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The names of the plugin's inputs when it takes named inputs, else ()."""
+        return tuple(getattr(self.plugin, "input_names", ()))
+
+    @property
+    def packed_dtype(self) -> np.dtype[Any]:
+        """The dtype of the input rows ``forward`` takes (float32 unless the plugin says)."""
+        return np.dtype(getattr(self.plugin, "packed_dtype", np.float32))
+
+    def pack_inputs(self, named: Mapping[str, npt.NDArray[Any]]) -> npt.NDArray[Any]:
+        """Named inputs as the rows ``forward`` takes (the plugin's ``pack_inputs``), or a
+        RequestError when the plugin takes one unnamed input."""
+        pack = getattr(self.plugin, "pack_inputs", None)
+        if pack is None:
+            raise RequestError(
+                'this model takes one unnamed input: send "inputs" as a list of rows',
+                code="bad_request",
+            )
+        return np.asarray(pack(named))
+
+    def named_outputs(self, y: Array) -> dict[str, npt.NDArray[Any]] | None:
+        """``y`` split into the plugin's named outputs (its ``named_outputs``), or None."""
+        split = getattr(self.plugin, "named_outputs", None)
+        return None if split is None else dict(split(y))
 
     def forward(self, params: Params, x: Array) -> Array:
         y = np.asarray(self.plugin.forward(params, x))

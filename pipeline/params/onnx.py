@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from pipeline.errors import ConfigError, KvpipeError, ParamsCorrupt
+from pipeline.errors import ConfigError, KvpipeError, ParamsCorrupt, RequestError
 from pipeline.params.models import Params, TensorSpec, one_line, register_model
 
 __all__ = [
@@ -73,6 +73,10 @@ IN_MEMORY: Final = "kvpipe:redis-tensor"
 _INSTALL = "ONNX models need the onnx extra: pip install 'kvpipe[onnx]'"
 _HEX = frozenset("0123456789abcdef")
 _MAX_TENSOR_NAME = 64
+#: The largest integer a float64 holds exactly (named integer inputs are packed as float64).
+_EXACT_INT: Final = 2**53
+#: A served graph has at most this many inputs.
+MAX_INPUTS: Final = 64
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,30 @@ def _shown(dims: Sequence[int | None]) -> str:
     return "[" + ", ".join("N" if d is None else str(d) for d in dims) + "]"
 
 
+def _layout(
+    onnx: Any, values: Sequence[Any], role: str
+) -> tuple[list[dict[str, Any]], int, set[int | None]]:
+    """The row layout of graph inputs or outputs: each one's name, dtype, shape and the columns
+    it takes side by side in a row; the total width; the set of their batch dims."""
+    layout: list[dict[str, Any]] = []
+    column = 0
+    batches: set[int | None] = set()
+    for v in values:
+        dtype, dims = _value_info(onnx, v, role)
+        width = _width(dims, role, v.name)
+        batches.add(dims[0])
+        layout.append(
+            {
+                "name": v.name,
+                "dtype": dtype.name,
+                "shape": dims,
+                "columns": [column, column + width],
+            }
+        )
+        column += width
+    return layout, column, batches
+
+
 def _tensor_names(names: Sequence[str]) -> list[str]:
     """Names for the tensors in Redis: the initializer's own when it is a plain name, else
     ``init{i}``; never two alike."""
@@ -311,35 +339,21 @@ def prepare_onnx(data: bytes, limits: OnnxLimits | None = None) -> PreparedOnnx:
         )
     init_names = {t.name for t in g.initializer}
     inputs = [v for v in g.input if v.name not in init_names]
-    if len(inputs) != 1:
+    if not inputs:
+        raise _refuse("it has no inputs")
+    if len(inputs) > MAX_INPUTS:
+        raise _refuse(f"it has {len(inputs)} inputs, over the limit of {MAX_INPUTS}")
+    in_layout, input_dim, batches = _layout(onnx, inputs, "input")
+    if len(batches) > 1 or (batches - {None, 1}):
+        shown = ", ".join(f"{v.name!r} {_shown(_value_info(onnx, v, 'input')[1])}" for v in inputs)
         raise _refuse(
-            f"it has {len(inputs)} inputs ({', '.join(repr(v.name) for v in inputs)}); "
-            "this release serves graphs with exactly one input"
+            f"its inputs have fixed batch sizes ({shown}); export them with a dynamic first "
+            "axis (or 1, served row by row)"
         )
-    in_dtype, in_dims = _value_info(onnx, inputs[0], "input")
-    input_dim = _width(in_dims, "input", inputs[0].name)
-    batch = in_dims[0]
-    if batch is not None and batch != 1:
-        raise _refuse(
-            f"input {inputs[0].name!r} has a fixed batch size of {batch}; export it with a "
-            "dynamic first axis (or 1, served row by row)"
-        )
+    batch = next(iter(batches))
     if not g.output:
         raise _refuse("it has no outputs")
-    outputs: list[dict[str, Any]] = []
-    column = 0
-    for v in g.output:
-        dtype, dims = _value_info(onnx, v, "output")
-        width = _width(dims, "output", v.name)
-        outputs.append(
-            {
-                "name": v.name,
-                "dtype": dtype.name,
-                "shape": dims,
-                "columns": [column, column + width],
-            }
-        )
-        column += width
+    outputs, column, _ = _layout(onnx, list(g.output), "output")
 
     tensor_names = _tensor_names([t.name for t, _ in moved])
     tensors: dict[str, npt.NDArray[Any]] = {}
@@ -373,7 +387,7 @@ def prepare_onnx(data: bytes, limits: OnnxLimits | None = None) -> PreparedOnnx:
         "graph_sha256": hashlib.sha256(graph).hexdigest(),
         "graph_bytes": len(graph),
         "opset": {o.domain or "ai.onnx": int(o.version) for o in model.opset_import},
-        "inputs": [{"name": inputs[0].name, "dtype": in_dtype.name, "shape": in_dims}],
+        "inputs": in_layout,
         "outputs": outputs,
         "batch": "dynamic" if batch is None else 1,
         "input_dim": input_dim,
@@ -411,6 +425,45 @@ def _dims(raw: object, where: str) -> list[int | None]:
     return dims
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """One graph input or output in a row: its name, dtype, shape after the batch axis, and
+    the columns ``[start, stop)`` it takes among the others set side by side."""
+
+    name: str
+    dtype: np.dtype[Any]
+    rest: tuple[int, ...]
+    start: int
+    stop: int
+
+
+def _slots(raw: list[Any], role: str, width: int) -> list[_Slot]:
+    """The arch's inputs or outputs, checked to tile ``[0, width)`` in order."""
+    slots: list[_Slot] = []
+    for entry in raw:
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"onnx arch: an {role} is not an object")
+        name = str(entry.get("name"))
+        try:
+            dtype = np.dtype(str(entry.get("dtype")))
+        except TypeError:
+            raise ConfigError(f"onnx arch: {role} {name!r} has a bad dtype") from None
+        if dtype.kind not in "fiub":
+            raise ConfigError(f"onnx arch: {role} {name!r} is not numeric")
+        dims = _dims(entry.get("shape"), f"{role} {name!r}")
+        if any(d is None for d in dims[1:]):
+            raise ConfigError(f"onnx arch: {role} {name!r} has a dynamic axis after the batch")
+        rest = tuple(d for d in dims[1:] if d is not None)
+        cols = entry.get("columns")
+        start = slots[-1].stop if slots else 0
+        if cols != [start, start + math.prod(rest)]:
+            raise ConfigError(f"onnx arch: {role} {name!r} has bad columns")
+        slots.append(_Slot(name, dtype, rest, start, start + math.prod(rest)))
+    if not slots or slots[-1].stop != width or len({s.name for s in slots}) != len(slots):
+        raise ConfigError(f"onnx arch: the {role}s do not fill {role}_dim once each")
+    return slots
+
+
 class OnnxModel:
     """A published ONNX graph, served with onnxruntime (a :class:`ModelPlugin` of kind ``onnx``).
 
@@ -427,34 +480,19 @@ class OnnxModel:
         if len(sha) != 64 or not set(sha) <= _HEX:
             raise ConfigError("onnx arch: graph_sha256 is not a sha256 hex digest")
         self.graph_sha256: str = sha
-        inputs = _field(arch, "inputs", list)
-        if len(inputs) != 1 or not isinstance(inputs[0], Mapping):
-            raise ConfigError("onnx arch: exactly one input is served")
-        self.input_name = str(inputs[0].get("name"))
-        self.input_dtype = np.dtype(str(inputs[0].get("dtype")))
-        in_dims = _dims(inputs[0].get("shape"), "the input")
-        if any(d is None for d in in_dims[1:]):
-            raise ConfigError("onnx arch: the input's axes after the batch axis must be fixed")
-        self.input_rest: tuple[int, ...] = tuple(d for d in in_dims[1:] if d is not None)
         self.input_dim: int = _field(arch, "input_dim", int)
         self.output_dim: int = _field(arch, "output_dim", int)
-        if self.input_dim != math.prod(self.input_rest):
-            raise ConfigError("onnx arch: input_dim does not match the input's shape")
-        self.outputs: list[tuple[str, int, int]] = []
-        for out in _field(arch, "outputs", list):
-            if not isinstance(out, Mapping):
-                raise ConfigError("onnx arch: an output is not an object")
-            cols = out.get("columns")
-            if (
-                not isinstance(cols, list)
-                or len(cols) != 2
-                or not all(isinstance(c, int) for c in cols)
-                or not 0 <= cols[0] < cols[1] <= self.output_dim
-            ):
-                raise ConfigError(f"onnx arch: output {out.get('name')!r} has bad columns")
-            self.outputs.append((str(out.get("name")), int(cols[0]), int(cols[1])))
-        if not self.outputs or self.outputs[-1][2] != self.output_dim:
-            raise ConfigError("onnx arch: the outputs do not fill output_dim")
+        inputs = _field(arch, "inputs", list)
+        if len(inputs) == 1 and isinstance(inputs[0], Mapping) and "columns" not in inputs[0]:
+            inputs = [{**inputs[0], "columns": [0, self.input_dim]}]  # published before names
+        self.inputs = _slots(inputs, "input", self.input_dim)
+        self.outputs = _slots(_field(arch, "outputs", list), "output", self.output_dim)
+        #: The dtype named inputs are packed into: float32 unless an input needs more.
+        self.packed_dtype = np.dtype(
+            np.float32
+            if all(i.dtype.kind == "f" and i.dtype.itemsize <= 4 for i in self.inputs)
+            else np.float64
+        )
         batch = arch.get("batch")
         if batch not in ("dynamic", 1):
             raise ConfigError("onnx arch: batch must be 'dynamic' or 1")
@@ -480,26 +518,88 @@ class OnnxModel:
         """One tensor per initializer held in Redis (a scalar is stored with shape (1,))."""
         return {t: TensorSpec(i.shape or (1,), i.dtype) for t, i in self.initializers.items()}
 
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.inputs)
+
+    def pack_inputs(self, named: Mapping[str, npt.NDArray[Any]]) -> npt.NDArray[Any]:
+        """Named inputs as one matrix, each input flattened per row into its columns (in
+        ``packed_dtype``: exact for integers up to 2**53); RequestError when they do not fit."""
+        missing = [i.name for i in self.inputs if i.name not in named]
+        extra = [repr(k[:64]) for k in named if k not in self.input_names]
+        if missing or extra:
+            raise RequestError(
+                f"this model's inputs are {', '.join(self.input_names)}"
+                + (f"; missing {', '.join(missing)}" if missing else "")
+                + (f"; not inputs of it: {', '.join(extra[:5])}" if extra else ""),
+                code="bad_input",
+            )
+        rows = next(iter(named.values())).shape[0]
+        out = np.empty((rows, self.input_dim), dtype=self.packed_dtype)
+        for slot in self.inputs:
+            arr = named[slot.name]
+            width = slot.stop - slot.start
+            if arr.shape[1:] not in (slot.rest, (width,)) and not (arr.ndim == 1 and width == 1):
+                raise RequestError(
+                    f"input {slot.name!r} has shape {list(arr.shape)}; the model takes "
+                    f"{_shown([None, *slot.rest])} (or rows of {width} values)",
+                    code="bad_shape",
+                )
+            if slot.dtype.kind in "iub" and arr.dtype.kind == "f":
+                if not bool(np.all(arr == np.rint(arr))):
+                    raise RequestError(
+                        f"input {slot.name!r} takes integers ({slot.dtype}); got fractions",
+                        code="bad_dtype",
+                    )
+            elif arr.dtype.kind in "iu" and np.abs(arr).max() > _EXACT_INT:
+                raise RequestError(
+                    f"input {slot.name!r} holds integers beyond 2**53", code="bad_input"
+                )
+            out[:, slot.start : slot.stop] = arr.reshape(rows, width)
+        return out
+
+    def named_outputs(self, y: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
+        """Each output of ``y`` (rows side by side, as :meth:`forward` returns them) in its own
+        shape and dtype; integers are exact up to 2**24 (they travel as float32)."""
+        n = y.shape[0]
+        out: dict[str, npt.NDArray[Any]] = {}
+        for slot in self.outputs:
+            cols = y[:, slot.start : slot.stop].reshape((n, *slot.rest))
+            if slot.dtype.kind == "b":
+                out[slot.name] = cols != 0
+            elif slot.dtype.kind in "iu":
+                out[slot.name] = np.rint(cols).astype(slot.dtype)
+            else:
+                out[slot.name] = cols.astype(slot.dtype, copy=False)
+        return out
+
     def forward(self, params: Params, x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        """Outputs of ``x`` (rows with the inputs side by side), every graph output flattened
+        per row and side by side as float32."""
         session = self._session_for(params)
         n = x.shape[0]
-        feed = np.ascontiguousarray(x.reshape((n, *self.input_rest)), dtype=self.input_dtype)
-        names = [name for name, _, _ in self.outputs]
+        feed = {
+            i.name: np.ascontiguousarray(x[:, i.start : i.stop].reshape((n, *i.rest)), i.dtype)
+            for i in self.inputs
+        }
+        names = [o.name for o in self.outputs]
         if self.row_by_row:
-            rows = [session.run(names, {self.input_name: feed[i : i + 1]}) for i in range(n)]
+            rows = [
+                session.run(names, {k: v[r : r + 1] for k, v in feed.items()}) for r in range(n)
+            ]
             results = [np.concatenate([r[k] for r in rows]) for k in range(len(names))]
         else:
-            results = list(session.run(names, {self.input_name: feed}))
+            results = list(session.run(names, feed))
         out = np.empty((n, self.output_dim), dtype=np.float32)
-        for (name, start, stop), value in zip(self.outputs, results, strict=True):
+        for o, value in zip(self.outputs, results, strict=True):
             arr = np.asarray(value)
-            if arr.size != n * (stop - start):
+            if arr.size != n * (o.stop - o.start):
                 raise KvpipeError(
-                    f"ONNX output {name!r} has shape {arr.shape} for {n} rows; the arch says "
-                    f"{stop - start} values per row",
+                    f"ONNX output {o.name!r} has shape {arr.shape} for {n} rows; the arch says "
+                    f"{o.stop - o.start} values per row",
                     code="model_failed",
                 )
-            out[:, start:stop] = arr.reshape(n, stop - start)
+            out[:, o.start : o.stop] = arr.reshape(n, o.stop - o.start)
         return out
 
     def _session_for(self, params: Params) -> Any:

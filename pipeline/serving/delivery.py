@@ -32,6 +32,7 @@ from pipeline.io.wire import (
 )
 from pipeline.metrics import WorkerMetrics
 from pipeline.serving.commits import OffsetTracker
+from pipeline.serving.dedupe import Dedupe
 from pipeline.serving.item import Item
 from pipeline.serving.stats import WorkerStats
 
@@ -72,8 +73,10 @@ class Delivery:
         worker_id: str,
         abandon: asyncio.Event,
         metrics: WorkerMetrics | None = None,
+        dedupe: Dedupe | None = None,
     ) -> None:
         self._kafka = kafka
+        self.dedupe = dedupe
         self.producer = producer
         self._book = book
         self.stats = stats
@@ -205,7 +208,8 @@ class Delivery:
 
     async def deliver(self, outgoing: list[Outgoing]) -> None:
         """Send and wait for acks; retry what failed until it lands or the worker abandons.
-        A message is finished (its offset committable) only when the broker acknowledged it."""
+        A message is finished (its offset committable) only when the broker acknowledged it
+        (and, with dedupe, once its request id is recorded as answered)."""
         delay = 0.1
         while outgoing:
             futures: list[tuple[Outgoing, asyncio.Future[Any] | None]] = []
@@ -219,6 +223,7 @@ class Delivery:
             if live:
                 await asyncio.wait(live, timeout=self.producer.send_timeout_s)
             failed: list[Outgoing] = []
+            acked: list[Outgoing] = []
             reasons: set[str] = set()
             for out, fut in futures:
                 if (
@@ -227,7 +232,7 @@ class Delivery:
                     and not fut.cancelled()
                     and fut.exception() is None
                 ):
-                    self._book.finish(out.item.message.partition, out.item.message.offset)
+                    acked.append(out)
                     continue
                 if fut is None or not fut.done():
                     reasons.add("not acknowledged in time")
@@ -236,6 +241,8 @@ class Delivery:
                 elif not fut.cancelled():
                     reasons.add(type(fut.exception()).__name__)
                 failed.append(out)
+            if acked:
+                await self._finish(acked)
             if not failed:
                 return
             self.stats.send_retries += len(failed)
@@ -256,6 +263,15 @@ class Delivery:
                 pass
             delay = min(delay * 2, 5.0)
             outgoing = failed
+
+    async def _finish(self, acked: list[Outgoing]) -> None:
+        """Acknowledged messages: their ids recorded as answered (with dedupe, one round trip
+        for the lot; a failure only costs the promise), then their offsets committable."""
+        if self.dedupe is not None:
+            await self.dedupe.record([o.item.request.id for o in acked if o.item.request.id])
+        finish = self._book.finish
+        for out in acked:
+            finish(out.item.message.partition, out.item.message.offset)
 
     async def _reroute(self, failed: list[Outgoing]) -> list[Outgoing]:
         """After failed sends: a client's reply topic that is gone gets its answer on the

@@ -24,7 +24,7 @@ from pipeline.cache.cache import Source
 from pipeline.errors import KvpipeError, RequestError
 from pipeline.io.wire import CacheSource, Request, Result, Status, error_result
 from pipeline.metrics import WorkerMetrics
-from pipeline.params.models import Model
+from pipeline.params.models import Model, PluginModel
 from pipeline.params.registry import ModelRegistry, Resolved, worst
 from pipeline.serving.item import Item
 from pipeline.serving.memo import MemoSplit, ResultMemo
@@ -43,6 +43,23 @@ def _stack(requests: list[Request]) -> npt.NDArray[Any]:
 
 def input_problem(model: Model, request: Request) -> KvpipeError | None:
     """Why ``request`` cannot run on ``model`` (width, dtype, id range), or None."""
+    if request.named is not None or (isinstance(model, PluginModel) and len(model.input_names) > 1):
+        if not isinstance(model, PluginModel) or not model.input_names:
+            return RequestError(
+                'this model takes one unnamed input: send "inputs" as a list of rows',
+                code="bad_request",
+            )
+        if request.named is None:
+            return RequestError(
+                f"this model's inputs are {', '.join(model.input_names)}: send them by name, "
+                '"inputs": {"name": rows, ...}',
+                code="bad_request",
+            )
+        try:
+            request.inputs = model.pack_inputs(request.named)
+        except RequestError as exc:
+            return exc
+        return None
     x = request.inputs
     assert x is not None
     if model.kind == "embedding":
@@ -226,6 +243,8 @@ class BatchRunner:
         output that is an error (non-finite) answers as that error."""
         done_wall = time.time() * 1000
         version = run.resolved.version
+        model = run.resolved.model
+        split = model.named_outputs if isinstance(model, PluginModel) else None
         out: Answers = []
         for it, outputs in pairs:
             if isinstance(outputs, KvpipeError):
@@ -249,6 +268,8 @@ class BatchRunner:
                     "total_ms": round(max(0.0, done_wall - sent), 3),
                 },
             )
+            if split is not None:
+                result.named = split(outputs)
             out.append((it, result))
         return out
 
@@ -268,8 +289,9 @@ class BatchRunner:
     ) -> list[Any]:
         """Outputs per request (an error in place of one that is not finite)."""
         x = _stack(requests)
-        if model.kind == "dense" and x.dtype != np.float32:
-            x = x.astype(np.float32)
+        want = model.packed_dtype if isinstance(model, PluginModel) else np.float32
+        if model.kind == "dense" and x.dtype != want:
+            x = x.astype(want)
         loop = asyncio.get_running_loop()
         y, finite = await loop.run_in_executor(self.executor, _forward, model, params, x)
         bounds = np.cumsum([r.rows for r in requests])[:-1]

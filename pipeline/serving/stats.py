@@ -27,6 +27,7 @@ class WorkerStats:
     consumer_restarts: int = 0
     rebalances: int = 0
     topics_recreated: int = 0
+    skipped_answered: int = 0  # redelivered requests skipped by dedupe (already answered)
     errors_by_code: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from pipeline.params.updates import UpdateListener
 from pipeline.resource import AsyncResource
 from pipeline.serving.batcher import Batcher, BatchKey
 from pipeline.serving.commits import Commits
+from pipeline.serving.dedupe import Dedupe
 from pipeline.serving.delivery import Delivery
 from pipeline.serving.intake import read_item
 from pipeline.serving.item import Item, Tasks
@@ -76,8 +77,10 @@ class Worker(AsyncResource):
         listener: UpdateListener | None = None,
         metrics: WorkerMetrics | None = None,
         consumer_factory: Callable[[Worker], Consumer] | None = None,
+        dedupe: Dedupe | None = None,
     ) -> None:
         self.settings = settings
+        self.dedupe = dedupe
         self.registry = registry
         self.producer = producer
         self.listener = listener
@@ -105,6 +108,7 @@ class Worker(AsyncResource):
             worker_id=self.worker_id,
             abandon=self._abandon,
             metrics=metrics,
+            dedupe=dedupe,
         )
         memo = None
         if settings.cache.result_models:
@@ -205,7 +209,7 @@ class Worker(AsyncResource):
                     messages = []
                 if messages:
                     watchdog.progress(loop.time())
-                    self._dispatch(messages)
+                    await self._dispatch(messages)
             now = loop.time()
             stuck = await watchdog.check(self.consumer, now)
             if stuck is not None:
@@ -330,22 +334,25 @@ class Worker(AsyncResource):
 
     # -- dispatch --------------------------------------------------------------------------
 
-    def _dispatch(self, messages: Sequence[Message]) -> None:
+    async def _dispatch(self, messages: Sequence[Message]) -> None:
         """Read each message: dead letters and error results go out at once, the rest wait
-        for their (model, version) batch."""
+        for their (model, version) batch; with dedupe, requests already answered are skipped."""
         groups: dict[BatchKey, list[Item]] = defaultdict(list)
         now_ms = time.time() * 1000
         book = self.commits.book
         if self.metrics is not None:
             self.metrics.requests.inc(len(messages))
+        items: list[Item] = []
         for msg in messages:
             book.add(msg.partition, msg.offset)
             self.stats.received += 1
             try:
-                item = read_item(msg, self.settings, now_ms)
+                items.append(read_item(msg, self.settings, now_ms))
             except UnreadableMessage as exc:
                 self._tasks.spawn(self.delivery.dead_letter(msg, exc))
-                continue
+        if self.dedupe is not None:
+            items = await self._skip_answered(items)
+        for item in items:
             request = item.request
             if request.error is not None:
                 answer = error_result(request, request.error, worker=self.worker_id)
@@ -357,6 +364,25 @@ class Worker(AsyncResource):
         for key, items in groups.items():
             if self.batcher.add(key, items, now=self._stopping):
                 self._tasks.spawn(self.runner.prefetch(*key))
+
+    async def _skip_answered(self, items: list[Item]) -> list[Item]:
+        """The items whose request id is not recorded as answered (one lookup); the others
+        are finished as they are, so their offsets commit without a second answer."""
+        assert self.dedupe is not None
+        keyed = [it for it in items if it.request.id]
+        seen = await self.dedupe.answered([it.request.id for it in keyed])
+        if not any(seen):
+            return items
+        skip = {id(it) for it, s in zip(keyed, seen, strict=True) if s}
+        book = self.commits.book
+        for it in keyed:
+            if id(it) in skip:
+                book.finish(it.message.partition, it.message.offset)
+        self.stats.skipped_answered += len(skip)
+        if self.metrics is not None:
+            self.metrics.dedupe_skipped.inc(len(skip))
+        log.info("answered_skipped", count=len(skip))
+        return [it for it in items if id(it) not in skip]
 
     def _run_batch(self, key: BatchKey, items: list[Item]) -> None:
         model, version = key

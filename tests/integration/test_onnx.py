@@ -32,6 +32,8 @@ from tests.onnx_graphs import (
     mlp_model,
     mlp_reference,
     mlp_weights,
+    two_input_model,
+    two_input_reference,
     with_custom_op,
     with_external_data,
 )
@@ -240,6 +242,14 @@ async def test_digits_mlp_from_scikit_learn_served_equals_its_predict(
         [got[f"d{i}"][0].outputs for i in range(0, len(x_test), 10)]  # type: ignore[misc]
     )
     labels, probs = served[:, 0].astype(int), served[:, 1:11]
+    for i in range(0, len(x_test), 10):  # the same answers by name, the label an integer
+        named = got[f"d{i}"][0].named
+        assert named is not None and list(named) == ["label", "probabilities"]
+        assert named["label"].dtype.kind == "i" and named["label"].shape == (
+            min(10, len(x_test) - i),
+        )
+        assert np.array_equal(named["label"], labels[i : i + 10])
+        assert np.array_equal(named["probabilities"].astype(np.float32), probs[i : i + 10])
     predicted = clf.predict(x_test)
     proba = clf.predict_proba(x_test)
     differ = np.flatnonzero(probs.argmax(axis=1) != predicted)
@@ -258,3 +268,45 @@ async def test_digits_mlp_from_scikit_learn_served_equals_its_predict(
     assert set(np.flatnonzero(labels != predicted)) <= set(differ)
     assert np.abs(probs - proba).max() < 1e-4
     assert accuracy > 0.9
+
+
+async def test_named_inputs_through_kafka_get_every_output_by_name(
+    make_settings: Any, start_worker: Any, make_client: Any
+) -> None:
+    settings = make_settings()
+    model, w = two_input_model(5)
+    await publish_onnx(settings, "two", model)
+    await publish_onnx(settings, "one", mlp_model(mlp_weights(6)))
+    client = await make_client(settings)
+    rng = np.random.default_rng(6)
+    sent: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    k = settings.kafka
+    async with ResultStream(k, k.results_topic, from_beginning=True) as stream:
+        await start_worker(settings)
+        for i in range(40):
+            rows = int(rng.integers(1, 4))
+            features = rng.standard_normal((rows, 16)).astype(np.float32)
+            bucket = rng.integers(0, 16, (rows, 1))
+            sent[f"n{i}"] = (features, bucket)
+            named = {"bucket": bucket.tolist(), "features": features}
+            await client.submit("two", named, id=f"n{i}", wait=False)
+        await client.submit("two", np.zeros((1, 17), np.float32), id="unnamed", wait=False)
+        await client.submit("one", {"y": np.zeros((1, 6))}, id="misnamed", wait=False)
+        await client.submit("one", {"x": np.ones((2, 6))}, id="one-named", wait=False)
+        await client.submit("one", np.ones((2, 6), np.float32), id="one-rows", wait=False)
+        await client.flush()
+        got = await collect(stream, {*sent, "unnamed", "misnamed", "one-named", "one-rows"})
+    for rid, (features, bucket) in sent.items():
+        result = got[rid][0]
+        assert result.ok and result.named is not None, result.meta()
+        label, scores = two_input_reference(w, features, bucket)
+        assert result.named["label"].tolist() == label.tolist()
+        assert np.abs(result.named["scores"] - scores).max() < 1e-5
+    unnamed, misnamed = got["unnamed"][0], got["misnamed"][0]
+    assert unnamed.error_code == "bad_request" and "features, bucket" in str(unnamed.error_message)
+    assert misnamed.error_code == "bad_input" and "missing x" in str(misnamed.error_message)
+    one_named, one_rows = got["one-named"][0], got["one-rows"][0]
+    assert one_named.ok and one_rows.ok and one_named.named is not None
+    # a single input, by name or as rows, is the same request
+    assert np.array_equal(one_named.named["y"].astype(np.float32), one_rows.outputs)
+    print(f"named inputs through kafka: {len(sent)} requests, every output by name equal numpy")

@@ -113,6 +113,65 @@ def test_unknown_content_type_and_tombstone() -> None:
         decode_request(None, [], LIMITS)
 
 
+def test_named_inputs_round_trip_with_their_dtypes() -> None:
+    value, headers = encode_request(
+        id="n1",
+        model="m",
+        inputs={
+            "features": np.ones((2, 3), np.float32),
+            "bucket": [[4], [7]],
+            "img": np.zeros((2, 1, 2, 2)),
+        },
+    )
+    req = decode_request(value, headers, LIMITS)
+    assert req.error is None and req.inputs is None and req.named is not None and req.rows == 2
+    assert list(req.named) == ["features", "bucket", "img"]
+    assert req.named["features"].dtype == np.float32
+    assert req.named["bucket"].dtype == np.int64 and req.named["bucket"].tolist() == [[4], [7]]
+    assert req.named["img"].shape == (2, 1, 2, 2)
+    with pytest.raises(ValueError, match="JSON"):
+        encode_request(id="n2", model="m", inputs={"a": [[1.0]]}, content_type=NPY)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "code"),
+    [
+        ({}, "bad_request"),
+        ({"": [[1.0]]}, "bad_request"),
+        ({"a": [[1.0]], "b": [[1.0], [2.0]]}, "bad_shape"),
+        ({"a": [["x"]]}, "bad_dtype"),
+        ({"a": [[True]]}, "bad_dtype"),
+        ({"a": 3.0}, "bad_shape"),
+        ({"a": [[]]}, "bad_shape"),
+        ({"a": [[1.0], [2.0, 3.0]]}, "bad_shape"),
+        ({"a": [[1e39]]}, "non_finite"),
+        ({"a": [[0.0] * 600], "b": [[0.0] * 600]}, "too_large"),
+        ({f"i{k}": [[1.0]] for k in range(65)}, "too_large"),
+        ({"a": [[2**64 - 1]]}, "bad_input"),
+    ],
+)
+def test_named_inputs_that_are_wrong_get_an_error_code(inputs: object, code: str) -> None:
+    value = json.dumps({"id": "x", "model": "m", "inputs": inputs}).encode()
+    req = decode_request(value, [], LIMITS)
+    assert req.error is not None and req.error.code == code, req.error
+
+
+def test_named_outputs_round_trip_in_json() -> None:
+    res = Result(
+        id="a",
+        model="m",
+        status=Status.OK,
+        outputs=np.array([[3.0, 0.1, 0.9]], dtype=np.float32),
+        named={"label": np.array([3]), "p": np.array([[0.1, 0.9]], np.float32)},
+    )
+    back = decode_result(*encode_result(res))
+    assert back.named is not None and back.named["label"].tolist() == [3]
+    assert np.allclose(back.named["p"], [[0.1, 0.9]])
+    assert json.loads(encode_result(res)[0])["named_outputs"]["label"] == [3]
+    as_json = res.to_json()["named_outputs"]
+    assert as_json["label"] == [3] and np.allclose(as_json["p"], [[0.1, 0.9]])
+
+
 def test_result_round_trips_json_and_npy() -> None:
     res = Result(
         id="a",

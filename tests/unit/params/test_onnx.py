@@ -19,10 +19,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.cache.cache import ParamCache, Source
-from pipeline.errors import ConfigError, KvpipeError, ParamsCorrupt
+from pipeline.errors import ConfigError, KvpipeError, ParamsCorrupt, RequestError
 from pipeline.io.kv.memory import MemoryKV
 from pipeline.params.keys import BlobKey
-from pipeline.params.models import build_model, model_kinds
+from pipeline.params.models import PluginModel, build_model, model_kinds
 from pipeline.params.onnx import GRAPH_PARAM, IN_MEMORY, OnnxLimits, prepare_onnx
 from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
@@ -34,6 +34,8 @@ from tests.onnx_graphs import (
     mlp_model,
     mlp_reference,
     mlp_weights,
+    two_input_model,
+    two_input_reference,
     with_custom_op,
     with_external_data,
 )
@@ -129,6 +131,61 @@ async def test_a_cnn_on_image_rows() -> None:
     assert np.abs(y - cnn_reference(w, x)).max() < 1e-4
 
 
+async def test_named_inputs_are_packed_and_every_output_comes_back_by_name() -> None:
+    registry, _ = make_registry()
+    model, w = two_input_model()
+    published = await registry.store.publish_onnx("two", serialized(model))
+    assert set(published.manifest.tensors) == {"W0", "E"}
+    resolved = await registry.resolve("two")
+    served = resolved.model
+    assert isinstance(served, PluginModel)
+    assert served.input_names == ("features", "bucket") and served.input_dim == 17
+    assert served.packed_dtype == np.float64  # an int64 input: packed exactly
+    rng = np.random.default_rng(4)
+    features = rng.standard_normal((11, 16)).astype(np.float32)
+    bucket = rng.integers(0, 16, (11, 1))
+    x = served.pack_inputs({"bucket": bucket, "features": features})  # any order
+    y = served.forward(resolved.params, x)
+    named = served.named_outputs(y)
+    assert named is not None and list(named) == ["label", "scores"]
+    label, scores = two_input_reference(w, features, bucket)
+    assert named["label"].dtype == np.int64 and named["label"].shape == (11,)
+    assert np.array_equal(named["label"], label)
+    assert named["scores"].dtype == np.float32 and np.abs(named["scores"] - scores).max() < 1e-5
+    # a flat row per input works as well as its own shape
+    assert np.array_equal(served.pack_inputs({"features": features, "bucket": bucket[:, 0]}), x)
+
+
+@pytest.mark.parametrize(
+    ("named", "code", "says"),
+    [
+        ({"features": np.zeros((2, 16), np.float32)}, "bad_input", "missing bucket"),
+        (
+            {"features": np.zeros((2, 16)), "bucket": np.zeros((2, 1)), "extra": np.zeros((2, 1))},
+            "bad_input",
+            "not inputs of it: 'extra'",
+        ),
+        ({"features": np.zeros((2, 15)), "bucket": np.zeros((2, 1))}, "bad_shape", "[N, 16]"),
+        ({"features": np.zeros((2, 16)), "bucket": np.full((2, 1), 0.5)}, "bad_dtype", "integers"),
+        (
+            {"features": np.zeros((2, 16)), "bucket": np.full((2, 1), 2**60)},
+            "bad_input",
+            "beyond 2**53",
+        ),
+    ],
+)
+async def test_named_inputs_that_do_not_fit_say_why(
+    named: dict[str, np.ndarray], code: str, says: str
+) -> None:
+    registry, _ = make_registry()
+    await registry.store.publish_onnx("two", serialized(two_input_model()[0]))
+    served = (await registry.resolve("two")).model
+    assert isinstance(served, PluginModel)
+    with pytest.raises(RequestError) as info:
+        served.pack_inputs(named)
+    assert info.value.code == code and says in str(info.value), str(info.value)
+
+
 async def test_fixed_batch_of_one_runs_row_by_row() -> None:
     registry, _ = make_registry()
     w = mlp_weights(4)
@@ -185,8 +242,8 @@ async def test_small_constants_stay_in_the_graph_weights_go_to_redis() -> None:
         ("too_many_bytes", "initializers hold more than 100 bytes"),
         ("file_too_big", "over the limit of 200"),
         ("not_onnx", "not an ONNX model"),
-        ("two_inputs", "exactly one input"),
-        ("fixed_batch", "fixed batch size of 4"),
+        ("mixed_batch", "fixed batch sizes"),
+        ("fixed_batch", "fixed batch sizes ('x' [4, 6])"),
         ("dynamic_width", "must be fixed"),
         ("checker", "onnx.checker"),
     ],
@@ -227,10 +284,10 @@ async def test_hostile_graphs_are_refused_at_publish_writing_nothing(case: str, 
         model, limits = base, OnnxLimits(max_initializer_bytes=100)
     elif case == "file_too_big":
         model, limits = base, OnnxLimits(max_file_bytes=200)
-    elif case == "two_inputs":
+    elif case == "mixed_batch":
         model = onnx.ModelProto()
         model.CopyFrom(base)
-        model.graph.input.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 2]))
+        model.graph.input.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 2]))
     elif case == "fixed_batch":
         model = mlp_model(w, batch=4)
     elif case == "dynamic_width":

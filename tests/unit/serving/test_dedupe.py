@@ -1,0 +1,198 @@
+"""Answered once, optionally: ids recorded after acknowledgement, redeliveries skipped and
+committed, and a Redis that fails or stalls only costs the promise, never an answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import numpy as np
+import structlog
+
+from pipeline.cache.cache import ParamCache
+from pipeline.config import Settings, with_values
+from pipeline.errors import StoreUnavailable
+from pipeline.io.kv.memory import MemoryKV
+from pipeline.io.wire import decode_result
+from pipeline.params.models import preset
+from pipeline.params.registry import ModelRegistry
+from pipeline.params.store import ParamStore
+from pipeline.serving.dedupe import Dedupe
+from pipeline.serving.worker import Worker
+from tests.unit.kafka_fakes import FakeBroker, FakeConsumer, FakeProducer
+
+MODEL = preset("mlp")
+PARAMS = MODEL.init(0)
+
+
+def _dedupe(kv: MemoryKV, **kw: Any) -> Dedupe:
+    return Dedupe(kv, key_prefix="t", topic="kvpipe.requests", group="g", ttl_s=60.0, **kw)
+
+
+async def test_recorded_ids_are_found_in_one_round_trip_each_way_and_expire() -> None:
+    now = [0.0]
+    kv = MemoryKV(clock=lambda: now[0])
+    d = _dedupe(kv)
+    await d.record(["a", "b"])
+    assert kv.calls["set_many"] == 1
+    assert await d.answered(["a", "x", "b"]) == [True, False, True]
+    assert kv.calls["mget"] == 1
+    assert kv.keys() == ["t:answered:kvpipe.requests:g:a", "t:answered:kvpipe.requests:g:b"]
+    assert kv.ttl("t:answered:kvpipe.requests:g:a") == 60.0
+    now[0] = 61.0
+    assert await d.answered(["a", "b"]) == [False, False]
+    assert (d.stats.recorded, d.stats.skipped, d.stats.lookups) == (2, 2, 5)
+
+
+async def test_groups_and_topics_never_share_a_record() -> None:
+    kv = MemoryKV()
+    await _dedupe(kv).record(["a"])
+    other_group = Dedupe(kv, key_prefix="t", topic="kvpipe.requests", group="h", ttl_s=60.0)
+    other_topic = Dedupe(kv, key_prefix="t", topic="x.requests", group="g", ttl_s=60.0)
+    assert await other_group.answered(["a"]) == [False]
+    assert await other_topic.answered(["a"]) == [False]
+
+
+async def test_a_failing_redis_costs_the_promise_not_the_answer_and_is_said_once() -> None:
+    kv = MemoryKV()
+    d = _dedupe(kv, pause_s=0.0)
+    await d.record(["a"])
+    kv.fail = StoreUnavailable("Redis at x unavailable")
+    with structlog.testing.capture_logs() as logs:
+        assert await d.answered(["a", "b"]) == [False, False]  # answer again, not never
+        await d.record(["c"])
+        assert await d.answered(["a"]) == [False]
+    assert d.stats.failures == 3 and d.stats.degraded
+    assert [e["event"] for e in logs] == ["dedupe_unavailable"]
+    kv.fail = None
+    with structlog.testing.capture_logs() as logs:
+        assert await d.answered(["a"]) == [True]
+    assert [e["event"] for e in logs] == ["dedupe_restored"] and not d.stats.degraded
+
+
+async def test_after_a_failure_redis_is_left_alone_for_the_pause() -> None:
+    kv = MemoryKV()
+    d = _dedupe(kv, pause_s=3600.0)
+    kv.fail = StoreUnavailable("down")
+    await d.answered(["a"])
+    kv.fail = None
+    calls = sum(kv.calls.values())
+    assert await d.answered(["a"]) == [False]
+    await d.record(["a"])
+    assert sum(kv.calls.values()) == calls  # no call at all while paused
+
+
+async def test_a_stalled_redis_is_given_up_after_the_call_timeout() -> None:
+    kv = MemoryKV()
+    kv.latency_s = 3600.0  # never answers
+    d = _dedupe(kv, timeout_s=0.05)
+    assert await asyncio.wait_for(d.answered(["a"]), 60) == [False]
+    assert d.stats.failures == 1
+
+
+# -- in the worker ------------------------------------------------------------------------------
+
+
+def _settings(**values: Any) -> Settings:
+    return with_values(
+        Settings(),
+        {
+            "worker.commit_interval_s": 0.01,
+            "worker.watchdog_s": 0.0,
+            "worker.shutdown_timeout_s": 5.0,
+            "worker.listen_updates": False,
+            "worker.dedupe_ttl_s": 60.0,
+            **values,
+        },
+    )
+
+
+class Bench:
+    """Requests on a fake broker, answered by workers with dedupe over one memory KV."""
+
+    def __init__(self) -> None:
+        self.settings = _settings()
+        self.broker = FakeBroker()
+        k = self.settings.kafka
+        self.broker.create(k.requests_topic, k.results_topic, k.dlq_topic)
+        self.kv = MemoryKV()
+        self.store = ParamStore(self.kv, prefix="t")
+
+    def request(self, rid: str, row: int, partition: int) -> None:
+        x = np.random.default_rng(row).normal(size=(1, MODEL.input_dim)).round(3).tolist()
+        body = json.dumps({"id": rid, "model": "m", "inputs": x}).encode()
+        self.broker.append(self.settings.kafka.requests_topic, partition, body)
+
+    def all_committed(self) -> bool:
+        ends = self.broker.end(self.settings.kafka.requests_topic)
+        return all(self.broker.committed.get(p, 0) == end for p, end in ends.items() if end)
+
+    def answers(self) -> list[str]:
+        k = self.settings.kafka
+        return [decode_result(r.value, r.headers).id for r in self.broker.records(k.results_topic)]
+
+    async def serve(self, dedupe: Dedupe | None) -> Worker:
+        registry = ModelRegistry(self.store, ParamCache(capacity_bytes=10**8, ttl_s=60.0))
+        worker = Worker(
+            self.settings,
+            registry=registry,
+            producer=FakeProducer(self.broker),  # type: ignore[arg-type]
+            consumer_factory=lambda w: FakeConsumer(self.broker, w),  # type: ignore[arg-type,return-value]
+            dedupe=dedupe,
+        )
+        stop = asyncio.Event()
+        async with worker:
+            task = asyncio.create_task(worker.run(stop))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while not self.all_committed() and loop.time() < deadline and not task.done():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # polls the fake broker's state
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        return worker
+
+
+async def test_a_redelivered_batch_is_skipped_and_committed_not_answered_again() -> None:
+    b = Bench()
+    await b.store.publish("m", MODEL.arch, PARAMS)
+    for i in range(30):
+        b.request(f"r{i}", i, partition=i % 3)
+    first = await b.serve(_dedupe(b.kv))
+    assert sorted(b.answers()) == sorted(f"r{i}" for i in range(30))
+    assert first.stats.skipped_answered == 0
+    # the commit is lost (a crash after the answers were acknowledged and recorded): the
+    # next worker reads every request again
+    b.broker.committed.clear()
+    b.request("new", 99, partition=0)
+    second = await b.serve(_dedupe(b.kv))
+    assert sorted(b.answers()) == sorted([*(f"r{i}" for i in range(30)), "new"])
+    assert second.stats.skipped_answered == 30
+    assert b.all_committed()
+
+
+async def test_without_dedupe_a_redelivered_batch_is_answered_again() -> None:
+    b = Bench()
+    await b.store.publish("m", MODEL.arch, PARAMS)
+    for i in range(10):
+        b.request(f"r{i}", i, partition=0)
+    await b.serve(None)
+    b.broker.committed.clear()
+    await b.serve(None)
+    assert len(b.answers()) == 20  # at-least-once: the control for the test above
+
+
+async def test_redis_down_means_answered_again_and_committed_never_stuck() -> None:
+    b = Bench()
+    await b.store.publish("m", MODEL.arch, PARAMS)
+    for i in range(10):
+        b.request(f"r{i}", i, partition=0)
+    # the parameters are cached by the first worker; dedupe's own KV is down throughout
+    down = MemoryKV()
+    down.fail = StoreUnavailable("Redis at x unavailable")
+    d = _dedupe(down)
+    await b.serve(d)
+    b.broker.committed.clear()
+    worker = await b.serve(_dedupe(down))
+    assert len(b.answers()) == 20 and b.all_committed()
+    assert worker.stats.skipped_answered == 0 and d.stats.degraded
