@@ -17,9 +17,9 @@ any plugin): one onnxruntime ``InferenceSession`` per (model, version), built la
 lock in the compute thread from the graph bytes, with every initializer supplied from the
 parameter arrays (``SessionOptions.add_external_initializers``, which uses the arrays' memory:
 no weight file on disk; the stored graph is checked again first, so a stub onnxruntime would
-have to read from a file is refused rather than opened), one intra- and
-one inter-op thread (the worker's compute threads are the parallelism). A session that cannot
-be built is a ``model_unusable`` error for every batch of that version, never a crash.
+have to read from a file is refused rather than opened), ``KVPIPE_BLAS_THREADS`` intra-op
+threads and one inter-op thread (the worker's compute threads are the parallelism). A session
+that cannot be built is a ``model_unusable`` error for every batch of that version, never a crash.
 
 ``onnx`` and ``onnxruntime`` (the optional extra ``kvpipe[onnx]``) are imported only here, and
 only when a graph is published or a session built.
@@ -50,6 +50,7 @@ __all__ = [
     "OnnxModel",
     "PreparedOnnx",
     "prepare_onnx",
+    "set_session_threads",
 ]
 
 log = structlog.get_logger("kvpipe.onnx")
@@ -464,6 +465,20 @@ def _slots(raw: list[Any], role: str, width: int) -> list[_Slot]:
     return slots
 
 
+@dataclass(slots=True)
+class _Threads:
+    intra_op: int = 1
+
+
+_threads = _Threads()
+
+
+def set_session_threads(intra_op: int) -> None:
+    """Threads each onnxruntime session computes with (the worker passes its BLAS threads per
+    compute thread: like BLAS, the compute threads are the parallelism); later sessions only."""
+    _threads.intra_op = max(1, int(intra_op))
+
+
 class OnnxModel:
     """A published ONNX graph, served with onnxruntime (a :class:`ModelPlugin` of kind ``onnx``).
 
@@ -646,7 +661,7 @@ class OnnxModel:
         started = time.perf_counter()
         self._check_stored(graph)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = _threads.intra_op
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         keep: list[Any] = []

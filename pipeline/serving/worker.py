@@ -30,6 +30,7 @@ from pipeline.errors import BrokerUnavailable, UnreadableMessage
 from pipeline.io.kafka import Consumer, Message, Partition, Producer
 from pipeline.io.wire import error_result
 from pipeline.metrics import WorkerMetrics
+from pipeline.params.onnx import set_session_threads
 from pipeline.params.registry import ModelRegistry
 from pipeline.params.updates import UpdateListener
 from pipeline.resource import AsyncResource
@@ -142,6 +143,7 @@ class Worker(AsyncResource):
         # Compute threads already use the cores; BLAS threads inside each would oversubscribe
         # them and starve the event loop (measured: about 30% fewer requests per second).
         threadpool_limits(limits=self._cfg.blas_threads, user_api="blas")
+        set_session_threads(self._cfg.blas_threads)  # onnxruntime's own pool, the same rule
         self._executor = ThreadPoolExecutor(
             max_workers=self._cfg.compute_threads, thread_name_prefix="kvpipe-compute"
         )

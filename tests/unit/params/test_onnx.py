@@ -23,7 +23,13 @@ from pipeline.errors import ConfigError, KvpipeError, ParamsCorrupt, RequestErro
 from pipeline.io.kv.memory import MemoryKV
 from pipeline.params.keys import BlobKey
 from pipeline.params.models import PluginModel, build_model, model_kinds
-from pipeline.params.onnx import GRAPH_PARAM, IN_MEMORY, OnnxLimits, prepare_onnx
+from pipeline.params.onnx import (
+    GRAPH_PARAM,
+    IN_MEMORY,
+    OnnxLimits,
+    prepare_onnx,
+    set_session_threads,
+)
 from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
 from tests.onnx_graphs import (
@@ -375,3 +381,17 @@ async def test_a_stored_graph_reaching_for_a_file_is_refused_before_onnxruntime_
     resolved = await registry.resolve("m")
     with pytest.raises(ParamsCorrupt, match="external data"):
         resolved.model.forward(resolved.params, np.ones((1, 6), dtype=np.float32))
+
+
+async def test_sessions_compute_with_the_workers_blas_threads() -> None:
+    registry, _ = make_registry()
+    await registry.store.publish_onnx("m", serialized(mlp_model(mlp_weights(9))))
+    resolved = await registry.resolve("m")
+    assert isinstance(resolved.model, PluginModel)
+    set_session_threads(2)
+    try:
+        resolved.model.forward(resolved.params, np.zeros((1, 6), np.float32))
+    finally:
+        set_session_threads(1)
+    session = resolved.model.plugin._session
+    assert session.get_session_options().intra_op_num_threads == 2
