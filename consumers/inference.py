@@ -37,6 +37,7 @@ from pipeline.params.store import ParamStore
 from pipeline.serving.dedupe import Dedupe
 from pipeline.serving.fleet import IDLE_REASON, FleetStatus
 from pipeline.serving.supervisor import Supervisor
+from pipeline.serving.tracing import Tracing, configure_tracing
 from pipeline.serving.worker import Worker, WorkerStats, default_worker_id, tune_gc
 
 log = structlog.get_logger("kvpipe.inference")
@@ -48,9 +49,11 @@ async def serve(
     *,
     on_ready: Callable[[Worker], None] | None = None,
     port_file: Path | None = None,
+    tracing: Tracing | None = None,
 ) -> WorkerStats:
     """Run one worker until ``stop`` is set; returns its counters after the drain.
-    ``port_file``: where the status server's port is written (for a supervisor)."""
+    ``port_file``: where the status server's port is written (for a supervisor); ``tracing``:
+    the worker's tracing hooks (default: from the settings, on the global tracer provider)."""
     async with AsyncExitStack() as stack:
         kv = await stack.enter_async_context(open_kv(settings.redis))
         store = ParamStore(kv, prefix=settings.redis.key_prefix)
@@ -89,6 +92,7 @@ async def serve(
                 listener=listener,
                 metrics=metrics,
                 dedupe=dedupe,
+                tracing=tracing,
             )
         )
         if metrics is not None:
@@ -115,6 +119,7 @@ async def start_serving(
     stop: asyncio.Event,
     *,
     timeout_s: float = 60.0,
+    tracing: Tracing | None = None,
 ) -> tuple[Worker, asyncio.Task[WorkerStats]]:
     """Run :func:`serve` as a task; return once its worker owns partitions.
 
@@ -127,7 +132,7 @@ async def start_serving(
         if not ready.done():
             ready.set_result(worker)
 
-    task = asyncio.create_task(serve(settings, stop, on_ready=on_ready))
+    task = asyncio.create_task(serve(settings, stop, on_ready=on_ready, tracing=tracing))
     try:
         worker = await _before(ready, task, timeout_s)
         await _before(worker.assigned.wait(), task, timeout_s)
@@ -242,6 +247,7 @@ async def run_until_signalled(settings: Settings, *, port_file: Path | None = No
         return await supervise(settings, stop)
     load_model_plugins(settings.model_plugins)
     tune_gc()
+    configure_tracing(settings.tracing)
     await serve(settings, stop, port_file=port_file)
     return 0
 

@@ -35,6 +35,7 @@ from pipeline.serving.commits import OffsetTracker
 from pipeline.serving.dedupe import Dedupe
 from pipeline.serving.item import Item
 from pipeline.serving.stats import WorkerStats
+from pipeline.serving.tracing import Tracing
 
 log = structlog.get_logger("kvpipe.worker")
 
@@ -58,6 +59,7 @@ class Outgoing:
     headers: list[tuple[str, bytes]]
     result: Result | None
     key: bytes | None
+    span: Any = None  # its produce span, ended when acknowledged (serving/tracing.py)
 
 
 class Delivery:
@@ -74,8 +76,10 @@ class Delivery:
         abandon: asyncio.Event,
         metrics: WorkerMetrics | None = None,
         dedupe: Dedupe | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._kafka = kafka
+        self.tracing = tracing or Tracing.off()
         self.dedupe = dedupe
         self.producer = producer
         self._book = book
@@ -166,7 +170,8 @@ class Delivery:
         topic = item.request.reply_to or self._kafka.results_topic
         try:
             value, headers = encode_result(result, item.request.content_type)
-            return Outgoing(item, topic, value, headers, result, result.id.encode())
+            span = self.tracing.result_headers(item, topic, result, headers)
+            return Outgoing(item, topic, value, headers, result, result.id.encode(), span)
         except Exception as exc:
             log.exception("encode_failed", request_id=safe_text(result.id, 80))
             reason = f"internal error: result not encodable: {type(exc).__name__}: {exc}"
@@ -181,7 +186,8 @@ class Delivery:
                 worker=self.worker_id,
             )
             value, headers = encode_result(fallback)
-            return Outgoing(item, topic, value, headers, fallback, fallback.id.encode())
+            span = self.tracing.result_headers(item, topic, fallback, headers)
+            return Outgoing(item, topic, value, headers, fallback, fallback.id.encode(), span)
         except Exception:
             return self.dead_letter_out(item, KvpipeError(reason, code="internal"))
 
@@ -269,9 +275,10 @@ class Delivery:
         for the lot; a failure only costs the promise), then their offsets committable."""
         if self.dedupe is not None:
             await self.dedupe.record([o.item.request.id for o in acked if o.item.request.id])
-        finish = self._book.finish
+        finish, sent = self._book.finish, self.tracing.sent
         for out in acked:
             finish(out.item.message.partition, out.item.message.offset)
+            sent(out.item, out.span)
 
     async def _reroute(self, failed: list[Outgoing]) -> list[Outgoing]:
         """After failed sends: a client's reply topic that is gone gets its answer on the

@@ -21,6 +21,7 @@ class Item:
     message: Message
     request: Request
     answered: bool = False  # an answer (result or dead letter) was handed to delivery
+    span: Any = None  # its consume span, while tracing records spans (serving/tracing.py)
 
 
 class Tasks:

@@ -29,6 +29,7 @@ from pipeline.params.registry import ModelRegistry, Resolved, worst
 from pipeline.serving.item import Item
 from pipeline.serving.memo import MemoSplit, ResultMemo
 from pipeline.serving.stats import WorkerStats
+from pipeline.serving.tracing import BatchTrace, Tracing
 
 log = structlog.get_logger("kvpipe.worker")
 
@@ -93,6 +94,7 @@ class _Run:
     started_wall: float  # epoch ms at the start
     loaded: float = 0.0  # perf_counter when the parameters were in hand
     answers: Answers = field(default_factory=list)
+    trace: BatchTrace | None = None  # its stage times, for spans
 
     @property
     def cache_source(self) -> CacheSource:
@@ -118,8 +120,10 @@ class BatchRunner:
         worker_id: str,
         memo: ResultMemo | None = None,
         metrics: WorkerMetrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.registry = registry
+        self.tracing = tracing or Tracing.off()
         self._reply = reply
         self.stats = stats
         self.worker_id = worker_id
@@ -136,6 +140,7 @@ class BatchRunner:
     async def run(self, model: str, version: int | None, items: list[Item]) -> None:
         """Answer every item of one batch."""
         started, started_wall = time.perf_counter(), time.time() * 1000
+        batch_trace = self.tracing.batch(model)
         refused: Answers = []
         try:
             resolved = await self.registry.resolve(model, version)
@@ -156,9 +161,12 @@ class BatchRunner:
                 for it in items
                 if id(it) not in answered
             ]
+            batch_trace.end(refused, exc)
             await self._reply(refused)
             return
         run.loaded = time.perf_counter()
+        run.trace = batch_trace
+        batch_trace.loaded()
         run.answers = refused
         memo_timings = {"load_ms": run.load_ms(), "compute_ms": 0.0}
         memo = await self.memo.split(resolved, good) if self.memo is not None else None
@@ -177,6 +185,7 @@ class BatchRunner:
         for _, res in run.answers:
             if res.version is None:
                 res.version = resolved.version
+        batch_trace.end(run.answers)
         await self._reply(run.answers)
 
     async def _compute_batch(
@@ -208,6 +217,8 @@ class BatchRunner:
             ]
             return
         computed = time.perf_counter()
+        if run.trace is not None:
+            run.trace.computed()
         n_rows = sum(it.request.rows for it in good)
         self.stats.batches += 1
         self.stats.batched_rows += n_rows

@@ -30,6 +30,7 @@ from pipeline.errors import BrokerUnavailable, UnreadableMessage
 from pipeline.io.kafka import Consumer, Message, Partition, Producer
 from pipeline.io.wire import error_result
 from pipeline.metrics import WorkerMetrics
+from pipeline.params.prefix import PrefixCache
 from pipeline.params.onnx import set_session_threads
 from pipeline.params.registry import ModelRegistry
 from pipeline.params.updates import UpdateListener
@@ -38,11 +39,13 @@ from pipeline.serving.batcher import Batcher, BatchKey
 from pipeline.serving.commits import Commits
 from pipeline.serving.dedupe import Dedupe
 from pipeline.serving.delivery import Delivery
+from pipeline.serving.generation import GenerationScheduler
 from pipeline.serving.intake import read_item
 from pipeline.serving.item import Item, Tasks
 from pipeline.serving.memo import ResultMemo
 from pipeline.serving.runner import BatchRunner
 from pipeline.serving.stats import WorkerStats
+from pipeline.serving.tracing import Tracing
 from pipeline.serving.watchdog import Watchdog
 
 log = structlog.get_logger("kvpipe.worker")
@@ -79,8 +82,10 @@ class Worker(AsyncResource):
         metrics: WorkerMetrics | None = None,
         consumer_factory: Callable[[Worker], Consumer] | None = None,
         dedupe: Dedupe | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing or Tracing(settings.tracing)
         self.dedupe = dedupe
         self.registry = registry
         self.producer = producer
@@ -110,6 +115,7 @@ class Worker(AsyncResource):
             abandon=self._abandon,
             metrics=metrics,
             dedupe=dedupe,
+            tracing=self.tracing,
         )
         memo = None
         if settings.cache.result_models:
@@ -121,6 +127,16 @@ class Worker(AsyncResource):
             worker_id=self.worker_id,
             memo=memo,
             metrics=metrics,
+            tracing=self.tracing,
+        )
+        prefix = PrefixCache(
+            registry.store.kv,
+            key_prefix=settings.redis.key_prefix,
+            capacity_bytes=settings.cache.prefix_bytes,
+            ttl_s=settings.cache.prefix_ttl_s,
+        )
+        self.generation = GenerationScheduler(
+            settings, registry, prefix, self.delivery, self.stats, worker_id=self.worker_id
         )
         self.batcher: Batcher[BatchKey, Item] = Batcher(
             self._run_batch,
@@ -148,6 +164,7 @@ class Worker(AsyncResource):
             max_workers=self._cfg.compute_threads, thread_name_prefix="kvpipe-compute"
         )
         self.runner.executor = self._executor
+        self.generation.executor = self._executor
         self._consumer = self._new_consumer()
         await self._consumer.start()
 
@@ -172,6 +189,7 @@ class Worker(AsyncResource):
         self._abandon.set()
         self.batcher.cancel()
         await self._tasks.cancel_all()
+        await self.generation.aclose()
         try:
             if self._consumer is not None:
                 await self._consumer.aclose()
@@ -341,6 +359,7 @@ class Worker(AsyncResource):
         for their (model, version) batch; with dedupe, requests already answered are skipped."""
         groups: dict[BatchKey, list[Item]] = defaultdict(list)
         now_ms = time.time() * 1000
+        started_ns = time.time_ns()
         book = self.commits.book
         if self.metrics is not None:
             self.metrics.requests.inc(len(messages))
@@ -351,7 +370,9 @@ class Worker(AsyncResource):
             try:
                 items.append(read_item(msg, self.settings, now_ms))
             except UnreadableMessage as exc:
+                self.tracing.unreadable(msg, exc, started_ns)
                 self._tasks.spawn(self.delivery.dead_letter(msg, exc))
+        self.tracing.consumed(items, started_ns)
         if self.dedupe is not None:
             items = await self._skip_answered(items)
         for item in items:
@@ -361,6 +382,9 @@ class Worker(AsyncResource):
                 self._tasks.spawn(
                     self.delivery.answer_all([item], self.delivery.reply([(item, answer)]))
                 )
+                continue
+            if request.generation is not None:  # a prompt: streamed by the generation scheduler
+                self.generation.submit(item)
                 continue
             groups[(request.model, request.version)].append(item)
         for key, items in groups.items():

@@ -1,0 +1,96 @@
+"""A trace started by the test's producer continues through a real worker (local Redis and
+broker): the worker's spans are its children and the result carries it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from consumers.inference import start_serving
+from pipeline.io.kafka import Consumer, Producer, ensure_topics
+from pipeline.io.kv import open_kv
+from pipeline.io.wire import decode_result, encode_request
+from pipeline.params.models import preset
+from pipeline.params.store import ParamStore
+from pipeline.serving.tracing import Tracing
+
+pytestmark = pytest.mark.integration
+
+
+async def test_the_workers_spans_are_children_of_the_producers_trace(make_settings: Any) -> None:
+    settings = make_settings(**{"tracing.copy_headers": ("x-tenant",)})
+    k = settings.kafka
+    model = preset("mlp")
+    params = model.init(0)
+    async with open_kv(settings.redis) as kv:
+        await ParamStore(kv, prefix=settings.redis.key_prefix).publish("m", model.arch, params)
+    await ensure_topics(k, [k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic])
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    x = np.random.default_rng(3).standard_normal((2, model.input_dim)).astype(np.float32)
+
+    stop = asyncio.Event()
+    _, task = await start_serving(
+        settings, stop, timeout_s=30, tracing=Tracing(settings.tracing, provider)
+    )
+    try:
+        tracer = provider.get_tracer("test-producer")
+        async with Producer(k) as producer:
+            with tracer.start_as_current_span("send request", kind=trace.SpanKind.PRODUCER) as root:
+                value, headers = encode_request(id="traced", model="m", inputs=x)
+                carrier: dict[str, str] = {}
+                TraceContextTextMapPropagator().inject(carrier)
+                headers += [(name, text.encode()) for name, text in carrier.items()]
+                headers.append(("x-tenant", b"acme"))
+                await producer.send(k.requests_topic, value, key=b"traced", headers=headers)
+        async with Consumer(k, [k.results_topic], group_id=None, assign_from="start") as results:
+            got: list[Any] = []
+            for _ in range(150):
+                got += await results.getmany(timeout_ms=200, max_records=10)
+                if got:
+                    break
+        assert len(got) == 1
+        (message,) = got
+        result = decode_result(message.value or b"", message.headers)
+        assert result.ok and result.id == "traced"
+        np.testing.assert_allclose(result.outputs, model.forward(params, x), rtol=1e-5)
+        names = {"consume", "batch", "load", "compute", "produce"}
+        for _ in range(100):  # the worker ends its spans when the broker acknowledges
+            finished = {s.name: s for s in exporter.get_finished_spans()}
+            if names <= finished.keys():
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+    root_ctx = root.get_span_context()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert names | {"send request"} == spans.keys()
+    assert all(s.context.trace_id == root_ctx.trace_id for s in spans.values())
+
+    def parent(name: str) -> int | None:
+        p = spans[name].parent
+        return None if p is None else p.span_id
+
+    assert parent("consume") == root_ctx.span_id
+    assert parent("batch") == spans["consume"].context.span_id
+    assert parent("load") == parent("compute") == spans["batch"].context.span_id
+    assert parent("produce") == spans["consume"].context.span_id
+    assert spans["batch"].attributes is not None
+    assert spans["batch"].attributes["kvpipe.batch.rows"] == 2
+    carried = dict(message.headers)
+    produce = spans["produce"].context
+    assert carried["traceparent"] == (
+        f"00-{root_ctx.trace_id:032x}-{produce.span_id:016x}-{produce.trace_flags:02x}".encode()
+    )
+    assert carried["x-tenant"] == b"acme"
