@@ -177,7 +177,8 @@ class RedisSettings:
     url: str = setting(
         default="redis://127.0.0.1:6379/0",
         env="KVPIPE_REDIS",
-        help="Redis URL, redis://[user:pass@]host:port/db",
+        help="Redis URL, redis://[user:pass@]host:port/db, or a Redis Cluster, "
+        "redis+cluster://[user:pass@]host:port[,host:port...] (rediss+cluster:// for TLS)",
         secret=True,
         flag="--redis",
         metavar="URL",
@@ -200,6 +201,14 @@ class RedisSettings:
         env="KVPIPE_REDIS_TIMEOUT",
         help="Seconds any Redis command may take",
         parse=_positive_float,
+    )
+    emb_partitions: int = setting(
+        default=8,
+        env="KVPIPE_EMB_PARTITIONS",
+        help="Hashes each embedding table is split into on a Redis Cluster (2-5x the "
+        "primaries; a single Redis keeps one hash). Part of the key layout: trainers and "
+        "workers must agree, and a change needs the tables published again",
+        parse=_positive_int,
     )
     connect_timeout_s: float = 2.0
     pool_size: int = 8
@@ -402,6 +411,18 @@ class CacheSettings:
         help="Seconds memoized outputs are also kept in Redis for the fleet (0: this worker only)",
         parse=_non_negative_float,
     )
+    prefix_bytes: int = setting(
+        default=256 * MiB,
+        env="KVPIPE_PREFIX_CACHE_BYTES",
+        help="Byte budget of the worker's cache of transformer prefix keys/values",
+        parse=_positive_int,
+    )
+    prefix_ttl_s: float = setting(
+        default=3600.0,
+        env="KVPIPE_PREFIX_TTL",
+        help="Seconds prefix keys/values live in Redis (and in the worker) after written",
+        parse=_positive_float,
+    )
 
 
 @settings_class
@@ -510,6 +531,51 @@ class WorkerSettings:
     )
 
 
+#: At most this many names in ``KVPIPE_COPY_HEADERS``; headers kvpipe writes itself are never
+#: copied (``kvpipe-*``, ``content-type``, and the trace headers, which tracing carries).
+MAX_COPY_HEADERS = 16
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
+RESERVED_HEADERS = ("content-type", "traceparent", "tracestate")
+
+
+def _header_names(raw: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.lower() for n in _names(raw)))
+    if len(names) > MAX_COPY_HEADERS:
+        raise ValueError(f"at most {MAX_COPY_HEADERS} header names")
+    for name in names:
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{name[:80]!r} is not a header name (64 token characters at most)")
+        if name.startswith("kvpipe-") or name in RESERVED_HEADERS:
+            raise ValueError(f"{name!r} is kvpipe's own header; it is never copied")
+    return names
+
+
+@settings_class
+class TracingSettings:
+    """Trace context from requests to results (W3C traceparent), and copied request headers."""
+
+    enabled: bool = setting(
+        default=True,
+        env="KVPIPE_TRACING",
+        help="Continue a request's traceparent/tracestate into the worker's spans and onto its "
+        "result (0: neither)",
+        parse=_flag,
+    )
+    otlp_endpoint: str = setting(
+        default="",
+        env="KVPIPE_OTLP_ENDPOINT",
+        help="Send spans over OTLP/HTTP to this URL, e.g. http://collector:4318/v1/traces "
+        "(needs kvpipe[tracing]; empty: to the process's own OpenTelemetry SDK, if any)",
+    )
+    copy_headers: tuple[str, ...] = setting(
+        default=(),
+        env="KVPIPE_COPY_HEADERS",
+        help=f"Request headers copied onto results, comma-separated names (at most "
+        f"{MAX_COPY_HEADERS}; never kvpipe-*, content-type or the trace headers)",
+        parse=_header_names,
+    )
+
+
 @settings_class
 class Settings:
     """Everything a kvpipe process needs, in one immutable value."""
@@ -519,6 +585,7 @@ class Settings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     log_format: LogFormat = setting(
         default="auto",
         env="KVPIPE_LOG_FORMAT",
