@@ -21,6 +21,7 @@ import orjson
 from pipeline.config import LimitSettings
 from pipeline.errors import ConfigError, KvpipeError, RequestError, UnreadableMessage
 from pipeline.io.npy import from_npy, to_npy
+from pipeline.io.stream import GenerationSpec, parse_generation
 from pipeline.names import check_name
 
 JSON = "application/json"
@@ -63,6 +64,8 @@ class Request:
     reply_to: str | None = None
     deadline_ms: int | None = None
     error: KvpipeError | None = None
+    #: A generation request (``prompt``): answered by a stream, not by the batcher.
+    generation: GenerationSpec | None = None
 
     @property
     def rows(self) -> int:
@@ -382,7 +385,9 @@ def decode_request(
         request.model = _check_model(body.get("model"))
         request.version = _check_version(body.get("version"))
         request.reply_to, request.deadline_ms = _routing(headers)
-        if isinstance(body.get("inputs"), dict):
+        if "prompt" in body:
+            request.generation = parse_generation(body, limits)
+        elif isinstance(body.get("inputs"), dict):
             request.named = check_named(body["inputs"], limits)
         elif "inputs" in body:
             request.inputs = check_inputs(body["inputs"], limits)

@@ -50,7 +50,17 @@ class OutputKey:
     digest: bytes
 
 
-CacheKey = PointerKey | ManifestKey | BlobKey | RowKey | OutputKey
+@dataclass(frozen=True, slots=True)
+class PrefixKey:
+    """Attention keys/values of one prompt chunk: a chained hash of every token up to the
+    chunk's end (:mod:`pipeline.params.prefix`), for exactly one version of a model."""
+
+    model: str
+    version: int
+    digest: str
+
+
+CacheKey = PointerKey | ManifestKey | BlobKey | RowKey | OutputKey | PrefixKey
 
 
 def of_model(key: object, model: str) -> bool:

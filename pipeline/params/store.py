@@ -33,6 +33,7 @@ from pipeline.names import check_name
 from pipeline.params.keys import OutputKey
 from pipeline.params.models import build_model
 from pipeline.params.onnx import OnnxLimits, PreparedOnnx, prepare_onnx
+from pipeline.params.transformer import Transformer as _Transformer  # noqa: F401 (registers it)
 
 ROW_CHUNK = 5000
 #: How long the keys of a version being published live until its pointer move persists them.

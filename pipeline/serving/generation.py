@@ -1,0 +1,432 @@
+"""Generation in the worker: prefill with reused prefix keys/values, decode in batches, stream.
+
+A request with a ``prompt`` comes here instead of the batcher. Its sequence resolves the model
+(one version for its whole life), finds the longest cached prefix (:mod:`pipeline.params.prefix`),
+prefills the rest one chunk at a time in the compute threads (so a long prompt never holds the
+others' tokens for its whole prefill; a chunk another request is computing is joined, not
+computed twice), then joins the decode group of its (model, version): every step advances all
+of the group's sequences by one token in one numpy call (:meth:`Transformer.decode`).
+
+Each new token goes out at once as a stream message on the request's topic and partition (the
+request's partition number, like every answer), not waited for; the final message carries every
+token, so a lost progress message costs nothing. The request's offset is finished only when the
+final message is acknowledged (:meth:`Delivery.deliver`), so a partition's commits wait behind
+a running generation: bounded by ``max_tokens`` and the deadline, never past its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import structlog
+
+from pipeline.config import Settings
+from pipeline.errors import KvpipeError, RequestError
+from pipeline.io.stream import GenerationSpec, StreamMessage, encode_stream
+from pipeline.io.wire import H_CONTENT_TYPE, JSON, Result, Status, error_result
+from pipeline.params.prefix import PrefixCache, Reuse
+from pipeline.params.registry import ModelRegistry, Resolved
+from pipeline.params.transformer import EOS, KVState, Transformer, sample, transformer_of
+from pipeline.resource import AsyncResource
+from pipeline.serving.delivery import Delivery, Outgoing
+from pipeline.serving.item import Item, Tasks
+from pipeline.serving.stats import WorkerStats
+
+log = structlog.get_logger("kvpipe.generation")
+
+T = TypeVar("T")
+_JSON_HEADERS = [(H_CONTENT_TYPE, JSON.encode())]
+
+
+@dataclass(eq=False)
+class Generation:
+    """One generation in progress."""
+
+    item: Item
+    spec: GenerationSpec
+    resolved: Resolved
+    model: Transformer
+    state: KVState
+    rng: np.random.Generator
+    topic: str
+    partition: int | None
+    started: float  # perf_counter at dispatch
+    queue_ms: float
+    reuse: Reuse | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+    )
+    seq: int = 0
+    computed: int = 0  # prompt tokens this request computed itself
+    joined: int = 0  # prompt tokens another request computed for it (single-flight)
+    timings: dict[str, float] = field(default_factory=dict)
+    done: asyncio.Future[None] | None = None
+    finish: str | None = None
+    error: KvpipeError | None = None
+
+    @property
+    def id(self) -> str:
+        return self.item.request.id
+
+    def generated(self) -> bytes:
+        return bytes(t for t in self.tokens if t < 256)
+
+
+class GenerationScheduler(AsyncResource):
+    """Runs the generations of one worker (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        prefix: PrefixCache,
+        delivery: Delivery,
+        stats: WorkerStats,
+        *,
+        worker_id: str,
+        max_batch: int = 64,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.prefix = prefix
+        self.delivery = delivery
+        self.stats = stats
+        self.worker_id = worker_id
+        self.max_batch = max_batch
+        self.executor: Executor | None = None
+        self._tasks = Tasks(lambda exc: log.error("generation_task_failed", error=repr(exc)))
+        self._active: dict[tuple[str, int], list[Generation]] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.steps = 0  # decode steps run
+        self.stepped_sequences = 0  # sequences advanced over all steps (mean batch = / steps)
+
+    @property
+    def active(self) -> int:
+        return sum(len(g) for g in self._active.values())
+
+    async def aclose(self) -> None:
+        """Cancel running generations (their offsets stay uncommitted); safe twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._loop_task is not None:
+                self._loop_task.cancel()
+                await asyncio.gather(self._loop_task, return_exceptions=True)
+            await self._tasks.cancel_all()
+        finally:
+            await self.prefix.aclose()
+
+    def submit(self, item: Item) -> None:
+        """Start generating for ``item`` (its request has a ``generation``)."""
+        self._tasks.spawn(
+            self.delivery.answer_all([item], self._serve(item), model=item.request.model)
+        )
+
+    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, fn, *args)
+
+    # -- one sequence ------------------------------------------------------------------------
+
+    async def _serve(self, item: Item) -> None:
+        request = item.request
+        spec = request.generation
+        assert spec is not None
+        started = time.perf_counter()
+        queue_ms = max(0.0, time.time() * 1000 - item.message.timestamp_ms)
+        try:
+            seq = await self._open(item, spec, started, queue_ms)
+        except KvpipeError as exc:
+            await self.delivery.reply([(item, error_result(request, exc, worker=self.worker_id))])
+            return
+        try:
+            logits = await self._prefill(seq)
+            seq.timings["prefill_ms"] = _ms(started) - seq.timings.get("lookup_ms", 0.0)
+            await self._advance(seq, logits)
+            if seq.finish is None:
+                seq.done = asyncio.get_running_loop().create_future()
+                self._join(seq)
+                await seq.done
+        except _DeadlinePassed:
+            seq.finish = "deadline"
+            seq.error = RequestError(
+                f"deadline passed after {len(seq.tokens)} generated tokens; generation stopped",
+                code="deadline_exceeded",
+            )
+        await self._final(seq)
+
+    async def _open(
+        self, item: Item, spec: GenerationSpec, started: float, queue_ms: float
+    ) -> Generation:
+        """Resolve the model, check the request against it, find its cached prefix."""
+        request = item.request
+        resolved = await self.registry.resolve(request.model, request.version)
+        model = transformer_of(resolved.model)
+        if model is None:
+            raise RequestError(
+                f"model {request.model!r} is not a transformer; send inputs, not a prompt",
+                code="not_generative",
+            )
+        n = len(spec.prompt)
+        if n + spec.max_tokens > model.n_ctx:
+            raise RequestError(
+                f"prompt of {n} tokens plus max_tokens {spec.max_tokens} is over the model's "
+                f"context of {model.n_ctx} tokens; shorten the prompt or ask for fewer tokens",
+                code="context_too_long",
+            )
+        topic = request.reply_to or self.settings.kafka.results_topic
+        if request.reply_to is not None:
+            since = item.message.timestamp_ms / 1000
+            if await self.delivery.topics.missing({topic}, since=since):
+                # answered on the results topic by Delivery.reply, which sees it is missing
+                raise RequestError(
+                    f"reply-to topic {topic!r} does not exist; create it before sending requests",
+                    code="bad_reply_to",
+                )
+        count = self.delivery.producer.partition_count(topic)
+        rng = np.random.default_rng(spec.seed)
+        lookup_started = time.perf_counter()
+        reuse = await self.prefix.lookup(resolved.name, resolved.version, model, spec.prompt)
+        state = model.state_of(reuse.chunks)
+        state.reserve(n + spec.max_tokens - state.length)
+        seq = Generation(
+            item=item,
+            spec=spec,
+            resolved=resolved,
+            model=model,
+            state=state,
+            rng=rng,
+            topic=topic,
+            partition=None if count is None else item.message.partition.partition % count,
+            started=started,
+            queue_ms=queue_ms,
+            reuse=reuse,
+        )
+        seq.timings["lookup_ms"] = _ms(lookup_started)
+        return seq
+
+    async def _prefill(self, seq: Generation) -> np.ndarray[Any, Any]:
+        """Compute the prompt after the reused prefix, one chunk per compute call; full chunks
+        are shared (single-flight) and kept (local and Redis); returns the last logits."""
+        model, params, prompt = seq.model, seq.resolved.params, list(seq.spec.prompt)
+        chunk = model.kv_chunk
+        assert seq.reuse is not None
+        keys = seq.reuse.keys
+        usable = (len(prompt) - 1) // chunk
+        for i in range(len(seq.reuse.chunks), usable):
+            self._check_deadline(seq)
+            key = keys[i]
+            lo, hi = i * chunk, (i + 1) * chunk
+            have = self.prefix.cached(key)
+            if have is not None:
+                seq.state.append(have)
+                seq.joined += chunk
+                continue
+            state = seq.state
+
+            async def run(lo: int = lo, hi: int = hi, state: KVState = state) -> Any:
+                await self._compute(model.prefill, params, prompt[lo:hi], state)
+                return state.span(lo, hi)
+
+            kv, leader = await self.prefix.compute(key, run)
+            if leader:
+                seq.computed += chunk
+            else:
+                seq.state.append(kv)
+                seq.joined += chunk
+        self._check_deadline(seq)
+        start = seq.state.length
+        logits = await self._compute(model.prefill, params, prompt[start:], seq.state)
+        seq.computed += len(prompt) - start
+        for i in range(usable, len(keys)):  # a prompt ending on a chunk boundary: keep it too
+            self.prefix.keep(keys[i], seq.state.span(i * chunk, (i + 1) * chunk))
+        return logits
+
+    def _check_deadline(self, seq: Generation) -> None:
+        deadline = seq.item.request.deadline_ms
+        if deadline is not None and time.time() * 1000 > deadline:
+            raise _DeadlinePassed
+
+    async def _advance(self, seq: Generation, logits: np.ndarray[Any, Any]) -> None:
+        """Sample the next token, stream it, and decide whether the sequence is finished."""
+        spec = seq.spec
+        token = sample(logits, temperature=spec.temperature, top_k=spec.top_k, rng=seq.rng)
+        if not seq.tokens:
+            seq.timings["ttft_ms"] = _ms(seq.started)
+        seq.tokens.append(token)
+        piece = seq.text.decode(bytes([token])) if token < 256 else ""
+        await self._progress(seq, [token], piece)
+        if token == EOS:
+            seq.finish = "eos"
+        elif spec.stop and any(seq.generated().endswith(s) for s in spec.stop):
+            seq.finish = "stop"
+        elif len(seq.tokens) >= spec.max_tokens:
+            seq.finish = "length"
+        else:
+            deadline = seq.item.request.deadline_ms
+            if deadline is not None and time.time() * 1000 > deadline:
+                seq.finish = "deadline"
+                seq.error = RequestError(
+                    f"deadline passed after {len(seq.tokens)} generated tokens; generation stopped",
+                    code="deadline_exceeded",
+                )
+
+    async def _progress(self, seq: Generation, tokens: list[int], text: str) -> None:
+        """One progress message, sent without waiting for its acknowledgement."""
+        msg = StreamMessage(
+            id=seq.id,
+            model=seq.resolved.name,
+            version=seq.resolved.version,
+            seq=seq.seq,
+            start=len(seq.tokens) - len(tokens),
+            tokens=tokens,
+            text=text if seq.spec.text else None,
+            worker=self.worker_id,
+        )
+        seq.seq += 1
+        try:
+            fut = await self.delivery.producer.enqueue(
+                seq.topic,
+                encode_stream(msg),
+                key=seq.id.encode(),
+                headers=_JSON_HEADERS,
+                partition=seq.partition,
+            )
+        except KvpipeError as exc:  # the final message carries every token anyway
+            log.debug("progress_not_sent", request_id=seq.id, error=str(exc))
+            return
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def _final(self, seq: Generation) -> None:
+        """The last message: every token, why it stopped, usage, provenance, timings; its
+        acknowledgement finishes the request's offset."""
+        reuse = seq.reuse or Reuse(keys=[])
+        chunk = seq.model.kv_chunk
+        seq.timings.update(queue_ms=round(seq.queue_ms, 3), total_ms=_ms(seq.started))
+        text = seq.generated().decode("utf-8", "replace") if seq.spec.text else None
+        error = seq.error
+        msg = StreamMessage(
+            id=seq.id,
+            model=seq.resolved.name,
+            version=seq.resolved.version,
+            seq=seq.seq,
+            start=0,
+            tokens=list(seq.tokens),
+            text=text,
+            final=True,
+            status="ok" if error is None else "error",
+            error_code=None if error is None else error.code,
+            error_message=None if error is None else str(error),
+            finish_reason=seq.finish,
+            usage={
+                "prompt_tokens": len(seq.spec.prompt),
+                "completion_tokens": len(seq.tokens),
+            },
+            prefix={
+                "reused_tokens": (reuse.local + reuse.redis) * chunk,
+                "local_tokens": reuse.local * chunk,
+                "redis_tokens": reuse.redis * chunk,
+                "joined_tokens": seq.joined,
+                "computed_tokens": seq.computed,
+                "damaged_chunks": reuse.damaged,
+                "bytes_read": reuse.bytes_read,
+            },
+            timings={k: round(v, 3) for k, v in seq.timings.items()},
+            worker=self.worker_id,
+        )
+        result = Result(
+            id=seq.id,
+            model=seq.resolved.name,
+            status=Status.OK if error is None else Status.ERROR,
+            version=seq.resolved.version,
+            error_code=msg.error_code,
+            error_message=msg.error_message,
+            worker=self.worker_id,
+            timings=msg.timings,
+        )
+        if error is None:
+            self.stats.ok += 1
+        else:
+            self.stats.errors += 1
+            self.stats.errors_by_code[error.code] += 1
+        seq.item.answered = True
+        out = Outgoing(
+            seq.item, seq.topic, encode_stream(msg), _JSON_HEADERS, result, seq.id.encode()
+        )
+        log.debug(
+            "generation_done",
+            request_id=seq.id,
+            model=seq.resolved.name,
+            tokens=len(seq.tokens),
+            finish=seq.finish,
+            **msg.prefix,
+        )
+        await self.delivery.deliver([out])
+
+    # -- decode batching ---------------------------------------------------------------------
+
+    def _join(self, seq: Generation) -> None:
+        key = (seq.resolved.name, seq.resolved.version)
+        self._active.setdefault(key, []).append(seq)
+        self._wake.set()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._decode_loop())
+
+    async def _decode_loop(self) -> None:
+        """Advance every active sequence by one token per step, one numpy call per group."""
+        while not self._closed:
+            if not self._active:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            for key in list(self._active):
+                group = self._active.get(key, [])[: self.max_batch]
+                if group:
+                    await self._step(key, group)
+
+    async def _step(self, key: tuple[str, int], group: list[Generation]) -> None:
+        model, params = group[0].model, group[0].resolved.params
+        try:
+            logits = await self._compute(
+                model.decode, params, [s.tokens[-1] for s in group], [s.state for s in group]
+            )
+        except Exception as exc:  # one bad step fails its sequences, never the loop
+            log.exception("decode_failed", model=key[0], sequences=len(group))
+            for s in group:
+                s.finish, s.error = "error", KvpipeError(f"internal error: {exc}")
+                self._leave(key, s)
+            return
+        self.steps += 1
+        self.stepped_sequences += len(group)
+        for s, row in zip(group, logits, strict=True):
+            await self._advance(s, row)
+            if s.finish is not None:
+                self._leave(key, s)
+
+    def _leave(self, key: tuple[str, int], seq: Generation) -> None:
+        group = self._active.get(key)
+        if group is not None and seq in group:
+            group.remove(seq)
+            if not group:
+                del self._active[key]
+        if seq.done is not None and not seq.done.done():
+            seq.done.set_result(None)
+
+
+class _DeadlinePassed(Exception):
+    """The request's deadline passed during its prefill."""
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1000

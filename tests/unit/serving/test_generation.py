@@ -1,0 +1,212 @@
+"""Generation through the worker's real path (decode -> scheduler -> prefix cache -> stream ->
+deliver -> commit), with Kafka and Redis replaced at the boundary by in-memory fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pipeline.cache.cache import ParamCache
+from pipeline.config import Settings, with_values
+from pipeline.io.kv.memory import MemoryKV
+from pipeline.io.stream import StreamMessage, decode_stream, encode_generation
+from pipeline.io.wire import H_CONTENT_TYPE, H_DEADLINE
+from pipeline.params.models import preset
+from pipeline.params.registry import ModelRegistry
+from pipeline.params.store import ParamStore
+from pipeline.params.transformer import transformer_of
+from pipeline.serving.worker import Worker
+from tests.unit.kafka_fakes import FakeBroker, FakeConsumer, FakeProducer
+
+MODEL = preset("gen-tiny")
+T = transformer_of(MODEL)
+assert T is not None
+PARAMS = MODEL.init(0)
+SYSTEM = "You are a terse assistant. Answer in one line; never apologise. " * 2  # 130 bytes
+
+
+def _settings() -> Settings:
+    return with_values(
+        Settings(),
+        {
+            "worker.max_wait_ms": 1.0,
+            "worker.commit_interval_s": 0.01,
+            "worker.watchdog_s": 0.0,
+            "worker.shutdown_timeout_s": 5.0,
+            "worker.listen_updates": False,
+            "worker.topic_check_s": 0.05,
+        },
+    )
+
+
+def greedy(params: Any, prompt: bytes, n: int, t: Any = T) -> list[int]:
+    state = t.new_state()
+    logits = t.prefill(params, list(prompt), state)
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        if len(out) < n:
+            logits = t.decode(params, [out[-1]], [state])[0]
+    return out
+
+
+class Fleet:
+    """Workers on fakes sharing one broker and one Redis (each with its own local caches)."""
+
+    def __init__(self) -> None:
+        self.settings = _settings()
+        self.broker = FakeBroker()
+        k = self.settings.kafka
+        self.broker.create(k.requests_topic, k.results_topic, k.dlq_topic)
+        self.kv = MemoryKV()
+        self.store = ParamStore(self.kv, prefix="t")
+        self.workers: list[Worker] = []
+
+    def send(self, rid: str, prompt: str, *, partition: int = 0, **extra: Any) -> None:
+        headers = [(H_CONTENT_TYPE, b"application/json")]
+        deadline = extra.pop("deadline_ms", None)
+        if deadline is not None:
+            headers.append((H_DEADLINE, str(deadline).encode()))
+        body = json.loads(encode_generation(id=rid, model=extra.pop("model", "gpt"),
+                                            prompt=prompt, **extra))  # fmt: skip
+        value = json.dumps(body).encode()
+        self.broker.append(self.settings.kafka.requests_topic, partition, value, headers)
+
+    async def serve(self, until: Callable[[], bool], *, timeout: float = 30.0) -> Worker:
+        """Run one more worker (fresh caches) until ``until()``; return it."""
+        registry = ModelRegistry(self.store, ParamCache(capacity_bytes=10**8, ttl_s=60.0))
+        worker = Worker(
+            self.settings,
+            registry=registry,
+            producer=FakeProducer(self.broker),  # type: ignore[arg-type]
+            consumer_factory=lambda w: FakeConsumer(self.broker, w),  # type: ignore[arg-type,return-value]
+        )
+        stop = asyncio.Event()
+        async with worker:
+            task = asyncio.create_task(worker.run(stop))
+            deadline = asyncio.get_running_loop().time() + timeout
+            while not until() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        self.workers.append(worker)
+        return worker
+
+    def messages(self) -> list[StreamMessage]:
+        out = []
+        for r in self.broker.records(self.settings.kafka.results_topic):
+            msg = decode_stream(r.value)
+            assert msg is not None
+            out.append(msg)
+        return out
+
+    def finals(self) -> dict[str, StreamMessage]:
+        return {m.id: m for m in self.messages() if m.final}
+
+    def committed(self) -> bool:
+        ends = self.broker.end(self.settings.kafka.requests_topic)
+        return all(self.broker.committed.get(p, 0) == end for p, end in ends.items() if end)
+
+
+async def test_tokens_stream_in_order_and_equal_generation_from_scratch() -> None:
+    fleet = Fleet()
+    await fleet.store.publish("gpt", MODEL.arch, PARAMS)
+    fleet.send("a", SYSTEM + "Q: first?", max_tokens=12)
+    await fleet.serve(fleet.committed)
+    final = fleet.finals()["a"]
+    prompt = (SYSTEM + "Q: first?").encode()
+    assert final.ok and final.finish_reason == "length" and final.version == 1
+    assert final.tokens == greedy(PARAMS, prompt, 12)
+    progress = [m for m in fleet.messages() if m.id == "a" and not m.final]
+    assert [m.seq for m in progress] == list(range(12)) and final.seq == 12
+    assert [m.start for m in progress] == list(range(12))
+    assert [t for m in progress for t in m.tokens] == final.tokens
+    assert final.usage == {"prompt_tokens": len(prompt), "completion_tokens": 12}
+    assert final.prefix["reused_tokens"] == 0 and final.prefix["computed_tokens"] == len(prompt)
+    assert {"ttft_ms", "total_ms", "queue_ms", "lookup_ms", "prefill_ms"} <= set(final.timings)
+
+
+async def test_a_second_worker_reuses_what_the_first_computed_through_redis() -> None:
+    fleet = Fleet()
+    await fleet.store.publish("gpt", MODEL.arch, PARAMS)
+    fleet.send("a", SYSTEM + "Q: first?", max_tokens=8)
+    await fleet.serve(lambda: "a" in fleet.finals())
+    chunks_written = [k for k in list(fleet.kv.keys()) if ":kv:" in k]
+    assert len(chunks_written) == len(SYSTEM + "Q: first?") // T.kv_chunk
+    fleet.send("b", SYSTEM + "Q: second, please?", max_tokens=8)
+    worker_b = await fleet.serve(lambda: "b" in fleet.finals())  # fresh local caches
+    final = fleet.finals()["b"]
+    shared = (len(SYSTEM) // T.kv_chunk) * T.kv_chunk  # whole chunks of the common prefix
+    assert final.prefix["redis_tokens"] == shared and final.prefix["local_tokens"] == 0
+    assert final.prefix["bytes_read"] > 0
+    assert final.tokens == greedy(PARAMS, (SYSTEM + "Q: second, please?").encode(), 8)
+    assert worker_b.generation.prefix.stats.redis_chunks == shared // T.kv_chunk
+
+
+async def test_a_new_version_reuses_nothing_of_the_old_one() -> None:
+    fleet = Fleet()
+    await fleet.store.publish("gpt", MODEL.arch, PARAMS)
+    fleet.send("a", SYSTEM, max_tokens=4)
+    await fleet.serve(lambda: "a" in fleet.finals())
+    new = MODEL.init(1)
+    await fleet.store.publish("gpt", MODEL.arch, new)
+    fleet.send("b", SYSTEM, max_tokens=4)
+    await fleet.serve(lambda: "b" in fleet.finals())
+    final = fleet.finals()["b"]
+    assert final.version == 2 and final.prefix["reused_tokens"] == 0
+    assert final.tokens == greedy(new, SYSTEM.encode(), 4)
+
+
+async def test_concurrent_generations_decode_together_and_share_a_prefix() -> None:
+    fleet = Fleet()
+    await fleet.store.publish("gpt", MODEL.arch, PARAMS)
+    for i in range(6):
+        fleet.send(f"r{i}", SYSTEM + f"Q{i}", max_tokens=20, partition=i % 3)
+    worker = await fleet.serve(fleet.committed)
+    finals = fleet.finals()
+    for i in range(6):
+        assert finals[f"r{i}"].tokens == greedy(PARAMS, (SYSTEM + f"Q{i}").encode(), 20)
+    gen = worker.generation
+    assert gen.stepped_sequences == 6 * 19  # every token after the first came from a step
+    assert gen.steps < gen.stepped_sequences  # several sequences per numpy step
+    stats = gen.prefix.stats
+    # the shared prefix's chunks were computed once and joined or reused by the others
+    assert stats.computed == len(SYSTEM) // T.kv_chunk
+    for i in range(6):  # each partition's answers stay in order per request
+        mine = [m.seq for m in fleet.messages() if m.id == f"r{i}"]
+        assert mine == sorted(mine)
+
+
+async def test_bad_requests_get_stable_codes_and_everything_is_committed() -> None:
+    fleet = Fleet()
+    await fleet.store.publish("gpt", MODEL.arch, PARAMS)
+    await fleet.store.publish("mlp", preset("mlp").arch, preset("mlp").init(0))
+    fleet.send("long", "x" * 500, max_tokens=20)  # 520 > n_ctx 512
+    fleet.send("dense", "hi", model="mlp")
+    fleet.send("nobody", "hi", model="nope")
+    fleet.send("late", "hi", deadline_ms=int(time.time() * 1000) - 1000)
+    fleet.send("ok", "hi", max_tokens=2)
+    await fleet.serve(fleet.committed)
+    codes = {rid: m.error_code for rid, m in fleet.finals().items()}
+    assert codes == {
+        "long": "context_too_long",
+        "dense": "not_generative",
+        "nobody": "unknown_model",
+        "late": "deadline_exceeded",
+        "ok": None,
+    }
+
+
+async def test_a_deadline_stops_a_running_generation_and_says_so() -> None:
+    fleet = Fleet()
+    await fleet.store.publish("gpt", MODEL.arch, PARAMS)
+    fleet.send("slow", "hi", max_tokens=500, deadline_ms=int(time.time() * 1000) + 60)
+    await fleet.serve(fleet.committed)
+    final = fleet.finals()["slow"]
+    assert final.error_code == "deadline_exceeded" and final.finish_reason == "deadline"
+    assert 0 < len(final.tokens) < 500 and "generation stopped" in (final.error_message or "")
