@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote
@@ -420,8 +420,10 @@ class RedisServer(_LocalService):
         acl_users: Mapping[str, str] | None = None,
         binary: str | None = None,
         maxmemory: int | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         super().__init__(port=port, binary=binary)
+        self._extra_args = list(extra_args)  # more redis-server flags (cluster mode)
         self._password = password
         self._acl_users = dict(acl_users or {})
         self._maxmemory = maxmemory  # bytes; writes are then refused (noeviction) past it
@@ -467,6 +469,7 @@ class RedisServer(_LocalService):
             "--appendonly", "no",
             "--daemonize", "no",
             "--dir", str(workdir),
+            *self._extra_args,
         ]  # fmt: skip
 
     async def _probe(self, timeout: float) -> bool:

@@ -5,6 +5,14 @@ Key layout (DESIGN.md, "Parameters in Redis"), with ``P`` the deployment's key p
 ``P:{model}:v{n}:t:{name}`` one tensor as ``.npy`` bytes, ``P:{model}:v{n}:graph`` the graph
 of an ONNX version without its weights (its sha256 is the arch's ``graph_sha256``),
 ``P:{model}:versions`` a hash of version -> JSON summary, ``P:{model}:seq`` the version counter.
+
+Embedding rows: ``P:{model}:emb:{table}``, one hash per table. On a Redis Cluster
+(``kv.cluster``; the braces below are literal hash tags) the pointer and the manifests are
+tagged with the model, ``P:{m}:current`` and ``P:{m}:v7:manifest``, so the pointer move and
+the manifest it persists are one script in one slot; tensors, graphs and outputs keep their
+untagged keys and spread over the nodes; a table is ``emb_partitions`` hashes
+``P:m:emb:t:{m:t:i}``, row ``r`` in partition ``r % emb_partitions``. The single-Redis keys
+stay as they were.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from pipeline.params.onnx import OnnxLimits, PreparedOnnx, prepare_onnx
 from pipeline.params.transformer import Transformer as _Transformer  # noqa: F401 (registers it)
 
 ROW_CHUNK = 5000
+#: Hashes an embedding table is split into on a Redis Cluster (HPS: 2-5x the primaries).
+EMB_PARTITIONS = 8
 #: How long the keys of a version being published live until its pointer move persists them.
 PENDING_TTL_S = 3600.0
 
@@ -169,17 +179,27 @@ class ParamStore:
         prefix: str = "kvpipe",
         retention_s: float | None = None,
         pending_ttl_s: float = PENDING_TTL_S,
+        emb_partitions: int = EMB_PARTITIONS,
     ) -> None:
+        if emb_partitions < 1:
+            raise ConfigError(f"emb_partitions must be at least 1, not {emb_partitions}")
         self.kv = kv
         self.prefix = prefix
         self.retention_s = retention_s
         self.pending_ttl_s = pending_ttl_s
+        #: Keys spread over a Redis Cluster's slots: hash tags where one slot is needed.
+        self.cluster = bool(kv.cluster)
+        self.emb_partitions = emb_partitions if self.cluster else 1
+
+    def _slot_of(self, model: str) -> str:
+        """``model``, as the hash tag ``{model}`` on a cluster: the pointer's slot."""
+        return f"{{{model}}}" if self.cluster else model
 
     def current_key(self, model: str) -> str:
-        return f"{self.prefix}:{model}:current"
+        return f"{self.prefix}:{self._slot_of(model)}:current"
 
     def manifest_key(self, model: str, version: int) -> str:
-        return f"{self.prefix}:{model}:v{version}:manifest"
+        return f"{self.prefix}:{self._slot_of(model)}:v{version}:manifest"
 
     def tensor_key(self, model: str, version: int, name: str) -> str:
         return f"{self.prefix}:{model}:v{version}:t:{name}"
@@ -193,8 +213,20 @@ class ParamStore:
     def seq_key(self, model: str) -> str:
         return f"{self.prefix}:{model}:seq"
 
-    def table_key(self, model: str, table: str) -> str:
-        return f"{self.prefix}:{model}:emb:{table}"
+    def table_key(self, model: str, table: str, partition: int = 0) -> str:
+        """The hash holding ``partition`` of a table (a single Redis: one hash, no tag)."""
+        if not self.cluster:
+            return f"{self.prefix}:{model}:emb:{table}"
+        return f"{self.prefix}:{model}:emb:{table}:{{{model}:{table}:{partition}}}"
+
+    def _partitions(self, model: str, table: str, ids: Sequence[int]) -> dict[str, list[int]]:
+        """Positions in ``ids`` grouped by the hash (partition) their rows live in."""
+        groups: dict[str, list[int]] = {}
+        parts = self.emb_partitions
+        for position, row_id in enumerate(ids):
+            key = self.table_key(model, table, int(row_id) % parts)
+            groups.setdefault(key, []).append(position)
+        return groups
 
     def output_key(self, key: OutputKey) -> str:
         return f"{self.prefix}:{key.model}:v{key.version}:out:{key.digest.hex()}"
@@ -217,16 +249,24 @@ class ParamStore:
         data = np.ascontiguousarray(rows, dtype="<f4")
         if data.ndim != 2 or data.shape[0] != len(ids):
             raise ConfigError(f"rows of shape {data.shape} do not match {len(ids)} ids")
-        key = self.table_key(model, table)
-        for start in range(0, len(ids), ROW_CHUNK):
-            chunk = range(start, min(start + ROW_CHUNK, len(ids)))
-            await self.kv.hset_many(key, {str(int(ids[i])): data[i].tobytes() for i in chunk})
+        for key, positions in self._partitions(model, table, ids).items():
+            for start in range(0, len(positions), ROW_CHUNK):
+                chunk = positions[start : start + ROW_CHUNK]
+                await self.kv.hset_many(key, {str(int(ids[i])): data[i].tobytes() for i in chunk})
 
     async def read_rows(
         self, model: str, table: str, ids: Sequence[int], width: int
     ) -> dict[int, npt.NDArray[np.float32]]:
-        """Rows of an embedding table in one round trip; absent rows are left out."""
-        blobs = await self.kv.hmget(self.table_key(model, table), [str(i) for i in ids])
+        """Rows of an embedding table, one HMGET per partition (one on a single Redis), the
+        partitions' nodes asked in parallel; absent rows are left out."""
+        groups = list(self._partitions(model, table, ids).items())
+        replies = await asyncio.gather(
+            *(self.kv.hmget(key, [str(ids[i]) for i in positions]) for key, positions in groups)
+        )
+        blobs: list[bytes | None] = [None] * len(ids)
+        for (_, positions), reply in zip(groups, replies, strict=True):
+            for position, blob in zip(positions, reply, strict=True):
+                blobs[position] = blob
         out: dict[int, npt.NDArray[np.float32]] = {}
         for row_id, blob in zip(ids, blobs, strict=True):
             if blob is None:
@@ -311,7 +351,14 @@ class ParamStore:
         )
         keys = list(writes)
         current = version
-        if not await self.kv.set_if_greater(self.current_key(model), version, persist=keys):
+        atomic = keys
+        if self.cluster:
+            # One script, one slot: it persists the manifest (tagged like the pointer); the
+            # spread keys are persisted first, so the pointer never names an expiring tensor.
+            atomic = [self.manifest_key(model, version)]
+            spread = [k for k in keys if k not in atomic]
+            await asyncio.gather(*(self.kv.persist(k) for k in spread))
+        if not await self.kv.set_if_greater(self.current_key(model), version, persist=atomic):
             # A newer version is current: never move back. This one is complete, so it stays
             # an ordinary older version (retention decides, a rollback can still serve it).
             current = await self.current_version(model)

@@ -14,22 +14,45 @@ import pytest_asyncio
 from consumers.inference import start_serving
 from pipeline.client import InferenceClient, ResultStream
 from pipeline.config import Settings, with_values
+from pipeline.dev.cluster import LocalRedisCluster
 from pipeline.dev.local import KafkaBroker, RedisServer
 from pipeline.io.kafka import ensure_topics
 from pipeline.io.wire import Result
 from pipeline.serving.worker import Worker
 
 FAST_GROUP = {"kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 300}
+#: ``@ON_BOTH_REDIS`` runs a test whose settings come from ``make_settings`` (or which asks for
+#: ``redis_url``) on the session's single Redis and on the session's 3-primary Redis Cluster.
+ON_BOTH_REDIS = pytest.mark.parametrize("redis_url", ["single", "cluster"], indirect=True)
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="session")
+async def redis_cluster() -> AsyncIterator[LocalRedisCluster]:
+    """One 3-primary Redis Cluster for the session, started on first use; stopped at the end
+    (also when a test failed). Don't kill its nodes: the fault tests start their own."""
+    async with LocalRedisCluster(3) as cluster:
+        yield cluster
 
 
 @pytest.fixture
-def make_settings(redis_server: RedisServer, kafka_broker: KafkaBroker) -> Callable[..., Settings]:
+def redis_url(request: pytest.FixtureRequest, redis_server: RedisServer) -> str:
+    """The session Redis's URL, or the session cluster's when parametrized with "cluster"."""
+    kind = getattr(request, "param", "single")
+    if kind == "cluster":
+        cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    assert kind == "single", kind
+    return redis_server.url
+
+
+@pytest.fixture
+def make_settings(redis_url: str, kafka_broker: KafkaBroker) -> Callable[..., Settings]:
     """Settings on the session services with topic and key prefixes no other test uses."""
 
     def make(**values: Any) -> Settings:
         tag = uuid.uuid4().hex[:10]
         base = {
-            "redis.url": redis_server.url,
+            "redis.url": redis_url,
             "kafka.bootstrap": kafka_broker.bootstrap,
             "kafka.topic_prefix": f"t{tag}",
             "kafka.group_id": f"g{tag}",

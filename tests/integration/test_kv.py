@@ -57,22 +57,31 @@ def backend(request: pytest.FixtureRequest) -> RedisBackend:
     return value
 
 
-@pytest_asyncio.fixture(params=["memory", *BACKENDS])
-async def kv(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[KeyValue]:
+@pytest.fixture(params=["memory", *BACKENDS, "redis-cluster"])
+def kv_target(request: pytest.FixtureRequest, redis_server: RedisServer) -> tuple[str, str]:
+    """(backend, URL): the in-memory fake, either backend on the session Redis, or redis-py on
+    the session's Redis Cluster."""
+    if request.param == "redis-cluster":
+        return "redis-py", request.getfixturevalue("redis_cluster").url
+    return request.param, redis_server.url
+
+
+@pytest_asyncio.fixture
+async def kv(kv_target: tuple[str, str]) -> AsyncIterator[KeyValue]:
     """An entered adapter on the session Redis (or the in-memory fake, held to the same tests)."""
-    store: KeyValue
-    if request.param == "memory":
-        store = MemoryKV()
-    else:
-        store = open_kv(settings(redis_server.url, request.param))
+    backend, url = kv_target
+    store: KeyValue = (
+        MemoryKV() if backend == "memory" else open_kv(settings(url, backend))  # type: ignore[arg-type]
+    )
     async with store:
         yield store
 
 
 @pytest.fixture
 def key() -> Callable[[str], str]:
-    """Unique key names, so tests sharing the session Redis never meet."""
-    prefix = f"kvtest:{uuid.uuid4().hex[:12]}:"
+    """Unique key names, so tests sharing the session Redis never meet; one hash tag, so a
+    test's keys share a slot on the cluster too (set_if_greater needs that there)."""
+    prefix = f"kvtest:{{{uuid.uuid4().hex[:12]}}}:"
     return lambda name: prefix + name
 
 

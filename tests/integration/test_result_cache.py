@@ -8,15 +8,18 @@ from typing import Any
 import numpy as np
 import pytest
 import redis.asyncio as redis_py
+from redis.asyncio.cluster import RedisCluster
 
 from pipeline.client import InferenceClient
 from pipeline.io.kv import open_kv
 from pipeline.params.models import preset
 from pipeline.params.store import ParamStore
+from tests.integration.conftest import ON_BOTH_REDIS
 
 pytestmark = pytest.mark.integration
 
 
+@ON_BOTH_REDIS
 async def test_repeats_are_memoized_per_version(
     make_settings: Any, start_worker: Any, make_client: Any
 ) -> None:
@@ -68,6 +71,7 @@ async def four_inputs_at_once(
     return running.worker.stats, results
 
 
+@ON_BOTH_REDIS
 async def test_repeats_within_one_batch_are_computed_once(
     make_settings: Any, start_worker: Any, make_client: Any
 ) -> None:
@@ -80,6 +84,7 @@ async def test_repeats_within_one_batch_are_computed_once(
     assert sum(r.cache == "memo" for r in results) == 36
 
 
+@ON_BOTH_REDIS
 async def test_concurrent_batches_share_the_compute_of_one_input(
     make_settings: Any, start_worker: Any, make_client: Any
 ) -> None:
@@ -91,6 +96,15 @@ async def test_concurrent_batches_share_the_compute_of_one_input(
     assert stats.memo_hits == 56 and stats.memo_misses == 4
 
 
+def raw_redis(url: str) -> Any:
+    """A plain redis-py client on ``url`` (a cluster client for a cluster URL)."""
+    if url.startswith("redis+cluster://"):
+        host, port = url.removeprefix("redis+cluster://").split(",")[0].rsplit(":", 1)
+        return RedisCluster(host=host, port=int(port))
+    return redis_py.from_url(url)
+
+
+@ON_BOTH_REDIS
 async def test_outputs_are_shared_through_redis_with_a_ttl(
     make_settings: Any, start_worker: Any, make_client: Any
 ) -> None:
@@ -112,11 +126,14 @@ async def test_outputs_are_shared_through_redis_with_a_ttl(
         first = await asyncio.gather(*(client.infer("m", x[i : i + 1]) for i in range(10)))
     assert all(r.cache != "memo" for r in first)
     pattern = f"{a.redis.key_prefix}:m:v1:out:*"
-    r = redis_py.from_url(a.redis.url)
+    r = raw_redis(a.redis.url)
     try:
         keys: list[bytes] = []
         for _ in range(100):  # written in the background after the answers
-            keys = await r.keys(pattern)
+            if isinstance(r, RedisCluster):
+                keys = await r.keys(pattern, target_nodes=RedisCluster.PRIMARIES)
+            else:
+                keys = await r.keys(pattern)
             if len(keys) == 10:
                 break
             await asyncio.sleep(0.05)

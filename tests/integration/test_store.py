@@ -1,4 +1,4 @@
-"""ParamStore on real Redis, through both adapter backends."""
+"""ParamStore on real Redis, through both adapter backends, and on a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -9,21 +9,25 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from pipeline.config import RedisSettings
-from pipeline.dev.local import RedisServer
+from pipeline.config import RedisBackend, RedisSettings
 from pipeline.errors import ParamsCorrupt
 from pipeline.io.kv import KeyValue, open_kv
 from pipeline.params.models import preset
 from pipeline.params.store import ParamStore
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.parametrize(
+        ("redis_url", "backend"),
+        [("single", "redis-py"), ("single", "asyncio-redis"), ("cluster", "redis-py")],
+        indirect=["redis_url"],
+    ),
+]
 
 
-@pytest_asyncio.fixture(params=["redis-py", "asyncio-redis"])
-async def store(
-    request: pytest.FixtureRequest, redis_server: RedisServer
-) -> AsyncIterator[ParamStore]:
-    settings = RedisSettings(url=redis_server.url, backend=request.param)
+@pytest_asyncio.fixture
+async def store(redis_url: str, backend: RedisBackend) -> AsyncIterator[ParamStore]:
+    settings = RedisSettings(url=redis_url, backend=backend)
     async with open_kv(settings) as kv:
         yield ParamStore(kv, prefix=f"s{uuid.uuid4().hex[:8]}")
 

@@ -16,6 +16,7 @@ from pipeline.io.kv import open_kv
 from pipeline.io.wire import Result
 from pipeline.params.models import build_model, preset
 from pipeline.params.store import ParamStore
+from tests.integration.conftest import ON_BOTH_REDIS
 
 pytestmark = pytest.mark.integration
 
@@ -40,6 +41,7 @@ async def pump(client: Any, model: str, x: np.ndarray, rate: float, prefix: str)
     await client.flush()
 
 
+@ON_BOTH_REDIS
 async def test_consistency_and_propagation_while_training(
     make_settings: Any, start_worker: Any, make_client: Any
 ) -> None:
@@ -112,6 +114,7 @@ async def test_consistency_and_propagation_while_training(
     )
 
 
+@ON_BOTH_REDIS
 async def test_lost_announcement_is_bounded_by_the_pointer_ttl(
     make_settings: Any, start_worker: Any, make_client: Any
 ) -> None:
@@ -208,6 +211,7 @@ async def test_redis_outage_stale_then_recovery(
         assert running.task.done() is False  # the same worker, never restarted
 
 
+@ON_BOTH_REDIS
 async def test_embedding_rows_single_round_trip_and_row_updates(
     make_settings: Any, start_worker: Any, make_client: Any
 ) -> None:

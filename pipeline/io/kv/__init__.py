@@ -5,6 +5,8 @@ Everything above this package talks to Redis through :class:`KeyValue` and only 
 ``RedisSettings.backend`` when it is called, so importing this package loads no Redis client:
 
 - :mod:`pipeline.io.kv.redis_py` over ``redis.asyncio`` (the default): TLS, ACL users, timeouts.
+- :mod:`pipeline.io.kv.redis_cluster` over ``redis.asyncio.cluster`` for a
+  ``redis+cluster://`` URL (redis-py only).
 - :mod:`pipeline.io.kv.asyncio_redis` over ``asyncio_redis`` 0.16, guarded rather than trusted.
 - :mod:`pipeline.io.kv.memory`: in memory with Redis's semantics, for tests (yours too).
 
@@ -23,6 +25,11 @@ __all__ = ["KeyValue", "open_kv"]
 
 def open_kv(settings: RedisSettings) -> KeyValue:
     """The adapter named by ``settings.backend``, not yet connected (use ``async with``)."""
+    cluster = settings.url.partition("://")[0].lower().endswith("+cluster")
+    if cluster and settings.backend == "redis-py":  # asyncio-redis refuses it with one line
+        from pipeline.io.kv.redis_cluster import RedisClusterKV
+
+        return RedisClusterKV(settings)
     if settings.backend == "asyncio-redis":
         from pipeline.io.kv.asyncio_redis import AsyncioRedisKV
 

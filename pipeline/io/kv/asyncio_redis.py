@@ -86,6 +86,11 @@ def asyncio_redis_endpoint(settings: RedisSettings) -> AsyncioRedisEndpoint:
             f"Redis URL {url!r} asks for TLS (rediss://), which the asyncio-redis backend "
             f"cannot do; {_OTHER_BACKEND}"
         )
+    if parts.scheme.endswith("+cluster"):
+        raise ConfigError(
+            f"Redis URL {url!r} names a Redis Cluster, which the asyncio-redis backend "
+            f"cannot talk to; {_OTHER_BACKEND}"
+        )
     if parts.scheme not in ("redis", "unix"):
         raise ConfigError(f"Redis URL {url!r} must start with redis:// or unix://")
     if parts.username:
@@ -153,6 +158,7 @@ class AsyncioRedisKV(AsyncResource):
     """
 
     backend = "asyncio-redis"
+    cluster = False  # a cluster URL is refused when the endpoint is parsed
 
     def __init__(self, settings: RedisSettings) -> None:
         self._settings = settings

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pipeline.errors import KvpipeError
-from pipeline.io.kv.protocol import _expire_ms, _key, _number, _ttl_ms, _value
+from pipeline.io.kv.protocol import _expire_ms, _key, _number, _ttl_ms, _value, hash_slot
 from pipeline.resource import AsyncResource
 
 if TYPE_CHECKING:
@@ -51,12 +51,17 @@ class MemoryKV(AsyncResource):
     - ``calls``: how many times each method was called (``calls["mget"]``).
     - ``fail``: while set, every call (after counting) raises it, e.g. ``StoreUnavailable``.
     - ``latency_s``: every call sleeps this long first (0 still yields once, like a real client).
+    - ``cluster``: act as a Redis Cluster for the one rule callers must keep there: the keys of
+      :meth:`set_if_greater` must share a hash slot (CROSSSLOT otherwise).
     """
 
     backend = "memory"
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, cluster: bool = False
+    ) -> None:
         self.clock = clock
+        self.cluster = cluster
         self.calls: collections.Counter[str] = collections.Counter()
         self.fail: BaseException | None = None
         self.latency_s = 0.0
@@ -167,6 +172,10 @@ class MemoryKV(AsyncResource):
             _check_key(other)
         _number(value)
         await self._call("set_if_greater")
+        if self.cluster and len({hash_slot(k) for k in (key, *persist)}) > 1:
+            raise KvpipeError(
+                "CROSSSLOT Keys in request don't hash to the same slot", code="store_error"
+            )
         current = self._string(key)  # like the script's GET: WRONGTYPE on a hash
         try:
             if current is not None and int(current) >= value:

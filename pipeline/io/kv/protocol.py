@@ -18,7 +18,7 @@ from typing import Protocol, Self, TypeVar
 
 from pipeline.errors import ConfigError, KvpipeError, StoreOutOfMemory, StoreUnavailable
 
-__all__ = ["KeyValue"]
+__all__ = ["KeyValue", "hash_slot"]
 
 T = TypeVar("T")
 
@@ -50,6 +50,12 @@ class KeyValue(Protocol):
     @property
     def backend(self) -> str:
         """Name of the client underneath: ``"redis-py"``, ``"asyncio-redis"`` or ``"memory"``."""
+        ...
+
+    @property
+    def cluster(self) -> bool:
+        """Whether keys are spread over the hash slots of a Redis Cluster: then the keys of
+        one :meth:`set_if_greater` must share a slot (one hash tag, see :func:`hash_slot`)."""
         ...
 
     async def get(self, key: str) -> bytes | None:
@@ -134,6 +140,29 @@ class KeyValue(Protocol):
     ) -> None:
         """Close."""
         ...
+
+
+def _crc16(data: bytes) -> int:
+    """CRC-16/XMODEM, the checksum Redis Cluster hashes keys with."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def hash_slot(key: str) -> int:
+    """The Redis Cluster slot (0-16383) of ``key``: only the part inside the first non-empty
+    ``{...}`` counts when there is one, so keys with one hash tag share a slot."""
+    raw = _key(key)
+    start = raw.find(b"{")
+    if start >= 0:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1 : end]
+    return _crc16(raw) % 16384
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
@@ -64,6 +65,8 @@ def _from_redis_py(exc: BaseException, url: str, what: str, secrets: Sequence[st
         exc,
         redis_errors.ConnectionError
         | redis_errors.TimeoutError
+        | redis_errors.RedisClusterUnreachableError
+        | redis_errors.SlotNotCoveredError
         | redis_errors.ReadOnlyError
         | redis_errors.TryAgainError
         | redis_errors.ClusterDownError
@@ -89,6 +92,16 @@ class RedisPyKV(AsyncResource):
         self._settings = settings
         self._url = redact_url(settings.url)
         self._secrets = url_secrets(settings.url)
+        self._client = self._make_client(settings)
+        # Backstop over redis-py's own timeouts: pool wait + connect + reply, plus slack.
+        self._backstop_s = self._backstop(settings)
+        self._closer = _Closer(self._close)
+
+    def _backstop(self, settings: RedisSettings) -> float:
+        return 2 * settings.timeout_s + settings.connect_timeout_s + 1.0
+
+    def _make_client(self, settings: RedisSettings) -> Any:
+        """The redis-py client these calls go through (a cluster adapter makes its own)."""
         try:
             self._pool = aioredis.BlockingConnectionPool.from_url(
                 settings.url,
@@ -106,10 +119,7 @@ class RedisPyKV(AsyncResource):
             raise ConfigError(
                 f"Redis URL {self._url!r} cannot be used: {_reason(exc, self._secrets)}"
             ) from None
-        self._client: aioredis.Redis = aioredis.Redis(connection_pool=self._pool)
-        # Backstop over redis-py's own timeouts: pool wait + connect + reply, plus slack.
-        self._backstop_s = 2 * settings.timeout_s + settings.connect_timeout_s + 1.0
-        self._closer = _Closer(self._close)
+        return aioredis.Redis(connection_pool=self._pool)
 
     def __repr__(self) -> str:
         return f"RedisPyKV({self._url!r})"
@@ -121,7 +131,12 @@ class RedisPyKV(AsyncResource):
         try:
             async with asyncio.timeout(self._backstop_s):
                 return await op()
-        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+        except (
+            redis_errors.RedisError,
+            redis_errors.RedisClusterException,
+            OSError,
+            TimeoutError,
+        ) as exc:
             raise _from_redis_py(exc, self._url, what, self._secrets) from exc
 
     async def get(self, key: str) -> bytes | None:
@@ -276,6 +291,11 @@ class RedisPyKV(AsyncResource):
     async def _close(self) -> None:
         await self._client.aclose()
         await self._pool.disconnect()
+
+    @property
+    def cluster(self) -> bool:
+        """A single Redis: every key in one place."""
+        return False
 
     async def start(self) -> None:
         """Connect: one PING round trip, so a missing Redis fails here, fast."""
