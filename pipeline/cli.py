@@ -368,6 +368,49 @@ async def _results(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _generate(args: argparse.Namespace, settings: Settings) -> int:
+    """Print a generation's text as it arrives, then one summary line on stderr."""
+    from pipeline.client import InferenceClient
+
+    deadline = None if args.deadline is None else int((time.time() + args.deadline) * 1000)
+    final = None
+    async with InferenceClient(settings.kafka) as client:
+        async for piece in client.generate(
+            args.model,
+            args.prompt,
+            max_tokens=args.max_tokens,
+            version=args.version,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=args.stop or None,
+            deadline_ms=deadline,
+            timeout=args.timeout,
+        ):
+            if args.json:
+                if piece.tokens:
+                    print(json.dumps({"tokens": piece.tokens, "text": piece.text}), flush=True)
+            else:
+                print(piece.text, end="", flush=True)
+            final = piece.final or final
+    if final is None:  # pragma: no cover - generate ends only with a final message
+        return 1
+    if not args.json:
+        print(flush=True)
+    summary = {
+        "id": final.id,
+        "version": final.version,
+        "status": final.status,
+        "error": None if final.ok else {"code": final.error_code, "message": final.error_message},
+        "finish_reason": final.finish_reason,
+        "usage": final.usage,
+        "prefix": final.prefix,
+        "timings": final.timings,
+    }
+    print(json.dumps(summary, separators=(",", ":")), file=sys.stderr, flush=True)
+    return 0 if final.ok else 1
+
+
 def cmd_local(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.dev.daemon import local_down, local_up
 
@@ -645,7 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensors from an .npz (w0,b0,... or weight1,bias1,...)",
     )
     src.add_argument(
-        "--preset", choices=["article", "mlp", "embedding"], help="a seeded random init"
+        "--preset",
+        choices=["article", "mlp", "embedding", "gen-tiny", "gen-small"],
+        help="a seeded random init (gen-*: transformers for kvpipe generate)",
     )
     src.add_argument(
         "--onnx",
@@ -696,6 +741,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="without --follow, stop after this many seconds without a new result",
     )
     p.set_defaults(handler=lambda a, s: _run(_results(a, s)))
+
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a transformer model, printed as it streams in",
+        description="Send one generation request and print its text as the tokens arrive; "
+        "a summary line (finish reason, usage, prefix-cache provenance, timings) goes to "
+        "stderr. Exit 0 when the generation ended ok, 1 otherwise.",
+    )
+    _add_connection_flags(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", required=True, help="the prompt text (UTF-8)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--version", type=int, help="pin a model version")
+    p.add_argument("--temperature", type=float, help="0 (default): greedy")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, help="seed of the sampling")
+    p.add_argument("--stop", action="append", help="stop once the text ends with this")
+    p.add_argument("--deadline", type=float, help="seconds from now the generation may run")
+    p.add_argument("--json", action="store_true", help="one JSON line per piece")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each message")
+    p.set_defaults(handler=lambda a, s: _run(_generate(a, s)))
 
     p = sub.add_parser("local", help="start or stop a local Redis and Kafka-protocol broker")
     p.add_argument("action", choices=["up", "down"])

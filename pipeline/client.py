@@ -14,7 +14,16 @@ import structlog
 from pipeline.config import KafkaSettings
 from pipeline.errors import ConfigError, KvpipeError, UnreadableMessage
 from pipeline.io.kafka import Consumer, Producer, delete_topics, ensure_topics, list_topics
-from pipeline.io.wire import JSON, Result, decode_result, encode_request
+from pipeline.io.stream import Generated, StreamAssembler, StreamReader, encode_generation
+from pipeline.io.wire import (
+    H_CONTENT_TYPE,
+    H_DEADLINE,
+    H_REPLY_TO,
+    JSON,
+    Result,
+    decode_result,
+    encode_request,
+)
 from pipeline.names import check_name
 from pipeline.resource import AsyncResource
 
@@ -97,6 +106,7 @@ class InferenceClient(AsyncResource):
         self._producer = Producer(settings)
         self._replies: ResultStream | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._streams: StreamReader | None = None  # generation messages, by request id
         self._waiters: dict[str, asyncio.Future[Result]] = {}
         self._reply_lock = asyncio.Lock()
         self._created_reply_topic = False
@@ -127,6 +137,8 @@ class InferenceClient(AsyncResource):
             if not fut.done():
                 fut.set_exception(ResultTimeout("the client was closed before the result came"))
         try:
+            if self._streams is not None:
+                await self._streams.aclose()
             if self._replies is not None:
                 # Stop reading first: a reader's metadata refresh names the topic, and
                 # brokers that create topics on demand would bring it back.
@@ -225,6 +237,75 @@ class InferenceClient(AsyncResource):
             raise ResultTimeout(f"no result for request {rid} within {timeout} s") from None
         finally:
             self._waiters.pop(rid, None)
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 16,
+        version: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        deadline_ms: int | None = None,
+        timeout: float = 60.0,
+        id: str | None = None,
+    ) -> AsyncIterator[Generated]:
+        """Generate from a transformer model: yields new tokens (and their text) as they
+        arrive on the reply topic, duplicates dropped by (id, seq); the last item carries the
+        final message (``final.ok``, ``finish_reason``, usage, prefix provenance, timings).
+        :class:`ResultTimeout` when ``timeout`` s pass without a message."""
+        if self._closing is not None:
+            raise ConfigError("the client is closed")
+        check_name(model)
+        value = encode_generation(
+            id=(rid := id or uuid.uuid4().hex),
+            model=model,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            version=version,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+        )
+        headers = [(H_CONTENT_TYPE, JSON.encode()), (H_REPLY_TO, self.reply_topic.encode())]
+        if deadline_ms is not None:
+            headers.append((H_DEADLINE, str(int(deadline_ms)).encode()))
+        streams = await self._ensure_stream_reader()
+        queue, assembler = streams.watch(rid), StreamAssembler()
+        try:
+            fut = await self._producer.enqueue(
+                self.settings.requests_topic, value, key=rid.encode(), headers=headers
+            )
+            await self._producer.wait_acked([fut])
+            while not assembler.done:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), timeout)
+                except TimeoutError:
+                    raise ResultTimeout(f"generation {rid}: nothing for {timeout} s") from None
+                out = assembler.add(msg)
+                if out is not None:
+                    yield out
+        finally:
+            streams.forget(rid)
+
+    async def _ensure_stream_reader(self) -> StreamReader:
+        await self._ensure_reply_reader()  # the reply topic exists from here on
+        async with self._reply_lock:
+            if self._streams is None:
+                streams = StreamReader(
+                    self.settings, self.reply_topic, from_beginning=self.owns_reply_topic
+                )
+                try:
+                    await streams.start()
+                except BaseException:
+                    await streams.aclose()
+                    raise
+                self._streams = streams
+            return self._streams
 
     async def _ensure_reply_reader(self) -> None:
         async with self._reply_lock:

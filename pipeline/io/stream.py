@@ -16,15 +16,22 @@ generation ended. After a redelivery a reader drops what it has by ``(id, seq)``
 
 from __future__ import annotations
 
+import asyncio
+import codecs
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import structlog
 
-from pipeline.config import LimitSettings
-from pipeline.errors import RequestError
+from pipeline.config import KafkaSettings, LimitSettings
+from pipeline.errors import KvpipeError, RequestError
+from pipeline.io.kafka import Consumer
+from pipeline.resource import AsyncResource
+
+log = structlog.get_logger("kvpipe.stream")
 
 #: Largest ``max_tokens`` any request may ask for (the model's context bounds it further).
 MAX_NEW_TOKENS = 4096
@@ -275,3 +282,87 @@ def decode_stream(value: bytes) -> StreamMessage | None:
         )
     except (KeyError, TypeError, ValueError):
         return None
+
+
+class StreamReader(AsyncResource):
+    """Stream messages of one topic handed out by request id (every partition, no group).
+
+    ``watch(id)`` before the request is sent, then ``await queue.get()``; messages of ids no
+    one watches are dropped. Read from the start of a topic this client owns, else from its end.
+    """
+
+    def __init__(self, settings: KafkaSettings, topic: str, *, from_beginning: bool) -> None:
+        self.topic = topic
+        self._consumer = Consumer(
+            settings, [topic], group_id=None, assign_from="start" if from_beginning else "end"
+        )
+        self._queues: dict[str, asyncio.Queue[StreamMessage]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._task = asyncio.get_running_loop().create_task(self._read())
+
+    async def aclose(self) -> None:
+        """Stop reading; safe twice."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self._consumer.aclose()
+
+    def watch(self, rid: str) -> asyncio.Queue[StreamMessage]:
+        return self._queues.setdefault(rid, asyncio.Queue())
+
+    def forget(self, rid: str) -> None:
+        self._queues.pop(rid, None)
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                messages = await self._consumer.getmany(timeout_ms=200, max_records=2000)
+            except KvpipeError as exc:  # the broker away for a while: readers time out
+                log.warning("stream_read_failed", topic=self.topic, error=str(exc))
+                await asyncio.sleep(0.5)
+                continue
+            for m in messages:
+                msg = decode_stream(m.value or b"")
+                queue = None if msg is None else self._queues.get(msg.id)
+                if queue is not None and msg is not None:
+                    queue.put_nowait(msg)
+
+
+@dataclass(slots=True)
+class Generated:
+    """What a generation's reader gets at a time: new tokens and their text; with the last,
+    the final message (``final.ok``, ``finish_reason``, usage, prefix provenance, timings)."""
+
+    tokens: list[int]
+    text: str
+    final: StreamMessage | None = None
+
+
+class StreamAssembler:
+    """One generation's messages in, new tokens out: duplicates (a redelivered request
+    answered twice, a message read twice) are dropped by ``(seq)`` and by token position; a
+    gap waits for the final message, which carries every token."""
+
+    def __init__(self) -> None:
+        self.emitted = 0
+        self.done = False
+        self._seen: set[int] = set()
+        self._text = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, msg: StreamMessage) -> Generated | None:
+        if self.done or (msg.seq >= 0 and msg.seq in self._seen and not msg.final):
+            return None
+        self._seen.add(msg.seq)
+        if not msg.final and not msg.start <= self.emitted < msg.start + len(msg.tokens):
+            return None  # all known already, or after a gap
+        new = msg.tokens[self.emitted - msg.start :]
+        self.emitted += len(new)
+        text = self._text.decode(bytes(t for t in new if t < 256), final=msg.final)
+        if msg.final:
+            self.done = True
+            return Generated(new, text, msg)
+        return Generated(new, text)
