@@ -29,6 +29,12 @@ from pipeline.names import check_name
 from pipeline.progress import progress
 
 PROG = "kvpipe"
+#: ``kvpipe bench SUITE``: every suite (``all`` runs those of ``pipeline.bench.runner.ALL_SUITES``).
+BENCH_SUITES = ("naive", "echo", "batching", "memo", "cache", "e2e", "scale", "onnx", "dedupe")
+#: Exit statuses: a failure at run time (a service down, an error result) and a usage error
+#: (argparse's own status for a bad command line, and settings or input that cannot work).
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
 
 
 #: Settings flags by argparse ``dest`` (``--cache-bytes`` is ``cache_bytes``), from the settings.
@@ -81,6 +87,16 @@ def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Sett
     settings = settings_from_env(environ)
     values = {path: getattr(args, name, None) for name, path in _FLAG_PATHS.items()}
     return validate(with_values(settings, values))
+
+
+def _version() -> str:
+    """The installed kvpipe's version (its package metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvpipe")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -411,6 +427,41 @@ async def _generate(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if final.ok else 1
 
 
+def _json_rows(text: str, flag: str, *, whole: bool = False) -> np.ndarray[Any, Any]:
+    """``--input``/``--ids``: JSON rows of numbers as a 2-D array, or one line saying why not
+    (``whole``: integers, as embedding ids are)."""
+    try:
+        rows = np.asarray(json.loads(text), dtype=np.float64)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} is not JSON rows of numbers ({exc})") from None
+    except TypeError:
+        raise ConfigError(f"{flag} must be JSON rows of numbers, e.g. [[1, 2]]") from None
+    if rows.ndim == 1:
+        rows = rows.reshape(1, -1)
+    if rows.ndim != 2 or rows.size == 0:
+        raise ConfigError(f"{flag} must be a non-empty list of rows, e.g. [[1, 2]]")
+    if not np.isfinite(rows).all():
+        raise ConfigError(f"{flag} holds a null, NaN or infinity; give finite numbers")
+    if not whole:
+        return rows.astype(np.float32)
+    if not (rows == np.round(rows)).all():
+        raise ConfigError(f"{flag} must be whole numbers")
+    return rows.astype(np.int64)
+
+
+async def _infer(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.client import InferenceClient
+
+    inputs = None if args.input is None else _json_rows(args.input, "--input")
+    ids = None if args.ids is None else _json_rows(args.ids, "--ids", whole=True)
+    async with InferenceClient(settings.kafka) as client:
+        result = await client.infer(
+            args.model, inputs, ids=ids, version=args.version, timeout=args.timeout
+        )
+    print(json.dumps(result.to_json(), separators=(",", ":")), flush=True)
+    return 0 if result.ok else 1
+
+
 def cmd_local(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.dev.daemon import local_down, local_up
 
@@ -670,14 +721,26 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"environment:\n{env_help}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("serve", help="run an inference worker until SIGTERM")
+    p = sub.add_parser(
+        "serve",
+        help="run an inference worker until SIGTERM",
+        description="Run an inference worker: it joins the consumer group on PREFIX.requests, "
+        "answers on PREFIX.results (or a request's reply-to topic) and drains on SIGTERM.",
+    )
     _add_connection_flags(p)
     _add_serve_flags(p)
     p.set_defaults(handler=cmd_serve)
 
-    p = sub.add_parser("publish", help="publish a new version of a model; prints the version")
+    p = sub.add_parser(
+        "publish",
+        help="publish a new version of a model; prints the version",
+        description="Write a new version of a model to Redis (every tensor, then the manifest, "
+        "then the version pointer in one step), print its number and announce it on "
+        "PREFIX.updates.",
+    )
     _add_connection_flags(p)
     p.add_argument("--model", required=True, help="model name")
     src = p.add_mutually_exclusive_group(required=True)
@@ -715,7 +778,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=lambda a, s: _run(_publish(a, s)))
 
-    p = sub.add_parser("produce", help="produce requests from a file or generated ones")
+    p = sub.add_parser(
+        "produce",
+        help="produce requests from a file or generated ones",
+        description="Send requests to PREFIX.requests without waiting for their answers "
+        "(read them with kvpipe results).",
+    )
     _add_connection_flags(p)
     p.add_argument("--model", required=True)
     src = p.add_mutually_exclusive_group(required=True)
@@ -729,7 +797,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=lambda a, s: _run(_produce(a, s)))
 
-    p = sub.add_parser("results", help="print results as JSON lines")
+    p = sub.add_parser(
+        "results",
+        help="print results as JSON lines",
+        description="Read PREFIX.results (every partition, no consumer group) and print each "
+        "result as one JSON line.",
+    )
     _add_connection_flags(p)
     p.add_argument("--follow", action="store_true", help="keep waiting for new results")
     p.add_argument("--count", type=int, help="stop after N results")
@@ -741,6 +814,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="without --follow, stop after this many seconds without a new result",
     )
     p.set_defaults(handler=lambda a, s: _run(_results(a, s)))
+
+    p = sub.add_parser(
+        "infer",
+        help="send one request, wait for its result and print it as JSON",
+        description="Send one request and print its result as one JSON line; exit 0 when the "
+        "result is ok, 1 when it is an error result or no result came in time. Answers come "
+        "on a reply topic of this command's own, deleted after (KVPIPE_REPLY_TOPIC: a shared "
+        "one instead).",
+    )
+    _add_connection_flags(p)
+    p.add_argument("--model", required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--input", metavar="JSON", help="input rows, e.g. '[[0.1, 0.2]]' (one row: '[0.1, 0.2]')"
+    )
+    what.add_argument(
+        "--ids", metavar="JSON", help="id rows for an embedding model, e.g. '[[3, 7]]'"
+    )
+    p.add_argument("--version", type=int, help="pin a model version")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for the result (default 30)"
+    )
+    p.set_defaults(handler=lambda a, s: _run(_infer(a, s)))
 
     p = sub.add_parser(
         "generate",
@@ -763,12 +859,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each message")
     p.set_defaults(handler=lambda a, s: _run(_generate(a, s)))
 
-    p = sub.add_parser("local", help="start or stop a local Redis and Kafka-protocol broker")
+    p = sub.add_parser(
+        "local",
+        help="start or stop a local Redis and Kafka-protocol broker",
+        description="Start (up) or stop (down) a Redis and a Tansu broker in the background "
+        "for development; up prints the KVPIPE_KAFKA and KVPIPE_REDIS to export.",
+    )
     p.add_argument("action", choices=["up", "down"])
     p.add_argument("--state-dir", default=".kvpipe", help="where pids and logs are kept")
     p.set_defaults(handler=cmd_local)
 
-    p = sub.add_parser("demo", help="end to end on fresh local services; exits 0 when all correct")
+    p = sub.add_parser(
+        "demo",
+        help="end to end on fresh local services; exits 0 when all correct",
+        description="Start fresh local services, publish a model, serve and send requests, "
+        "then check every answer against numpy; exit 0 only when all are correct.",
+    )
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--preset", choices=["article", "mlp"], default="mlp")
     mode = p.add_mutually_exclusive_group()
@@ -788,7 +894,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=_FLAGS["log_level"].choices)
     p.set_defaults(handler=cmd_demo)
 
-    p = sub.add_parser("train", help="online SGD that publishes and announces versions")
+    p = sub.add_parser(
+        "train",
+        help="online SGD that publishes and announces versions",
+        description="Train a model online (SGD on PREFIX.training or a synthetic task) and "
+        "publish and announce a new version every N steps or T seconds, until SIGTERM.",
+    )
     _add_connection_flags(p)
     p.add_argument("--model", required=True)
     p.add_argument(
@@ -816,13 +927,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print each publish as JSON")
     p.set_defaults(handler=cmd_train)
 
-    p = sub.add_parser("versions", help="list a model's versions, the serving one marked *")
+    p = sub.add_parser(
+        "versions",
+        help="list a model's versions, the serving one marked *",
+        description="List the versions of a model stored in Redis: creation time, size, "
+        "expiry, and the one being served marked *.",
+    )
     _add_connection_flags(p)
     p.add_argument("--model", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=lambda a, s: _run(_versions(a, s)))
 
-    p = sub.add_parser("rollback", help="serve an earlier version again and announce it")
+    p = sub.add_parser(
+        "rollback",
+        help="serve an earlier version again and announce it",
+        description="Move a model's version pointer back to an earlier version that is still "
+        "stored, and announce it so the workers switch at once.",
+    )
     _add_connection_flags(p)
     p.add_argument("--model", required=True)
     p.add_argument("--to", type=int, required=True, metavar="N", help="the version to serve")
@@ -834,6 +955,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="benchmarks: each prints figures and ratios, writes DIR/SUITE.json and .png",
+        description="Run a benchmark suite on fresh local services; each prints its figures "
+        "and the ratios of its sides measured in the same run.",
     )
     p.add_argument(
         "suite",
@@ -907,7 +1030,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    """Run one command; errors become one line on stderr and exit status 2."""
+    """Run one command; errors become one line on stderr. Exit status: 0 done, 1 a failure
+    at run time (a service down, an error result, a timeout), 2 a usage error (argparse's
+    own, or settings and input that cannot work: :class:`ConfigError`), 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace, Settings], int] = args.handler
@@ -927,7 +1052,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return handler(args, settings)
     except KvpipeError as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130

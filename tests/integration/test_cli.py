@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import redis as redis_py
 from pipeline.cli import build_parser
 from pipeline.config import settings_to_env
 from pipeline.dev.local import free_port
+from pipeline.io.kafka import list_topics
 
 pytestmark = pytest.mark.integration
 
@@ -38,12 +40,12 @@ def test_every_command_has_help() -> None:
 def test_unreachable_services_give_one_line_not_a_traceback() -> None:
     dead = f"127.0.0.1:{free_port()}"
     out = kvpipe("publish", "--model", "m", "--preset", "mlp", "--redis", f"redis://{dead}/0")
-    assert out.returncode == 2
+    assert out.returncode == 1  # a failure at run time; 2 is for usage errors
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in out.stderr
     assert lines[0].startswith("kvpipe publish: error: Redis at redis://") and dead in lines[0]
     out = kvpipe("produce", "--model", "m", "--count", "1", "--dim", "2", "--kafka", dead)
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
     assert dead in out.stderr and "Traceback" not in out.stderr
 
 
@@ -160,3 +162,48 @@ def test_a_malformed_kafka_bootstrap_is_one_line_from_any_command(bootstrap: str
     ):
         out = kvpipe(*command, env={"KVPIPE_KAFKA": bootstrap}, timeout=30)
         assert "Kafka bootstrap" in _one_error_line(out, command[0])
+
+
+def test_infer_prints_one_answer_and_exits_by_its_status(make_settings: Any) -> None:
+    """``kvpipe infer`` against a served model: the answer equals numpy, an error result
+    exits 1, a usage error 2, and no reply topic is left behind."""
+    import numpy as np
+
+    from pipeline.params.models import preset
+
+    settings = make_settings()
+    env = settings_to_env(settings)
+    out = kvpipe("publish", "--model", "clf", "--preset", "mlp", "--seed", "3", env=env)
+    assert out.returncode == 0, out.stderr
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "serve", "--log-format", "json"],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
+    try:
+        ok = kvpipe("infer", "--model", "clf", "--input", json.dumps(x.tolist()), env=env)
+        unknown = kvpipe("infer", "--model", "ghost", "--input", "[0.5, 0.5]", env=env)
+        pinned = kvpipe("infer", "--model", "clf", "--version", "7", "--input", "[[0.5]]", env=env)
+        usage = kvpipe("infer", "--model", "clf", "--input", "[[1,", env=env)
+        topics = asyncio.run(list_topics(settings.kafka))  # listed, no topic named
+    finally:
+        worker.terminate()
+        _, err = worker.communicate(timeout=30)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    answer = json.loads(ok.stdout)
+    assert answer["status"] == "ok" and answer["model"] == "clf" and answer["version"] == 1
+    model = preset("mlp")
+    np.testing.assert_allclose(
+        np.asarray(answer["outputs"]), model.forward(model.init(3), x), rtol=1e-4, atol=1e-5
+    )
+    assert unknown.returncode == 1
+    assert json.loads(unknown.stdout)["error"]["code"] == "unknown_model"
+    assert pinned.returncode == 1 and json.loads(pinned.stdout)["status"] == "error"
+    assert usage.returncode == 2 and usage.stdout == ""
+    assert "is not JSON rows of numbers" in usage.stderr
+    replies = [t for t in topics if t.startswith(f"{settings.kafka.topic_prefix}.replies.")]
+    assert replies == [], replies
+    assert worker.returncode == 0, err[-2000:]

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from pipeline.client import InferenceClient, ResultTimeout, SyncClient
-from pipeline.config import with_values
+from pipeline.config import settings_to_env, with_values
 from pipeline.errors import ConfigError
 from pipeline.io.kafka import ensure_topics, list_topics
 from pipeline.io.kv import open_kv
@@ -237,3 +241,38 @@ async def test_sync_client_answers_from_plain_code(
     closed.close()
     with pytest.raises(ConfigError):
         closed.infer("m", x[:1])
+
+
+def readme_python_client() -> str:
+    """The README's Python client example (the ```python block after "From Python")."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    after = readme[readme.index("From Python") :]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start : after.index("```", start)]
+
+
+async def test_the_readme_python_client_runs_as_written(
+    make_settings: Any, start_worker: Any, make_client: Any
+) -> None:
+    settings = make_settings()
+    model = preset("mlp")
+    async with open_kv(settings.redis) as kv:
+        store = ParamStore(kv, prefix=settings.redis.key_prefix)
+        await store.publish("clf", model.arch, model.init(1))
+    await make_client(settings)
+    await start_worker(settings)
+    code = readme_python_client()
+    assert len(code.strip().splitlines()) <= 4, code
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", code],
+        env={**os.environ, **settings_to_env(settings)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = model.forward(model.init(1), np.full((1, 32), 0.5, np.float32))
+    printed = np.array(out.stdout.replace("[", " ").replace("]", " ").split(), dtype=np.float32)
+    np.testing.assert_allclose(printed, expected.ravel(), rtol=1e-4, atol=1e-6)
+    assert _replies(await list_topics(settings.kafka), settings) == set()

@@ -104,11 +104,11 @@ async def test_a_rollback_never_lets_newer_versions_expire(
     assert rows[3].expires_at is not None and rows[2].expires_at is not None
 
 
-# -- operator errors: one line, exit status 2 (case 8) -------------------------------------------
+# -- operator errors: one line, exit status 2 for usage, 1 at run time (case 8) ------------------
 
 
-def one_line_error(out: Any) -> str:
-    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+def one_line_error(out: Any, status: int = 2) -> str:
+    assert out.returncode == status, (out.returncode, out.stderr[-2000:])
     assert "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr[-2000:]
@@ -170,7 +170,7 @@ async def test_publish_into_a_full_redis_is_one_line_and_leaves_only_expiring_ke
     argv = ["publish", "--model", "big", "--preset", "article", "--no-announce"]
     env = {"KVPIPE_REDIS": redis.url, "KVPIPE_REDIS_BACKEND": backend, "KVPIPE_KEY_PREFIX": prefix}
     out = await asyncio.to_thread(kvpipe, *argv, env=env)
-    line = one_line_error(out)
+    line = one_line_error(out, status=1)  # Redis refused at run time: not a usage error
     assert "out of memory" in line and "maxmemory" in line, line  # before: "unavailable"
     assert "unavailable" not in line
     for raw in ("NUMPY", "descr", "\\x", "\ufffd"):  # no tensor bytes, however rendered

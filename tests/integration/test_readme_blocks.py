@@ -186,8 +186,8 @@ def test_readme_block_runs_as_written(block: Block, tmp_path: Path) -> None:
     assert proc.returncode == 0, f"exit status {proc.returncode}\n{context}"
     assert not left_running, f"a process the block started was still running\n{context}"
     assert NOTHING_RUNNING in cleanup, f"local services were left running ({cleanup})\n{context}"
-    if "kvpipe serve &" in block.text:  # "Using it": 100 requests, 100 results printed
+    if "kvpipe serve &" in block.text:  # "Using it": 100 results printed, 1 kvpipe infer's
         results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        assert len(results) == 100, context
-        assert len({r["id"] for r in results}) == 100, context
+        assert len(results) == 101, context
+        assert len({r["id"] for r in results}) == 101, context
         assert all(r["status"] == "ok" for r in results), context
