@@ -56,7 +56,11 @@ async def serve(
     the worker's tracing hooks (default: from the settings, on the global tracer provider)."""
     async with AsyncExitStack() as stack:
         kv = await stack.enter_async_context(open_kv(settings.redis))
-        store = ParamStore(kv, prefix=settings.redis.key_prefix)
+        store = ParamStore(
+            kv,
+            prefix=settings.redis.key_prefix,
+            emb_partitions=settings.redis.emb_partitions,
+        )
         cache: ParamCache[object] = await stack.enter_async_context(
             ParamCache(
                 capacity_bytes=settings.cache.capacity_bytes,

@@ -383,7 +383,12 @@ async def train(
     k = settings.kafka
     async with AsyncExitStack() as stack:
         kv = await stack.enter_async_context(open_kv(settings.redis))
-        store = ParamStore(kv, prefix=settings.redis.key_prefix, retention_s=cfg.retention_s)
+        store = ParamStore(
+            kv,
+            prefix=settings.redis.key_prefix,
+            emb_partitions=settings.redis.emb_partitions,
+            retention_s=cfg.retention_s,
+        )
         await ensure_topics(k, [k.updates_topic, k.training_topic])
         producer = await stack.enter_async_context(Producer(k))
         consumer = None

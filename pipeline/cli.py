@@ -184,7 +184,12 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
     built = build_model(arch)
     tables = built.init_tables(args.seed) if isinstance(built, EmbeddingScorer) else None
     async with open_kv(settings.redis) as kv:
-        store = ParamStore(kv, prefix=settings.redis.key_prefix, retention_s=args.retention)
+        store = ParamStore(
+            kv,
+            prefix=settings.redis.key_prefix,
+            emb_partitions=settings.redis.emb_partitions,
+            retention_s=args.retention,
+        )
         published = await store.publish(args.model, arch, arrays, tables=tables)
     if args.json:
         print(
@@ -227,7 +232,12 @@ async def _publish_onnx(args: argparse.Namespace, settings: Settings) -> int:
     data = await asyncio.to_thread(_read_onnx, Path(args.onnx))
     prepared = await asyncio.to_thread(prepare_onnx, data)
     async with open_kv(settings.redis) as kv:
-        store = ParamStore(kv, prefix=settings.redis.key_prefix, retention_s=args.retention)
+        store = ParamStore(
+            kv,
+            prefix=settings.redis.key_prefix,
+            emb_partitions=settings.redis.emb_partitions,
+            retention_s=args.retention,
+        )
         published = await store.publish_onnx(args.model, prepared)
     if args.json:
         print(
@@ -353,7 +363,11 @@ async def _input_dim(settings: Settings, model: str) -> int:
     from pipeline.params.store import ParamStore
 
     async with open_kv(settings.redis) as kv:
-        store = ParamStore(kv, prefix=settings.redis.key_prefix)
+        store = ParamStore(
+            kv,
+            prefix=settings.redis.key_prefix,
+            emb_partitions=settings.redis.emb_partitions,
+        )
         version = await store.current_version(model)
         manifest = await store.manifest(model, version)
     return build_model(manifest.arch).input_dim
@@ -462,12 +476,25 @@ async def _infer(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result.ok else 1
 
 
+def _count(raw: str) -> int:
+    """A whole number, 0 or more (argparse type of --redis-cluster and --replicas)."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{raw!r} must be 0 or more")
+    return value
+
+
 def cmd_local(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.dev.daemon import local_down, local_up
 
     state = Path(args.state_dir)
     if args.action == "up":
-        info = local_up(state)
+        if args.replicas and not args.redis_cluster:
+            raise ConfigError("--replicas needs --redis-cluster N")
+        info = local_up(state, redis_cluster=args.redis_cluster, replicas=args.replicas)
         print(f"export KVPIPE_KAFKA={info['KVPIPE_KAFKA']}")
         print(f"export KVPIPE_REDIS={info['KVPIPE_REDIS']}")
         return 0
@@ -669,7 +696,11 @@ async def _versions(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.params.store import ParamStore
 
     async with open_kv(settings.redis) as kv:
-        rows = await ParamStore(kv, prefix=settings.redis.key_prefix).versions(args.model)
+        rows = await ParamStore(
+            kv,
+            prefix=settings.redis.key_prefix,
+            emb_partitions=settings.redis.emb_partitions,
+        ).versions(args.model)
     if not rows:
         raise ConfigError(f"model {args.model!r} has no versions; publish one first")
     if args.json:
@@ -695,7 +726,12 @@ async def _rollback(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.params.updates import Announcement
 
     async with open_kv(settings.redis) as kv:
-        store = ParamStore(kv, prefix=settings.redis.key_prefix, retention_s=args.retention)
+        store = ParamStore(
+            kv,
+            prefix=settings.redis.key_prefix,
+            emb_partitions=settings.redis.emb_partitions,
+            retention_s=args.retention,
+        )
         await store.set_current(args.model, args.to)
     await _announce(settings, Announcement(args.model, "rollback", args.to))
     print(f"{args.model} now serves v{args.to}; announced on {settings.kafka.updates_topic}")
@@ -867,6 +903,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("action", choices=["up", "down"])
     p.add_argument("--state-dir", default=".kvpipe", help="where pids and logs are kept")
+    p.add_argument(
+        "--redis-cluster",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="up: a Redis Cluster of N primaries instead of one Redis (KVPIPE_REDIS becomes "
+        "redis+cluster://...)",
+    )
+    p.add_argument(
+        "--replicas", type=_count, default=0, metavar="R", help="up: replicas of each primary"
+    )
     p.set_defaults(handler=cmd_local)
 
     p = sub.add_parser(

@@ -716,6 +716,20 @@ def _port_ok(text: str) -> bool:
     return text.isascii() and text.isdigit() and 1 <= int(text) <= 65535
 
 
+def _check_cluster_url(netloc: str, path: str, query: str, shown: str) -> None:
+    """A Redis Cluster URL: seeds ``host:port`` separated by commas, database 0 only."""
+    hosts = netloc.rpartition("@")[2]
+    for seed in hosts.split(","):
+        host, _, port = seed.rpartition(":")
+        if not host.strip("[]") or not _port_ok(port):
+            raise ConfigError(
+                f"{shown}: seed {seed!r} is not host:port; use "
+                "redis+cluster://[user:pass@]host:port[,host:port...]"
+            )
+    if query or path not in ("", "/", "/0"):
+        raise ConfigError(f"{shown}: a cluster has database 0 only and takes no options")
+
+
 def check_redis_url(url: str) -> None:
     """Refuse, in one line naming only the redacted URL, what redis-py would crash on or
     misread: bad scheme, port, brackets, host, database, whitespace or control characters."""
@@ -729,8 +743,13 @@ def check_redis_url(url: str) -> None:
             f"{shown} cannot be parsed: check the [brackets] of an IPv6 host and percent-encode "
             "special characters in the password"
         ) from None
+    if parts.scheme in ("redis+cluster", "rediss+cluster"):
+        _check_cluster_url(parts.netloc, parts.path, parts.query, shown)
+        return
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"{shown} must start with redis://, rediss:// or unix://")
+        raise ConfigError(
+            f"{shown} must start with redis://, rediss://, unix:// or redis+cluster://"
+        )
     dbs = parse_qs(parts.query).get("db")
     db = dbs[0] if dbs else None
     if parts.scheme == "unix":

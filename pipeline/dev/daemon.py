@@ -8,6 +8,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -15,6 +16,13 @@ from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.dev.cluster import (
+    cluster_args,
+    cluster_url,
+    find_redis_cli,
+    form_cluster,
+    free_cluster_port,
+)
 from pipeline.dev.local import _LIVE, KafkaBroker, RedisServer, _wait_ready
 from pipeline.errors import LocalServiceError
 
@@ -137,56 +145,97 @@ def _state_pids(state: Mapping[str, Any]) -> list[tuple[int, str | None]]:
         pid, binary = state.get(f"{name}_pid"), state.get(f"{name}_binary")
         if isinstance(pid, int):
             pids.append((pid, binary if isinstance(binary, str) else None))
+    binary = state.get("redis_binary")
+    for pid in state.get("redis_cluster_pids") or ():  # the nodes of a local cluster
+        if isinstance(pid, int):
+            pids.append((pid, binary if isinstance(binary, str) else None))
     return pids
 
 
-def local_up(state_dir: Path) -> dict[str, Any]:
-    """Start Redis and Tansu detached, logs in ``state_dir``; write and return its local.json."""
+def _layout(redis_cluster: int, replicas: int) -> list[int]:
+    """What local.json records about Redis: [] for one Redis, else [primaries, replicas]."""
+    return [redis_cluster, replicas] if redis_cluster else []
+
+
+def local_up(state_dir: Path, *, redis_cluster: int = 0, replicas: int = 0) -> dict[str, Any]:
+    """Start Redis and Tansu detached, logs in ``state_dir``; write and return its local.json.
+
+    With ``redis_cluster`` N, Redis is a cluster of N primaries with ``replicas`` replicas
+    each (its nodes under ``state_dir/redis-PORT``), and KVPIPE_REDIS a redis+cluster:// URL.
+    """
     state_dir = Path(state_dir).absolute()
     state_dir.mkdir(parents=True, exist_ok=True)
     existing = _read_state(state_dir)
     if existing is not None:
         pids = _state_pids(existing)
         alive = [pid for pid, binary in pids if _pid_alive(pid, binary)]
-        if len(pids) == 2 and len(alive) == 2:
+        same = existing.get("redis_layout", []) == _layout(redis_cluster, replicas)
+        if same and len(pids) >= 2 and len(alive) == len(pids):
             return existing
-        _terminate(alive, timeout=5.0)  # half up: start over
-    redis, broker = RedisServer(), KafkaBroker()
-    _LIVE.discard(redis)
+        _terminate(alive, timeout=5.0)  # half up, or another layout asked for: start over
+    broker = KafkaBroker()
     _LIVE.discard(broker)
-    redis_bin, tansu_bin = redis._resolve_binary(), broker._resolve_binary()
-    redis_log, kafka_log = state_dir / "redis.log", state_dir / "tansu.log"
+    tansu_bin = broker._resolve_binary()
+    kafka_log = state_dir / "tansu.log"
+    if redis_cluster:
+        args = cluster_args()
+        count = redis_cluster * (1 + replicas)
+        nodes = [RedisServer(port=free_cluster_port(), extra_args=args) for _ in range(count)]
+    else:
+        nodes = [RedisServer()]
+    for node in nodes:
+        _LIVE.discard(node)
+    redis_bin = nodes[0]._resolve_binary()
     started: list[int] = []
     try:
-        redis_pid = _spawn_detached(redis._argv(redis_bin, state_dir), redis._env(), redis_log)
-        started.append(redis_pid)
+        node_pids, node_logs = [], []
+        for node in nodes:
+            workdir = state_dir
+            if redis_cluster:  # each node its own nodes.conf and redis.conf
+                workdir = state_dir / f"redis-{node.port}"
+                workdir.mkdir(exist_ok=True)
+            log = state_dir / ("redis.log" if not redis_cluster else f"redis-{node.port}.log")
+            pid = _spawn_detached(node._argv(redis_bin, workdir), node._env(), log)
+            started.append(pid)
+            node_pids.append(pid)
+            node_logs.append(log)
         kafka_pid = _spawn_detached(broker._argv(tansu_bin, state_dir), broker._env(), kafka_log)
         started.append(kafka_pid)
 
-        async def wait_both() -> None:
+        async def wait_all() -> None:
             await asyncio.gather(
-                _wait_ready(redis._label, redis.port, redis._probe,
-                            functools.partial(_child_exit_code, redis_pid),
-                            redis._ready_timeout, redis_log),
+                *(_wait_ready(node._label, node.port, node._probe,
+                              functools.partial(_child_exit_code, pid),
+                              node._ready_timeout, log)
+                  for node, pid, log in zip(nodes, node_pids, node_logs, strict=True)),
                 _wait_ready(broker._label, broker.port, broker._probe,
                             functools.partial(_child_exit_code, kafka_pid),
                             broker._ready_timeout, kafka_log),
             )  # fmt: skip
+            if redis_cluster:
+                cli = find_redis_cli(redis_bin)
+                ports = [node.port for node in nodes]
+                await form_cluster(ports, redis_cluster, redis_cli=cli)
 
-        _run_sync(wait_both)
+        _run_sync(wait_all)
     except BaseException:
         _terminate(started, timeout=2.0)
         raise
+    redis = nodes[0]
+    redis_pid, redis_log = node_pids[0], node_logs[0]
     state: dict[str, Any] = {
         "redis_pid": redis_pid,
         "redis_port": redis.port,
         "redis_binary": redis_bin,
         "redis_log": str(redis_log),
+        "redis_layout": _layout(redis_cluster, replicas),
+        "redis_cluster_pids": node_pids[1:],
+        "redis_cluster_ports": [node.port for node in nodes] if redis_cluster else [],
         "kafka_pid": kafka_pid,
         "kafka_port": broker.port,
         "kafka_binary": tansu_bin,
         "kafka_log": str(kafka_log),
-        "KVPIPE_REDIS": redis.url,
+        "KVPIPE_REDIS": cluster_url([n.port for n in nodes]) if redis_cluster else redis.url,
         "KVPIPE_KAFKA": broker.bootstrap,
         "state_dir": str(state_dir),
         "started_at": time.time(),
@@ -203,5 +252,8 @@ def local_down(state_dir: Path) -> bool:
     state = _read_state(state_dir)
     alive = [pid for pid, binary in _state_pids(state or {}) if _pid_alive(pid, binary)]
     _terminate(alive, timeout=5.0)
+    for port in (state or {}).get("redis_cluster_ports") or ():  # the nodes' own directories
+        if isinstance(port, int):
+            shutil.rmtree(state_dir / f"redis-{port}", ignore_errors=True)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     return bool(alive)
