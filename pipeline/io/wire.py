@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -21,6 +22,11 @@ import orjson
 from pipeline.config import LimitSettings
 from pipeline.errors import ConfigError, KvpipeError, RequestError, UnreadableMessage
 from pipeline.io.npy import from_npy, to_npy
+from pipeline.io.oip import H_METHOD as H_OIP_METHOD
+from pipeline.io.oip import H_MODEL as H_OIP_MODEL
+from pipeline.io.oip import H_VERSION as H_OIP_VERSION
+from pipeline.io.oip import OIP, error_body, read_request, read_response, read_version
+from pipeline.io.oip import response_body as oip_response_body
 from pipeline.io.stream import GenerationSpec, parse_generation
 from pipeline.names import check_name
 
@@ -66,6 +72,8 @@ class Request:
     error: KvpipeError | None = None
     #: A generation request (``prompt``): answered by a stream, not by the batcher.
     generation: GenerationSpec | None = None
+    #: Open Inference Protocol (V2) requests: the outputs asked for by name (None: all).
+    wanted_outputs: tuple[str, ...] | None = None
 
     @property
     def rows(self) -> int:
@@ -351,9 +359,14 @@ def check_named(raw: Any, limits: LimitSettings) -> dict[str, npt.NDArray[Any]]:
 
 
 def decode_request(
-    value: bytes | None, raw_headers: Headers | None, limits: LimitSettings
+    value: bytes | None,
+    raw_headers: Headers | None,
+    limits: LimitSettings,
+    key: bytes | None = None,
 ) -> Request:
-    """Read one request message; see the module docstring for the three outcomes."""
+    """Read one request message; see the module docstring for the three outcomes. A message
+    with an ``mlserver-model`` header (or content type :data:`OIP`) is an Open Inference
+    Protocol (V2) request, whose id is its ``key`` when it has one."""
     headers = _header_map(raw_headers)
     try:
         ctype = (_text_header(headers, H_CONTENT_TYPE) or JSON).split(";")[0].strip().lower()
@@ -363,6 +376,8 @@ def decode_request(
         raise UnreadableMessage("message has no value (tombstone)", code="unreadable")
     if ctype == NPY:
         return _decode_npy(value, headers, limits)
+    if ctype == OIP or (ctype == JSON and H_OIP_MODEL in headers):
+        return _decode_oip(value, headers, limits, key)
     if ctype != JSON:
         raise UnreadableMessage(f"unsupported content-type {ctype!r}", code="unreadable")
     if len(value) > limits.max_request_bytes:
@@ -496,9 +511,12 @@ def encode_request(
 
 
 def encode_result(
-    result: Result, content_type: str = JSON
+    result: Result, content_type: str = JSON, wanted: tuple[str, ...] | None = None
 ) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """The value and headers of a result message; npy outputs when the request came as npy."""
+    """The value and headers of a result message; npy outputs when the request came as npy,
+    a V2 response (the ``wanted`` outputs, all when None) when it came as V2."""
+    if content_type == OIP:
+        return _encode_oip(result, wanted)
     if content_type == NPY and result.outputs is not None:
         meta = orjson.dumps(result.meta())
         return to_npy(result.outputs), [
@@ -517,12 +535,19 @@ def decode_result(value: bytes, headers: Headers | None) -> Result:
     """Read a result message (JSON, or npy outputs with the metadata in a header)."""
     ctype = (header(headers, H_CONTENT_TYPE) or JSON.encode()).decode()
     try:
-        if ctype == NPY:
+        outputs: Array | None
+        if ctype == OIP:
+            meta_raw = header(headers, H_RESULT)
+            if meta_raw is None:
+                raise ValueError("V2 result without its kvpipe-result header")
+            meta = orjson.loads(meta_raw)
+            outputs, meta["named_outputs"] = _oip_outputs(value, meta)
+        elif ctype == NPY:
             meta_raw = header(headers, H_RESULT)
             if meta_raw is None:
                 raise ValueError("npy result without its kvpipe-result header")
             meta = orjson.loads(meta_raw)
-            outputs: Array | None = from_npy(value).astype(np.float32, copy=False)
+            outputs = from_npy(value).astype(np.float32, copy=False)
         else:
             meta = orjson.loads(value)
             raw = meta.get("outputs")
@@ -547,3 +572,114 @@ def decode_result(value: bytes, headers: Headers | None) -> Result:
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UnreadableMessage(f"not a kvpipe result: {exc}") from None
+
+
+# -- Open Inference Protocol (V2) bodies, with the codec of pipeline/io/oip.py --------------
+
+
+def _decode_oip(
+    value: bytes, headers: dict[str, bytes], limits: LimitSettings, key: bytes | None
+) -> Request:
+    """A V2 request: the id from the message key (else the body, else a new one), the model
+    and version from the ``mlserver-*`` headers, one 2-D input as ``inputs``, others named."""
+    if len(value) > limits.max_request_bytes:
+        raise UnreadableMessage(
+            f"request of {len(value)} bytes is over the limit of {limits.max_request_bytes}",
+            code="too_large",
+        )
+    try:
+        body = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        try:  # NaN/Infinity literals, refused below as non-finite
+            body = json.loads(value)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise UnreadableMessage(f"not a JSON request: {exc}", code="unreadable") from None
+    raw_id: object = body.get("id") if isinstance(body, dict) else None
+    if key:
+        try:
+            raw_id = key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UnreadableMessage("message key is not UTF-8", code="missing_id") from None
+    rid = uuid.uuid4().hex if raw_id is None else _check_id(raw_id)
+    request = Request(id=rid, model="", inputs=None, content_type=OIP)
+    try:
+        raw_model = _text_header(headers, H_OIP_MODEL)
+        request.model = safe_text(raw_model, MAX_ECHO_CHARS)
+        if raw_model is None:
+            raise RequestError(
+                f"a V2 request names its model in the {H_OIP_MODEL} header", code="bad_request"
+            )
+        request.model = _check_model(raw_model)
+        method = _text_header(headers, H_OIP_METHOD)
+        if method not in (None, "infer"):
+            raise RequestError(f"{H_OIP_METHOD} {method[:20]!r} is not infer", code="bad_request")
+        request.version = read_version(_text_header(headers, H_OIP_VERSION))
+        request.reply_to, request.deadline_ms = _routing(headers)
+        v2 = read_request(body, limits)
+        request.wanted_outputs = v2.outputs
+        # what kvpipe's models take: int64 (BOOL as 0/1) and float32 (FP16 widened exactly)
+        tensors = {
+            n: a.astype(np.int64 if a.dtype.kind in "iub" else np.float32, copy=False)
+            if a.dtype.kind == "b" or a.dtype == np.float16
+            else a
+            for n, a in v2.inputs.items()
+        }
+        arr = next(iter(tensors.values())) if len(tensors) == 1 else None
+        if arr is not None and arr.ndim == 2:
+            if arr.dtype.kind in "iu":
+                request.inputs = check_ids(arr, limits)
+            else:
+                request.inputs = check_inputs(arr, limits)
+        else:
+            request.named = check_named(tensors, limits)
+    except RequestError as exc:
+        request.error = exc
+    return request
+
+
+def _encode_oip(
+    result: Result, wanted: tuple[str, ...] | None
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A V2 response (or error) body; kvpipe's fields (status, cache, timings) in a header."""
+    value: bytes | None = None
+    if result.ok:
+        outputs = result.named
+        if outputs is None:
+            outputs = {} if result.outputs is None else {V2_OUTPUT: result.outputs}
+        try:
+            value = oip_response_body(
+                model=result.model,
+                version=result.version,
+                id=result.id,
+                outputs=outputs,
+                wanted=wanted,
+            )
+        except RequestError as exc:  # an output asked for that the model does not have
+            value = error_body(id=result.id, model=result.model, code=exc.code, message=str(exc))
+    else:
+        value = error_body(
+            id=result.id,
+            model=result.model,
+            code=result.error_code or "internal",
+            message=result.error_message or "",
+        )
+    return value, [
+        (H_CONTENT_TYPE, OIP.encode()),
+        (H_ID, result.id.encode()),
+        (H_RESULT, orjson.dumps(result.meta())),
+    ]
+
+
+#: The name of the one output of a model whose outputs have no names (kvpipe's numpy models).
+V2_OUTPUT = "output"
+
+
+def _oip_outputs(value: bytes, meta: dict[str, Any]) -> tuple[Array | None, Any]:
+    """A V2 body's outputs: side by side as float32 rows, and by name."""
+    if meta.get("status") != Status.OK:
+        return None, None
+    _, named = read_response(value)
+    if not named:
+        return None, None
+    rows = [a.reshape(a.shape[0], -1).astype(np.float32) for a in named.values()]
+    return (rows[0] if len(rows) == 1 else np.concatenate(rows, axis=1)), named

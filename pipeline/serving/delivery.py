@@ -169,7 +169,8 @@ class Delivery:
         result instead, and if not even that, the request as a dead letter."""
         topic = item.request.reply_to or self._kafka.results_topic
         try:
-            value, headers = encode_result(result, item.request.content_type)
+            request = item.request
+            value, headers = encode_result(result, request.content_type, request.wanted_outputs)
             span = self.tracing.result_headers(item, topic, result, headers)
             return Outgoing(item, topic, value, headers, result, result.id.encode(), span)
         except Exception as exc:
@@ -185,7 +186,7 @@ class Delivery:
                 error_message=safe_text(reason, 500),
                 worker=self.worker_id,
             )
-            value, headers = encode_result(fallback)
+            value, headers = encode_result(fallback, item.request.content_type)
             span = self.tracing.result_headers(item, topic, fallback, headers)
             return Outgoing(item, topic, value, headers, fallback, fallback.id.encode(), span)
         except Exception:
