@@ -87,6 +87,7 @@ async def serve(
                 topic=k.requests_topic,
                 group=k.group_id,
                 ttl_s=settings.worker.dedupe_ttl_s,
+                timeout_s=settings.redis.timeout_s,
             )
         worker = await stack.enter_async_context(
             Worker(

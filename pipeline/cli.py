@@ -1007,7 +1007,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "suite",
-        choices=["naive", "echo", "batching", "memo", "cache", "e2e", "scale", "onnx", "all"],
+        choices=[*BENCH_SUITES, "all"],
         nargs="?",
         default="all",
     )
@@ -1023,7 +1023,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="requests per run of each side (default 2000 for naive's cached side, 50000 for "
         "echo, 3000 for batching and memo, 20000 for batching's small MLP and onnx, 8000 for "
-        "scale)",
+        "scale, 30000 for dedupe)",
     )
     p.add_argument(
         "--naive-requests",
@@ -1072,6 +1072,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", metavar="FILE", help="also write every figure as one JSON file")
     p.add_argument("--log-level", choices=_FLAGS["log_level"].choices)
+    p.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="echo and e2e: also run kvpipe serve --processes N against one worker process "
+        "(echo: a backlog comparison of its own; e2e: a third side in the sweep)",
+    )
     p.set_defaults(handler=cmd_bench)
     return parser
 

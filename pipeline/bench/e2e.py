@@ -9,11 +9,16 @@ Rates alternate the order of the sides (worker, echo / echo, worker, ...). After
 both sides run once more at half the worker's highest throughput: the latency goal is read
 there. Every answer is checked (the worker's against numpy, the echo's byte for byte); a rate
 with a wrong or missing answer has no figure.
+
+With ``--processes N`` a third side joins the sweep: ``kvpipe serve --processes N`` (a
+supervisor and N worker processes), warmed until every child answered; its max throughput is
+set against the one-process worker's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -29,9 +34,9 @@ from pipeline.bench.harness import prepare_side
 from pipeline.bench.loadgen import SendLog, percentiles, run_open_loop, schedule
 from pipeline.config import KafkaSettings, Settings
 from pipeline.dev.procs import Children, child_env
-from pipeline.errors import KvpipeError
+from pipeline.errors import KvpipeError, UnreadableMessage
 from pipeline.io.kafka import Consumer, Message, Producer
-from pipeline.io.wire import JSON, encode_request
+from pipeline.io.wire import JSON, decode_result, encode_request
 from pipeline.params.models import preset
 from pipeline.resource import AsyncResource
 
@@ -42,6 +47,7 @@ THROUGHPUT_GOAL = 0.5  # max throughput of the worker / max throughput of the ec
 POOL_ROWS = 1000  # distinct input rows; request i carries row i % POOL_ROWS
 WARMUP = 200
 SATURATED_SHARE = 0.9  # answers/s below this share of the offered rate: the side is saturated
+PROCS = "procs"  # the side of kvpipe serve --processes N
 
 Array = npt.NDArray[np.float32]
 Emit = Callable[[str], None]
@@ -224,6 +230,7 @@ class E2EResult:
     pids: list[int] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
     duration_s: float = 0.0
+    processes: int = 1  # above 1: the "procs" side ran, kvpipe serve --processes N
 
     def side(self, name: str, *, half: bool | None = None) -> list[RatePoint]:
         """The points of one side (``half``: only the half-of-max run, or only the sweep)."""
@@ -248,6 +255,12 @@ class E2EResult:
         """Worker max / echo max."""
         w, e = self.max_throughput("worker"), self.max_throughput("echo")
         return None if w is None or not e else w / e
+
+    @property
+    def processes_ratio(self) -> float | None:
+        """Max of ``--processes N`` / max of one worker process."""
+        p, w = self.max_throughput(PROCS), self.max_throughput("worker")
+        return None if p is None or not w else p / w
 
     @property
     def latency_ratio(self) -> float | None:
@@ -284,8 +297,16 @@ class E2EResult:
             "pids": self.pids,
             "rates": self.rates,
             "duration_s": self.duration_s,
+            "processes": self.processes,
+            "processes_max_throughput": _round(self.max_throughput(PROCS)),
+            "processes_ratio": _round(self.processes_ratio, 4),
+            "processes_ratio_of": f"--processes {self.processes} max / one process max",
             "model": "mlp 32-64-8",
         }
+
+
+def _round(v: float | None, digits: int = 1) -> float | None:
+    return None if v is None else round(v, digits)
 
 
 def point_line(p: RatePoint) -> str:
@@ -344,6 +365,12 @@ def summary_lines(result: E2EResult) -> list[str]:
             f"e2e     p99 at half the worker max ({result.half_rate:.0f}/s): worker {w:.2f} ms / "
             f"echo {e:.2f} ms = {lr:.2f}x (goal <= {LATENCY_GOAL:g}x: {verdict})"
         )
+    if result.processes > 1:
+        pmax, pr = result.max_throughput(PROCS), result.processes_ratio
+        out.append(
+            f"e2e     --processes {result.processes}: max throughput {fmt(PROCS, pmax)} against "
+            f"one process {fmt('worker', wmax)}" + ("" if pr is None else f" = {pr:.2f}x")
+        )
     return out
 
 
@@ -393,9 +420,12 @@ class LiveSide(AsyncResource):
             content_type=self.wire,
         )
 
-    async def warm(self, count: int, timeout_s: float, alive: Callable[[], None]) -> None:
-        """Send ``count`` requests and wait for every answer (the process is up and warm)."""
-        keys = [f"warm-{self.name}-{i}".encode() for i in range(count)]
+    async def warm(
+        self, count: int, timeout_s: float, alive: Callable[[], None], tag: str = "warm"
+    ) -> dict[bytes, tuple[float, Message]]:
+        """Send ``count`` requests and wait for every answer (the process is up and warm);
+        returns the answers."""
+        keys = [f"{tag}-{self.name}-{i}".encode() for i in range(count)]
         self.reader.expect(keys)
         futures = []
         for i, key in enumerate(keys):
@@ -414,7 +444,21 @@ class LiveSide(AsyncResource):
                     f"{self.name}: {self.reader.missing} of {count} warm-up answers missing "
                     f"after {timeout_s:g} s"
                 )
-        self.reader.take(keys)
+        return self.reader.take(keys)
+
+    async def warm_all(self, workers: int, timeout_s: float, alive: Callable[[], None]) -> None:
+        """Warm until answers came from ``workers`` distinct worker ids (every child of a
+        supervisor has joined the group and owns partitions)."""
+        seen: set[str] = set()
+        deadline = time.perf_counter() + timeout_s
+        wave = 0
+        while len(seen) < workers:
+            if time.perf_counter() > deadline:
+                raise KvpipeError(f"{self.name}: only {len(seen)} of {workers} workers answered")
+            for _, msg in (await self.warm(WARMUP, timeout_s, alive, f"w{wave}")).values():
+                with contextlib.suppress(UnreadableMessage):
+                    seen.add(decode_result(msg.value or b"", msg.headers).worker)
+            wave += 1
 
     async def run_rate(
         self, rate: float, duration_s: float, tag: str, *, half: bool, alive: Callable[[], None]
@@ -504,19 +548,25 @@ async def bench_e2e(
     half_duration_s: float | None = None,
     emit: Emit = print,
     wire: str = JSON,
+    processes: int = 1,
+    processes_settings: Settings | None = None,
 ) -> E2EResult:
     """Sweep ``rates`` on both sides (alternating their order), then run both at half the
-    worker's max; every process started here is stopped on the way out."""
+    worker's max; every process started here is stopped on the way out. With ``processes``
+    above 1, ``kvpipe serve --processes N`` on ``processes_settings`` joins the sweep."""
     model = preset("mlp")
     params = model.init(0)
     rng = np.random.default_rng(5)
     rows: Array = rng.standard_normal((POOL_ROWS, model.input_dim)).astype(np.float32)
     expected = model.forward(params, rows)
-    result = E2EResult(rates=list(rates), duration_s=duration_s)
+    result = E2EResult(rates=list(rates), duration_s=duration_s, processes=processes)
     manifest = await prepare_side(
         worker_settings, model, params, [echo_topic(worker_settings.kafka)]
     )
     await prepare_side(echo_settings, model, params, [echo_topic(echo_settings.kafka)])
+    procs_settings = processes_settings if processes > 1 else None
+    if procs_settings is not None:
+        procs_manifest = await prepare_side(procs_settings, model, params)
     emit(TABLE_HEAD)
     try:
         async with Children() as children:
@@ -526,6 +576,14 @@ async def bench_e2e(
             ):
                 child = await children.spawn(name, module, child_env(settings, name))
                 result.pids.append(child.proc.pid)
+            sides: list[LiveSide] = []
+            if procs_settings is not None:
+                env = child_env(procs_settings, "e2e-procs", {"KVPIPE_PROCESSES": str(processes)})
+                child = await children.spawn("e2e-procs", "consumers.inference", env)
+                result.pids.append(child.proc.pid)
+                check = worker_check(expected, procs_manifest.version)
+                k = procs_settings.kafka
+                sides.append(LiveSide(PROCS, procs_settings, k.results_topic, check, rows, wire))
             worker = LiveSide(
                 "worker",
                 worker_settings,
@@ -537,12 +595,19 @@ async def bench_e2e(
             echo = LiveSide(
                 "echo", echo_settings, echo_topic(echo_settings.kafka), echo_check, rows, wire
             )
-            async with worker, echo:
+            async with contextlib.AsyncExitStack() as stack:
+                for side in (worker, echo, *sides):
+                    await stack.enter_async_context(side)
                 await worker.warm(WARMUP, 90.0, children.check_alive)
                 await echo.warm(WARMUP, 90.0, children.check_alive)
+                for side in sides:
+                    await side.warm_all(processes, 120.0, children.check_alive)
 
-                async def both(i: int, rate: float, seconds: float, half: bool) -> None:
-                    order = (worker, echo) if i % 2 == 0 else (echo, worker)
+                async def both(
+                    i: int, rate: float, seconds: float, half: bool, extra: Sequence[LiveSide]
+                ) -> None:
+                    ring = [worker, echo, *extra]
+                    order = ring[i % len(ring) :] + ring[: i % len(ring)]
                     for side in order:
                         tag = f"{'h' if half else 'r'}{i}"
                         point = await side.run_rate(
@@ -552,11 +617,11 @@ async def bench_e2e(
                         emit(point_line(point))
 
                 for i, rate in enumerate(rates):
-                    await both(i, rate, duration_s, False)
+                    await both(i, rate, duration_s, False, sides)
                 wmax = result.max_throughput("worker")
                 if wmax is not None:
                     result.half_rate = wmax / 2
-                    await both(len(rates), wmax / 2, half_duration_s or duration_s, True)
+                    await both(len(rates), wmax / 2, half_duration_s or duration_s, True, ())
     except Exception as exc:  # recorded (the JSON still says what ran), not raised
         result.failure = f"{type(exc).__name__}: {exc}"
         emit(f"e2e     FAIL  ({result.failure})")

@@ -21,6 +21,11 @@ with a wrong, failed or missing answer has no figure.
 - ``e2e`` (:mod:`pipeline.bench.e2e`): open-loop latency per offered rate, worker and echo
   as processes of their own. ``scale`` (:mod:`pipeline.bench.scale`): one worker process
   against two. ``cache`` (:mod:`pipeline.bench.simulation`): the offline eviction simulation.
+- ``--processes N`` (``echo`` and ``e2e``): ``kvpipe serve --processes N`` against one worker
+  process; on ``echo`` a backlog comparison of its own (:func:`pipeline.bench.scale.
+  bench_processes`), on ``e2e`` a third side in the sweep.
+- ``dedupe`` (:mod:`pipeline.bench.dedupe`): the worker with ``KVPIPE_DEDUPE_TTL`` against the
+  same worker without, on the small MLP; and how long an answer waits for its record.
 - ``onnx`` (:mod:`pipeline.bench.onnx_digits`): scikit-learn's digits MLP served as ONNX
   (onnxruntime) against kvpipe's numpy MLP with the same weights: throughput, p99 latency, and
   the session build time per version. Needs the ``onnx`` extra; not part of ``all``.
@@ -43,6 +48,7 @@ from typing import Any, Protocol
 
 from pipeline.bench import plots
 from pipeline.bench.batching import bench_batching, bench_batching_mlp
+from pipeline.bench.dedupe import bench_dedupe
 from pipeline.bench.e2e import DEFAULT_DURATION_S, DEFAULT_RATES, bench_e2e, bench_light_latency
 from pipeline.bench.figures import ATOL, RTOL, Emit, machine
 from pipeline.bench.harness import PARTITIONS, drop_topics, side_settings
@@ -50,7 +56,7 @@ from pipeline.bench.memo import bench_memo
 from pipeline.bench.naive import bench_naive
 from pipeline.bench.onnx_digits import bench_onnx
 from pipeline.bench.overhead import bench_echo
-from pipeline.bench.scale import bench_scale
+from pipeline.bench.scale import bench_processes, bench_scale
 from pipeline.bench.simulation import CacheResult, bench_cache
 from pipeline.config import Settings
 from pipeline.dev.local import LocalServices
@@ -66,6 +72,7 @@ DEFAULT_REQUESTS = {
     "batching-mlp": 20000,
     "memo": 3000,
     "scale": 8000,
+    "dedupe": 30000,
     "onnx": 20000,
 }
 DEFAULT_OUT = "bench-results"
@@ -85,6 +92,7 @@ class Options:
     duration_s: float | None = None
     layers: list[int] | None = None
     wire: str | None = None  # None: JSON for the small MLP, npy for the article's model
+    processes: int | None = None  # echo and e2e: also kvpipe serve --processes N
 
     def wire_for(self, model: str) -> str:
         """The request content type of a suite on ``model`` ("mlp" or "article")."""
@@ -110,9 +118,26 @@ async def run_suite(
     """One suite on running services; its results by key (batching has two)."""
     rounds = opts.rounds
     if suite == "echo":
-        return {
+        out: dict[str, Result] = {
             "echo": await bench_echo(
                 settings, tag, opts.count("echo"), rounds, emit, opts.wire_for("mlp")
+            )
+        }
+        if opts.processes is not None:
+            out["echo-processes"] = await bench_processes(
+                settings,
+                tag,
+                opts.count("echo"),
+                rounds,
+                emit,
+                processes=opts.processes,
+                wire=opts.wire_for("mlp"),
+            )
+        return out
+    if suite == "dedupe":
+        return {
+            "dedupe": await bench_dedupe(
+                settings, tag, opts.count("dedupe"), rounds, emit, opts.wire_for("mlp")
             )
         }
     if suite == "naive":
@@ -149,9 +174,12 @@ async def run_suite(
                     duration_s=opts.duration_s or DEFAULT_DURATION_S,
                     emit=emit,
                     wire=opts.wire_for("mlp"),
+                    processes=opts.processes or 1,
+                    processes_settings=side_settings(settings, tag, "e2e-processes"),
                 )
             }
         finally:
+            await drop_topics(side_settings(settings, tag, "e2e-processes").kafka)
             await drop_topics(side_settings(settings, tag, "e2e-worker").kafka)
             await drop_topics(side_settings(settings, tag, "e2e-echo").kafka)
     if suite == "scale":
@@ -249,12 +277,16 @@ def _parse_options(args: argparse.Namespace) -> Options:
             raise ConfigError(f"--layers: not a list of sizes: {layers_arg!r}") from None
     wire_arg: str | None = getattr(args, "wire", None)
     wire = None if wire_arg in (None, "auto") else WIRES[wire_arg]
-    return Options(requests, naive_requests, rounds, rates, duration, layers, wire)
+    processes: int | None = getattr(args, "processes", None)
+    if processes is not None and processes < 2:
+        raise ConfigError("--processes must be at least 2 (it is compared with one process)")
+    return Options(requests, naive_requests, rounds, rates, duration, layers, wire, processes)
 
 
 #: ``all``: every suite but ``onnx`` (it needs the optional onnx extra and trains a model).
 ALL_SUITES = ["echo", "naive", "batching", "e2e", "scale", "cache"]
 KEYS = {
+    "echo": ["echo", "echo-processes"],
     "batching": ["batching", "batching-mlp", "batching-light"],
     "onnx": ["onnx", "onnx-latency", "onnx-session"],
 }
@@ -309,9 +341,10 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         "rates": list(opts.rates) if opts.rates else None,
         "duration_s": opts.duration_s,
         "layers": opts.layers,
+        "processes": opts.processes,
     }
     for suite in suites:
-        keys = KEYS.get(suite, [suite])
+        keys = [k for k in KEYS.get(suite, [suite]) if k in results]
         doc = {
             "suite": suite,
             "machine": info,

@@ -10,6 +10,11 @@ sends warm-up waves until every worker has answered (each has joined the group, 
 partitions and has the parameters cached). Then it produces the backlog and measures
 saturated throughput from the first answer of the backlog to the last. Every answer is
 checked against numpy. Sides alternate (two, one / one, two, ...).
+
+``kvpipe bench echo --processes N`` adds :func:`bench_processes`: the backlog benchmark's
+small MLP served by one ``kvpipe serve --processes N`` (a supervisor and N children) against
+one worker process, both timed the same way (warm-up until every child answered, then the
+backlog from its first answer to its last).
 """
 
 from __future__ import annotations
@@ -38,10 +43,13 @@ from pipeline.dev.procs import Children, child_env
 from pipeline.errors import KvpipeError, UnreadableMessage
 from pipeline.io.kafka import Message, Producer
 from pipeline.io.wire import JSON, decode_result, encode_request
-from pipeline.params.models import Model, build_model
+from pipeline.params.models import Model, build_model, preset
 
 SCALE_LAYERS = [64, 4096, 4096, 4096, 16]
 SCALE_GOAL = 1.6
+#: ``--processes N`` against one process on the small MLP: the goal is N-fold on N free cores;
+#: reported, not required (this machine's 2 cores also run the broker, Redis and the bench).
+PROCESSES_GOAL = 1.5
 WARM_WAVE = 32
 ONE_CORE = {"worker.compute_threads": 1, "worker.blas_threads": 1}
 # The BLAS libraries read these at import; the worker also limits BLAS to worker.blas_threads.
@@ -121,17 +129,26 @@ async def run_fleet(
     expected: Array,
     timeout_s: float,
     wire: str = JSON,
+    supervised: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> None:
-    """Publish, start ``workers`` processes, warm them, produce the backlog, time, verify."""
+    """Publish, start ``workers`` processes (``supervised``: one ``kvpipe serve --processes
+    workers``, its children the workers), warm them, produce the backlog, time, verify."""
     k = settings.kafka
     manifest = await prepare_side(settings, model, params)
     ids, backlog = request_backlog(inputs, wire)
     fig.detail["wire"] = wire
+    env_extra = {**BLAS_ENV, **(extra_env or {})}
     async with Children() as children:
-        for j in range(workers):
+        if supervised:
+            name = f"{k.topic_prefix}-sup"
+            env = child_env(settings, name, {**env_extra, "KVPIPE_PROCESSES": str(workers)})
+            child = await children.spawn(name, "consumers.inference", env)
+            fig.detail["pids"] = [child.proc.pid]
+        for j in range(0 if supervised else workers):
             name = f"{k.topic_prefix}-w{j}"
             child = await children.spawn(
-                name, "consumers.inference", child_env(settings, name, BLAS_ENV)
+                name, "consumers.inference", child_env(settings, name, env_extra)
             )
             fig.detail.setdefault("pids", []).append(child.proc.pid)
         async with (
@@ -226,5 +243,58 @@ async def bench_scale(
     steps: dict[str, tuple[Step, dict[str, Any]]] = {
         "two": (fleet(2), dict(ONE_CORE)),
         "one": (fleet(1), dict(ONE_CORE)),
+    }
+    return await compare(cmp, steps, base=base, tag=tag, rounds=rounds, emit=emit)
+
+
+async def bench_processes(
+    base: Settings,
+    tag: str,
+    requests: int,
+    rounds: int,
+    emit: Emit,
+    *,
+    processes: int,
+    wire: str = JSON,
+) -> Comparison:
+    """``kvpipe serve --processes N`` against one worker process on the backlog benchmark's
+    small MLP (same backlog, same settings, both as processes of their own)."""
+    model = preset("mlp")
+    params = model.init(0)
+    rng = np.random.default_rng(2)
+    inputs: Array = rng.standard_normal((requests, model.input_dim)).astype(np.float32)
+    expected = model.forward(params, inputs)
+    emit(
+        f"processes  small mlp, {requests} requests: one supervisor with {processes} worker "
+        "processes against one worker process"
+    )
+
+    def fleet(workers: int, supervised: bool) -> Step:
+        async def step(run: RunFigures, settings: Settings) -> None:
+            run.detail.update(processes=workers, supervised=supervised)
+            await run_fleet(
+                run,
+                settings,
+                workers=workers,
+                model=model,
+                params=params,
+                inputs=inputs,
+                expected=expected,
+                timeout_s=120.0 + requests / 200,
+                wire=wire,
+                supervised=supervised,
+            )
+
+        return step
+
+    cmp = Comparison(
+        "echo",
+        Side("echo", "processes", f"--processes {processes}", "req/s", requests),
+        Side("echo", "process", "one process", "req/s", requests),
+        PROCESSES_GOAL,
+    )
+    steps: dict[str, tuple[Step, dict[str, Any]]] = {
+        "processes": (fleet(processes, True), {}),
+        "process": (fleet(1, False), {}),
     }
     return await compare(cmp, steps, base=base, tag=tag, rounds=rounds, emit=emit)

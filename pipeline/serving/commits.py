@@ -1,7 +1,9 @@
 """Offsets: the in-order book of what is answered, and when and how it is committed.
 
 A partition is committed only up to its first unfinished message; on a timer, on revocation
-(the revoked partitions' finished work, then they are forgotten) and at drain.
+(the revoked partitions' finished work, then they are forgotten) and at drain. With a
+``settle`` step (dedupe), the offsets are taken, then ``settle`` waits for what must land
+before them (the records of their answers), then they are committed.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Protocol, cast
 
 import structlog
@@ -132,16 +134,25 @@ class Commits:
     """The commit policy over an :class:`OffsetTracker`: every ``interval_s``, on revocation
     and at drain; a refused commit is counted and logged, and tried again next time."""
 
-    def __init__(self, stats: WorkerStats, *, interval_s: float) -> None:
+    def __init__(
+        self,
+        stats: WorkerStats,
+        *,
+        interval_s: float,
+        settle: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.book = OffsetTracker()
         self.stats = stats
         self.interval_s = interval_s
+        self.settle = settle
 
     async def commit(self, consumer: Committer) -> None:
         """Commit every partition whose position moved."""
         offsets = self.book.committable()
         if not offsets:
             return
+        if self.settle is not None:
+            await self.settle()
         try:
             await consumer.commit(cast(dict[Partition, int], offsets))
         except (CommitRejected, BrokerUnavailable) as exc:
@@ -160,6 +171,8 @@ class Commits:
         (left uncommitted: the next owner answers them again)."""
         idle = await self.book.wait_idle(partitions, timeout_s)
         offsets = self.book.committable(partitions)
+        if self.settle is not None:
+            await self.settle()
         try:
             await consumer.commit(cast(dict[Partition, int], offsets))
             self.book.committed(offsets)

@@ -216,7 +216,7 @@ class Delivery:
     async def deliver(self, outgoing: list[Outgoing]) -> None:
         """Send and wait for acks; retry what failed until it lands or the worker abandons.
         A message is finished (its offset committable) only when the broker acknowledged it
-        (and, with dedupe, once its request id is recorded as answered)."""
+        (with dedupe, it is committed only once its request id is recorded as answered)."""
         delay = 0.1
         while outgoing:
             futures: list[tuple[Outgoing, asyncio.Future[Any] | None]] = []
@@ -272,10 +272,10 @@ class Delivery:
             outgoing = failed
 
     async def _finish(self, acked: list[Outgoing]) -> None:
-        """Acknowledged messages: their ids recorded as answered (with dedupe, one round trip
-        for the lot; a failure only costs the promise), then their offsets committable."""
+        """Acknowledged messages: their offsets committable, and with dedupe their ids being
+        recorded as answered (one round trip for the lot, which the commit waits for)."""
         if self.dedupe is not None:
-            await self.dedupe.record([o.item.request.id for o in acked if o.item.request.id])
+            self.dedupe.record_soon([o.item.request.id for o in acked if o.item.request.id])
         finish, sent = self._book.finish, self.tracing.sent
         for out in acked:
             finish(out.item.message.partition, out.item.message.offset)

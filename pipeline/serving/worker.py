@@ -30,8 +30,8 @@ from pipeline.errors import BrokerUnavailable, UnreadableMessage
 from pipeline.io.kafka import Consumer, Message, Partition, Producer
 from pipeline.io.wire import error_result
 from pipeline.metrics import WorkerMetrics
-from pipeline.params.prefix import PrefixCache
 from pipeline.params.onnx import set_session_threads
+from pipeline.params.prefix import PrefixCache
 from pipeline.params.registry import ModelRegistry
 from pipeline.params.updates import UpdateListener
 from pipeline.resource import AsyncResource
@@ -105,7 +105,11 @@ class Worker(AsyncResource):
         self._stopping = False
         self._closed = False
         self.assigned = asyncio.Event()
-        self.commits = Commits(self.stats, interval_s=self._cfg.commit_interval_s)
+        self.commits = Commits(
+            self.stats,
+            interval_s=self._cfg.commit_interval_s,
+            settle=dedupe.settle if dedupe is not None else None,
+        )
         self.delivery = Delivery(
             self._kafka,
             producer,
@@ -229,7 +233,7 @@ class Worker(AsyncResource):
                     messages = []
                 if messages:
                     watchdog.progress(loop.time())
-                    await self._dispatch(messages)
+                    self._dispatch(messages)
             now = loop.time()
             stuck = await watchdog.check(self.consumer, now)
             if stuck is not None:
@@ -260,6 +264,7 @@ class Worker(AsyncResource):
             complete=idle,
             left_uncommitted=book.in_flight,
             **self.stats.as_dict(),
+            **({"dedupe": self.dedupe.stats.as_dict()} if self.dedupe is not None else {}),
         )
 
     async def _restart_consumer(self, behind: int, stuck_s: float) -> None:
@@ -354,10 +359,10 @@ class Worker(AsyncResource):
 
     # -- dispatch --------------------------------------------------------------------------
 
-    async def _dispatch(self, messages: Sequence[Message]) -> None:
+    def _dispatch(self, messages: Sequence[Message]) -> None:
         """Read each message: dead letters and error results go out at once, the rest wait
-        for their (model, version) batch; with dedupe, requests already answered are skipped."""
-        groups: dict[BatchKey, list[Item]] = defaultdict(list)
+        for their (model, version) batch; with dedupe, requests already answered are skipped
+        (looked up in a task, while the loop fetches on)."""
         now_ms = time.time() * 1000
         started_ns = time.time_ns()
         book = self.commits.book
@@ -374,7 +379,13 @@ class Worker(AsyncResource):
                 self._tasks.spawn(self.delivery.dead_letter(msg, exc))
         self.tracing.consumed(items, started_ns)
         if self.dedupe is not None:
-            items = await self._skip_answered(items)
+            self._tasks.spawn(self._route_unanswered(items))
+        else:
+            self._route(items)
+
+    def _route(self, items: list[Item]) -> None:
+        """Error results at once, the rest to their batches."""
+        groups: dict[BatchKey, list[Item]] = defaultdict(list)
         for item in items:
             request = item.request
             if request.error is not None:
@@ -390,6 +401,9 @@ class Worker(AsyncResource):
         for key, items in groups.items():
             if self.batcher.add(key, items, now=self._stopping):
                 self._tasks.spawn(self.runner.prefetch(*key))
+
+    async def _route_unanswered(self, items: list[Item]) -> None:
+        self._route(await self._skip_answered(items))
 
     async def _skip_answered(self, items: list[Item]) -> list[Item]:
         """The items whose request id is not recorded as answered (one lookup); the others

@@ -30,19 +30,23 @@ def _dedupe(kv: MemoryKV, **kw: Any) -> Dedupe:
     return Dedupe(kv, key_prefix="t", topic="kvpipe.requests", group="g", ttl_s=60.0, **kw)
 
 
-async def test_recorded_ids_are_found_in_one_round_trip_each_way_and_expire() -> None:
-    now = [0.0]
+async def test_a_batch_is_recorded_in_one_command_and_remembered_one_to_two_ttls() -> None:
+    now = [600.0]  # bucket 10 of 60 s
     kv = MemoryKV(clock=lambda: now[0])
-    d = _dedupe(kv)
+    d = _dedupe(kv, clock=lambda: now[0])
     await d.record(["a", "b"])
-    assert kv.calls["set_many"] == 1
-    assert await d.answered(["a", "x", "b"]) == [True, False, True]
-    assert kv.calls["mget"] == 1
-    assert kv.keys() == ["t:answered:kvpipe.requests:g:a", "t:answered:kvpipe.requests:g:b"]
-    assert kv.ttl("t:answered:kvpipe.requests:g:a") == 60.0
-    now[0] = 61.0
+    assert kv.calls["hset_many"] == 1 and kv.calls["expire"] == 1
+    await d.record(["c"])
+    assert kv.calls["hset_many"] == 2 and kv.calls["expire"] == 1  # once per bucket
+    assert kv.keys() == ["t:answered:kvpipe.requests:g:10"]
+    assert kv.ttl("t:answered:kvpipe.requests:g:10") == 120.0
+    assert await d.answered(["a", "x", "c"]) == [True, False, True]
+    assert kv.calls["hmget"] == 2  # this bucket and the one before, sent together
+    now[0] = 719.0  # the next bucket still sees the one before
+    assert await d.answered(["a", "b"]) == [True, True]
+    now[0] = 720.0  # two buckets on: forgotten (kept ttl to 2 ttl)
     assert await d.answered(["a", "b"]) == [False, False]
-    assert (d.stats.recorded, d.stats.skipped, d.stats.lookups) == (2, 2, 5)
+    assert (d.stats.recorded, d.stats.skipped, d.stats.lookups) == (3, 4, 7)
 
 
 async def test_groups_and_topics_never_share_a_record() -> None:
@@ -196,3 +200,37 @@ async def test_redis_down_means_answered_again_and_committed_never_stuck() -> No
     worker = await b.serve(_dedupe(down))
     assert len(b.answers()) == 20 and b.all_committed()
     assert worker.stats.skipped_answered == 0 and d.stats.degraded
+
+
+class GatedKV(MemoryKV):
+    """Records (hset_many) wait for ``gate``; everything else answers at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def hset_many(self, key: str, mapping: Any) -> None:
+        await self.gate.wait()
+        await super().hset_many(key, mapping)
+
+
+async def test_an_offset_is_committed_only_after_its_answer_is_recorded() -> None:
+    b = Bench()
+    await b.store.publish("m", MODEL.arch, PARAMS)
+    for i in range(12):
+        b.request(f"r{i}", i, partition=i % 2)
+    kv = GatedKV()
+    d = Dedupe(kv, key_prefix="t", topic="q", group="g", ttl_s=60.0, timeout_s=3600.0)
+    k = b.settings.kafka
+
+    async def release_when_answered() -> None:
+        while len(b.broker.records(k.results_topic)) < 12:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # many commit intervals with every answer acknowledged
+        assert b.broker.committed == {}  # ... and nothing committed: the records are pending
+        kv.gate.set()
+
+    releaser = asyncio.create_task(release_when_answered())
+    await b.serve(d)
+    await releaser
+    assert b.all_committed() and d.stats.recorded == 12
