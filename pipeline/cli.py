@@ -30,7 +30,9 @@ from pipeline.progress import progress
 
 PROG = "kvpipe"
 #: ``kvpipe bench SUITE``: every suite (``all`` runs those of ``pipeline.bench.runner.ALL_SUITES``).
-BENCH_SUITES = ("naive", "echo", "batching", "memo", "cache", "e2e", "scale", "onnx", "dedupe")
+BENCH_SUITES = (
+    "naive", "echo", "batching", "memo", "cache", "e2e", "scale", "onnx", "dedupe", "prefix",
+)  # fmt: skip
 #: Exit statuses: a failure at run time (a service down, an error result) and a usage error
 #: (argparse's own status for a bad command line, and settings or input that cannot work).
 EXIT_FAILURE = 1

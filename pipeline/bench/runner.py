@@ -56,6 +56,7 @@ from pipeline.bench.memo import bench_memo
 from pipeline.bench.naive import bench_naive
 from pipeline.bench.onnx_digits import bench_onnx
 from pipeline.bench.overhead import bench_echo
+from pipeline.bench.prefix import bench_prefix
 from pipeline.bench.scale import bench_processes, bench_scale
 from pipeline.bench.simulation import CacheResult, bench_cache
 from pipeline.config import Settings
@@ -202,6 +203,8 @@ async def run_suite(
                 latency_rate=opts.rates[0] if opts.rates else None,
             )
         )
+    if suite == "prefix":
+        return dict(await bench_prefix(settings, tag, rounds, emit))
     raise ValueError(f"unknown suite {suite!r}")
 
 

@@ -153,6 +153,7 @@ class PrefixCache(AsyncResource):
         capacity_bytes: int,
         ttl_s: float,
         max_pending_writes: int = 64,
+        close_grace_s: float = 2.0,
     ) -> None:
         self.kv = kv
         self.key_prefix = key_prefix
@@ -164,7 +165,10 @@ class PrefixCache(AsyncResource):
         self._flights: SingleFlight[PrefixKey, Array] = SingleFlight()
         self._writes: set[asyncio.Task[None]] = set()
         self._max_pending = max_pending_writes
+        self.close_grace_s = close_grace_s
         self._closed = False
+        #: Off: no lookups, no sharing, nothing kept (the benchmark's "no prefix cache" side).
+        self.enabled = True
 
     def redis_key(self, key: PrefixKey) -> str:
         return f"{self.key_prefix}:{key.model}:v{key.version}:kv:{key.digest}"
@@ -174,6 +178,8 @@ class PrefixCache(AsyncResource):
         if self._closed:
             return
         self._closed = True
+        if self._writes:  # a drain: writes under way get a short grace, then are dropped
+            await asyncio.wait(set(self._writes), timeout=self.close_grace_s)
         for task in list(self._writes):
             task.cancel()
         try:
@@ -197,6 +203,8 @@ class PrefixCache(AsyncResource):
         reuse = Reuse(
             keys=chunk_keys(model, version, t.kv_chunk, tokens, len(tokens) // t.kv_chunk)
         )
+        if not self.enabled:
+            return reuse
         self.stats.lookups += 1
         candidates = reuse.keys[:usable]
         for key in candidates:
@@ -243,6 +251,8 @@ class PrefixCache(AsyncResource):
     ) -> tuple[Array, bool]:
         """The chunk computed by ``run`` once for all concurrent callers; ``(kv, leader)``.
         The leader's result is kept locally and written to Redis in the background."""
+        if not self.enabled:
+            return await run(), True
         value, leader = await self._flights.do(key, lambda: self._computed(key, run))
         if leader:
             self.stats.computed += 1
@@ -259,7 +269,7 @@ class PrefixCache(AsyncResource):
     def keep(self, key: PrefixKey, value: Array) -> None:
         """Keep a computed chunk here and write it to Redis in the background (bounded: when
         too many writes are pending, this one is skipped and counted)."""
-        if self._closed:
+        if self._closed or not self.enabled:
             return
         self.local.put(key, value)
         if len(self._writes) >= self._max_pending:

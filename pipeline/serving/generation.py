@@ -20,7 +20,7 @@ import asyncio
 import codecs
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -101,7 +101,10 @@ class GenerationScheduler(AsyncResource):
         self.stats = stats
         self.worker_id = worker_id
         self.max_batch = max_batch
-        self.executor: Executor | None = None
+        self.executor: Executor | None = None  # the worker's compute threads: prefill chunks
+        #: Decode steps run on a thread of their own, so they never queue behind prefill chunks
+        #: in the compute threads (a burst of new prompts would stall every running stream).
+        self._decode_pool: ThreadPoolExecutor | None = None
         self._tasks = Tasks(lambda exc: log.error("generation_task_failed", error=repr(exc)))
         self._active: dict[tuple[str, int], list[Generation]] = {}
         self._wake = asyncio.Event()
@@ -125,6 +128,8 @@ class GenerationScheduler(AsyncResource):
                 await asyncio.gather(self._loop_task, return_exceptions=True)
             await self._tasks.cancel_all()
         finally:
+            if self._decode_pool is not None:
+                self._decode_pool.shutdown(wait=False, cancel_futures=True)
             await self.prefix.aclose()
 
     def submit(self, item: Item) -> None:
@@ -136,6 +141,11 @@ class GenerationScheduler(AsyncResource):
     async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, fn, *args)
+
+    async def _decode(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._decode_pool is None:
+            self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="kvpipe-decode")
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, fn, *args)
 
     # -- one sequence ------------------------------------------------------------------------
 
@@ -398,7 +408,7 @@ class GenerationScheduler(AsyncResource):
     async def _step(self, key: tuple[str, int], group: list[Generation]) -> None:
         model, params = group[0].model, group[0].resolved.params
         try:
-            logits = await self._compute(
+            logits = await self._decode(
                 model.decode, params, [s.tokens[-1] for s in group], [s.state for s in group]
             )
         except Exception as exc:  # one bad step fails its sequences, never the loop

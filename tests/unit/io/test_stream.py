@@ -10,6 +10,7 @@ import pytest
 from pipeline.config import LimitSettings
 from pipeline.io.stream import (
     GENERATION_CODES,
+    StreamAssembler,
     StreamMessage,
     decode_stream,
     encode_generation,
@@ -95,3 +96,27 @@ def test_a_plain_error_result_reads_as_a_final_message() -> None:
     )  # fmt: skip
     assert msg is not None and msg.final and msg.error_code == "unknown_model" and not msg.ok
     assert decode_stream(b"not json") is None and decode_stream(b"[1]") is None
+
+
+def _msg(seq: int, start: int, tokens: list[int], final: bool = False) -> StreamMessage:
+    return StreamMessage(id="r", model="m", seq=seq, start=start, tokens=tokens, final=final)
+
+
+def test_the_assembler_yields_each_token_once_whatever_arrives_twice() -> None:
+    asm = StreamAssembler()
+    got = [asm.add(_msg(0, 0, [104])), asm.add(_msg(1, 1, [105]))]
+    got += [asm.add(_msg(0, 0, [104])), asm.add(_msg(1, 1, [105]))]  # a redelivery's stream
+    got += [asm.add(_msg(3, 3, [33]))]  # after a gap (seq 2 lost): waits for the final
+    got += [asm.add(_msg(4, 0, [104, 105, 32, 33], final=True))]
+    assert [g.tokens if g else None for g in got] == [[104], [105], None, None, None, [32, 33]]
+    assert "".join(g.text for g in got if g) == "hi !"
+    last = got[-1]
+    assert last is not None and last.final is not None and asm.done
+    assert asm.add(_msg(5, 0, [1], final=True)) is None  # a second final: ignored
+
+
+def test_the_assembler_joins_a_multibyte_character_split_over_messages() -> None:
+    asm = StreamAssembler()
+    data = "é".encode()
+    a, b = asm.add(_msg(0, 0, [data[0]])), asm.add(_msg(1, 1, [data[1]]))
+    assert a is not None and b is not None and a.text + b.text == "é"

@@ -146,3 +146,24 @@ async def test_byte_budget_holds_under_a_chat_trace_and_redis_keys_expire() -> N
         assert all(0 < (kv.ttl(k) or 0) <= 30 for k in keys)
         clock[0] += 31
         assert [k for k in list(kv.keys()) if ":kv:" in k] == []
+
+
+async def test_switched_off_it_neither_looks_up_nor_keeps() -> None:
+    kv = MemoryKV()
+    prompt = _prompt(70)
+    async with PrefixCache(kv, key_prefix="t", capacity_bytes=10**7, ttl_s=60) as cache:
+        await _fill(cache, prompt)
+        cache.enabled = False
+        assert (await cache.lookup("m", 1, T, prompt)).chunks == []
+        key = chunk_keys("m", 1, C, _prompt(16, seed=3), 1)[0]
+        runs = 0
+
+        async def run() -> Any:
+            nonlocal runs
+            runs += 1
+            return _kv(_prompt(C)).span(0, C)
+
+        await cache.compute(key, run)
+        await cache.compute(key, run)
+        await cache.flush()
+        assert runs == 2 and cache.cached(key) is None and cache.stats.writes == 4

@@ -17,6 +17,7 @@ from pipeline.io.kv.memory import MemoryKV
 from pipeline.io.stream import StreamMessage, decode_stream, encode_generation
 from pipeline.io.wire import H_CONTENT_TYPE, H_DEADLINE
 from pipeline.params.models import preset
+from pipeline.params.prefix import chunk_keys, chunk_shape, decode_chunk
 from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
 from pipeline.params.transformer import transformer_of
@@ -210,3 +211,25 @@ async def test_a_deadline_stops_a_running_generation_and_says_so() -> None:
     final = fleet.finals()["slow"]
     assert final.error_code == "deadline_exceeded" and final.finish_reason == "deadline"
     assert 0 < len(final.tokens) < 500 and "generation stopped" in (final.error_message or "")
+
+
+async def test_a_damaged_chunk_in_redis_is_recomputed_and_written_again() -> None:
+    fleet = Fleet()
+    await fleet.store.publish("gpt", MODEL.arch, PARAMS)
+    fleet.send("a", SYSTEM + "Q: first?", max_tokens=6)
+    await fleet.serve(lambda: "a" in fleet.finals())
+    keys = chunk_keys("gpt", 1, T.kv_chunk, list(SYSTEM.encode()), 3)
+    redis_key = f"{fleet.settings.redis.key_prefix}:gpt:v1:kv:{keys[2].digest}"
+    good = await fleet.kv.get(redis_key)
+    assert good is not None
+    await fleet.kv.set(redis_key, good[:100] + bytes([good[100] ^ 0xFF]) + good[101:])
+    fleet.send("b", SYSTEM + "Q: second?", max_tokens=6)
+    await fleet.serve(lambda: "b" in fleet.finals())
+    final = fleet.finals()["b"]
+    assert final.prefix["damaged_chunks"] == 1 and final.prefix["redis_tokens"] == 2 * 16
+    assert final.tokens == greedy(PARAMS, (SYSTEM + "Q: second?").encode(), 6)
+    healed = await fleet.kv.get(redis_key)
+    assert healed is not None
+    np.testing.assert_allclose(
+        decode_chunk(keys[2], healed, chunk_shape(T)), decode_chunk(keys[2], good, chunk_shape(T))
+    )
