@@ -13,7 +13,16 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -50,6 +59,17 @@ METRIC_NAMES = (
     "kvpipe_cache_capacity_bytes",
     "kvpipe_cache_entries",
     "kvpipe_cache_hit_ratio",
+    # the process and the Python runtime (prometheus_client's collectors, on Linux)
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_start_time_seconds",
+    "process_open_fds",
+    "process_max_fds",
+    "python_info",
+    "python_gc_objects_collected_total",
+    "python_gc_objects_uncollectable_total",
+    "python_gc_collections_total",
 )
 
 
@@ -188,6 +208,11 @@ class WorkerMetrics:
         self._models: set[str] = set()
         self._live: Callable[[], dict[str, Any]] = dict
         r.register(_LiveCollector(lambda: self._live()))
+        # CPU, memory, file descriptors, start time, the interpreter and its garbage
+        # collector: in this registry, not prometheus_client's global one.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
 
     def bind(self, live: Callable[[], dict[str, Any]]) -> None:
         """Where scrape-time figures come from (cache stats, in-flight, partitions)."""

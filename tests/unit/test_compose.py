@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 import tomllib
 from collections import Counter as Tally
 from collections.abc import Iterator, Mapping
@@ -42,6 +43,7 @@ DASHBOARD = COMPOSE / "grafana" / "dashboards" / "kvpipe.json"
 DATASOURCES = COMPOSE / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = COMPOSE / "grafana" / "provisioning" / "dashboards" / "kvpipe.yml"
 PROMETHEUS = COMPOSE / "prometheus.yml"
+ALERTS = COMPOSE / "prometheus-alerts.yml"
 ENV_EXAMPLE = COMPOSE / ".env.example"
 
 ENV_NAMES = {var.name for var in ENV_VARS}
@@ -56,6 +58,7 @@ SERVICES = {
     "trainer",
     "prometheus",
     "grafana",
+    "kafka-exporter",
 }
 
 
@@ -727,13 +730,73 @@ def test_the_name_check_tells_exported_series_from_others() -> None:
     assert unexported({"kvpipe_nope_total", "up"}) == {"kvpipe_nope_total", "up"}
 
 
+#: The metrics of the broker-side lag exporter (``kafka-exporter``), as its source at the
+#: pinned tag (danielqsj/kafka_exporter v1.9.0, kafka_exporter.go) names them.
+EXPORTER_METRICS = frozenset(
+    f"kafka_{name}"
+    for name in (
+        "brokers", "broker_info", "topic_partitions", "topic_partition_current_offset",
+        "topic_partition_oldest_offset", "topic_partition_leader", "topic_partition_replicas",
+        "topic_partition_in_sync_replica", "topic_partition_leader_is_preferred",
+        "topic_partition_under_replicated_partition", "consumergroup_current_offset",
+        "consumergroup_current_offset_sum", "consumergroup_lag", "consumergroup_lag_sum",
+        "consumergroupzookeeper_lag_zookeeper", "consumergroup_members",
+    )
+)  # fmt: skip
+#: Series Prometheus makes itself: firing alerts.
+PROMETHEUS_SERIES = frozenset({"ALERTS"})
+#: Grafana's variables, replaced by a value before a query is parsed as PromQL.
+_GRAFANA_VARIABLES = re.compile(r"\$__(?:rate_interval|interval|range)\b")
+
+
+def not_scraped(names: set[str]) -> set[str]:
+    """Names neither the workers, nor the lag exporter, nor Prometheus itself provide."""
+    return unexported(names) - EXPORTER_METRICS - PROMETHEUS_SERIES
+
+
+def parse_promql(expr: str) -> Any:
+    """The expression parsed by promql-parser (a port of Prometheus's own parser); raises
+    ValueError on anything Prometheus would refuse."""
+    import promql_parser
+
+    return promql_parser.parse(_GRAFANA_VARIABLES.sub("1m", expr))
+
+
+def selectors(node: Any) -> set[str]:
+    """The metric names a parsed expression selects, from its syntax tree."""
+    import promql_parser as pp
+
+    if isinstance(node, pp.VectorSelector):
+        return {node.name} if node.name else set()
+    if isinstance(node, pp.MatrixSelector):
+        return selectors(node.vector_selector)
+    if isinstance(node, pp.BinaryExpr):
+        return selectors(node.lhs) | selectors(node.rhs)
+    if isinstance(node, pp.Call):
+        return set().union(*(selectors(arg) for arg in node.args))
+    if isinstance(node, pp.AggregateExpr | pp.ParenExpr | pp.UnaryExpr | pp.SubqueryExpr):
+        return selectors(node.expr)
+    return set()  # literals
+
+
+def test_the_syntax_tree_and_the_pattern_find_the_same_metrics() -> None:
+    expr = (
+        'sum by (code) (rate(a_total{status="error"}[5m])) / on (x) group_left b '
+        "or absent(c > 0) or vector(0) - max_over_time(d[10m:1m])"
+    )
+    assert selectors(parse_promql(expr)) == metric_names(expr) == {"a_total", "b", "c", "d"}
+    with pytest.raises(ValueError):
+        parse_promql("sum by (code (rate(x[5m]))")
+
+
 def test_the_dashboard_queries_only_metrics_the_workers_export() -> None:
     queries = dashboard_queries()
     assert len(queries) >= 7
     for expr in queries:
         names = metric_names(expr)
         assert names, f"selects no metric: {expr!r}"
-        assert not unexported(names), f"{expr!r} names {sorted(unexported(names))}"
+        assert names == selectors(parse_promql(expr)), expr
+        assert not not_scraped(names), f"{expr!r} names {sorted(not_scraped(names))}"
 
 
 def test_the_dashboard_shows_what_an_operator_needs() -> None:
@@ -747,6 +810,11 @@ def test_the_dashboard_shows_what_an_operator_needs() -> None:
         "version served": "kvpipe_served_version",
         "consumer lag": "kvpipe_consumer_lag",
         "DLQ rate": "kvpipe_dead_letters_total",
+        "lag from the broker": "kafka_consumergroup_lag_sum",
+        "workers ready": "kvpipe_assigned_partitions",
+        "firing alerts": "ALERTS",
+        "worker memory": "process_resident_memory_bytes",
+        "worker CPU": "process_cpu_seconds_total",
     }
     missing = {what: name for what, name in needed.items() if name not in used}
     assert not missing, f"the dashboard does not show {missing}"
@@ -769,6 +837,124 @@ def test_the_dashboard_is_well_formed() -> None:
     for panel in panels:
         for target in panel.get("targets", []):
             assert target.get("refId") and target.get("expr"), panel["title"]
+
+
+def test_the_dashboard_has_a_row_for_the_alerts() -> None:
+    rows = [p for p in dashboard()["panels"] if p.get("type") == "row"]
+    row = next(r for r in rows if "alert" in r["title"].lower())
+    after = [p for p in dashboard()["panels"] if p["gridPos"]["y"] > row["gridPos"]["y"]]
+    below = [p for p in after if p.get("type") != "row"]
+    shown = set().union(*(metric_names(t["expr"]) for p in below for t in p.get("targets", [])))
+    for rule in alert_rules():
+        assert selectors(parse_promql(rule["expr"])) & shown, f"{rule['alert']} has no panel"
+
+
+# -- alerts and the broker-side lag exporter ---------------------------------------------------
+
+
+@cache
+def alert_rules() -> list[dict[str, Any]]:
+    loaded = yaml.safe_load(ALERTS.read_text())
+    assert set(loaded) == {"groups"}
+    rules = []
+    for group in loaded["groups"]:
+        assert set(group) <= {"name", "interval", "rules"} and group["name"]
+        rules += group["rules"]
+    return rules
+
+
+_DURATION = re.compile(r"(\d+(ms|s|m|h|d|w|y))+")
+
+
+def test_the_alert_rules_are_well_formed() -> None:
+    """What promtool check rules checks, here without promtool (not on PyPI): the file's
+    shape, each expression parsed by a port of Prometheus's parser, durations, labels and
+    annotations (with only the template functions these use)."""
+    rules = alert_rules()
+    names = [r["alert"] for r in rules]
+    assert len(names) == len(set(names)), "alert names repeat"
+    for rule in rules:
+        assert set(rule) <= {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
+        assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", rule["alert"]), rule["alert"]
+        parse_promql(rule["expr"])  # raises on a syntax error
+        assert "$__" not in rule["expr"], "a Grafana variable in a Prometheus rule"
+        assert _DURATION.fullmatch(str(rule["for"])), rule
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule
+        assert {"summary", "description"} <= set(rule["annotations"]), rule
+        for text in rule["annotations"].values():
+            for template in re.findall(r"\{\{(.*?)\}\}", text):
+                assert template.strip() in ("$value", "$value | humanizePercentage"), template
+
+
+def test_the_alerts_cover_lag_errors_dlq_and_readiness() -> None:
+    by_metric: dict[str, str] = {}
+    for rule in alert_rules():
+        names = selectors(parse_promql(rule["expr"]))
+        assert names, rule["alert"]
+        assert not not_scraped(names), f"{rule['alert']} names {sorted(not_scraped(names))}"
+        assert "ALERTS" not in names
+        by_metric.update(dict.fromkeys(names, rule["alert"]))
+    # lag read at the broker: it is still there when every worker is down
+    assert "kafka_consumergroup_lag_sum" in by_metric
+    assert "kvpipe_results_total" in by_metric and "kvpipe_dead_letters_total" in by_metric
+    assert "kvpipe_assigned_partitions" in by_metric
+    lag = next(r for r in alert_rules() if r["alert"] == by_metric["kafka_consumergroup_lag_sum"])
+    k = KafkaSettings(topic_prefix=env_of("worker")["KVPIPE_TOPIC_PREFIX"])
+    assert f'consumergroup="{env_of("worker")["KVPIPE_GROUP"]}"' in lag["expr"]
+    assert f'topic="{k.requests_topic}"' in lag["expr"]
+    errors = next(r for r in alert_rules() if r["alert"] == by_metric["kvpipe_results_total"])
+    assert 'status="error"' in errors["expr"]
+    ready = next(r for r in alert_rules() if r["alert"] == by_metric["kvpipe_assigned_partitions"])
+    assert ready["expr"].strip().startswith("absent("), "must fire when no worker is scraped"
+
+
+def test_prometheus_loads_the_rules_and_scrapes_the_exporter() -> None:
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    mounts = bind_mounts(services()["prometheus"])
+    assert [mounts[f] for f in config["rule_files"]] == [ALERTS.resolve()]
+    exporter = services()["kafka-exporter"]
+    port = next(
+        int(a.rsplit(":", 1)[1]) for a in command_args(exporter) if a.startswith("--web.listen")
+    )
+    assert str(port) in [str(p) for p in exporter.get("expose", [])]
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    targets = [t for c in jobs["kafka-exporter"]["static_configs"] for t in c["targets"]]
+    assert targets == [f"kafka-exporter:{port}"]
+    assert f"127.0.0.1:{port}/healthz" in healthcheck_text(exporter)
+
+
+def test_the_exporter_reads_the_workers_group_on_the_workers_kafka() -> None:
+    exporter = services()["kafka-exporter"]
+    assert re.fullmatch(r"danielqsj/kafka-exporter:v\d+\.\d+\.\d+", exporter["image"])
+    flags = dict(a.split("=", 1) for a in command_args(exporter) if "=" in a)
+    assert flags["--kafka.server"] == env_of("worker")["KVPIPE_KAFKA"]
+    group = env_of("worker")["KVPIPE_GROUP"]
+    assert re.fullmatch(flags["--group.filter"].strip("^$"), group), flags["--group.filter"]
+    assert re.search(flags["--topic.filter"], f"{env_of('worker')['KVPIPE_TOPIC_PREFIX']}.requests")
+    assert "--offset.show-all" in command_args(exporter), "lag of a group with no live member"
+    assert exporter["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+
+def test_a_worker_exports_its_process_and_runtime_in_its_own_registry() -> None:
+    from prometheus_client import REGISTRY
+
+    metrics = WorkerMetrics()
+    text = metrics.exposition().decode()
+    values = {
+        line.split()[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(("process_", "python_gc_collections_total"))
+    }
+    assert values["process_resident_memory_bytes"] > 1e6
+    assert values["process_cpu_seconds_total"] > 0
+    assert abs(values["process_start_time_seconds"] - time.time()) < 7 * 86400
+    assert 'python_info{implementation="' in text
+    assert 'python_gc_collections_total{generation="0"}' in text
+    second = WorkerMetrics()  # its own registry again: no clash with the first
+    assert "process_resident_memory_bytes" in second.exposition().decode()
+    assert not any(f.name.startswith("kvpipe_") for f in REGISTRY.collect()), (
+        "worker metrics leaked into prometheus_client's global registry"
+    )
 
 
 # -- the image -------------------------------------------------------------------------------
