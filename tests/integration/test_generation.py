@@ -4,7 +4,11 @@ the first computed, and chunk keys carry their TTL."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import sys
 from typing import Any
 
 import numpy as np
@@ -12,6 +16,7 @@ import pytest
 import redis.asyncio as redis_py
 
 from pipeline.client import InferenceClient
+from pipeline.config import settings_to_env
 from pipeline.io.kv import open_kv
 from pipeline.io.stream import encode_generation
 from pipeline.io.wire import H_CONTENT_TYPE, H_REPLY_TO
@@ -128,3 +133,53 @@ async def test_bad_generation_requests_are_answered_with_their_codes(
             codes[name] = final.error_code
     assert codes == {k: k for k in codes}
     assert json.dumps(codes)
+
+
+async def _spawn(settings: Any, worker_id: str) -> asyncio.subprocess.Process:
+    env = {
+        **os.environ,
+        **settings_to_env(settings),
+        "KVPIPE_WORKER_ID": worker_id,
+        "KVPIPE_LOG_FORMAT": "json",
+    }
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "consumers.inference",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def test_worker_process_b_reuses_what_worker_process_a_computed(
+    make_settings: Any, make_client: Any
+) -> None:
+    settings = make_settings()
+    await _publish(settings)
+    await make_client(settings)
+    procs = []
+    try:
+        async with InferenceClient(settings.kafka) as client:
+            procs.append(await _spawn(settings, "proc-a"))
+            pieces = [p async for p in client.generate("gpt", SYSTEM + "A?", max_tokens=8)]
+            first = pieces[-1].final
+            assert first is not None and first.ok and first.worker == "proc-a"
+            procs[0].send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(procs[0].wait(), 40) == 0
+            procs.append(await _spawn(settings, "proc-b"))
+            pieces = [p async for p in client.generate("gpt", SYSTEM + "B?", max_tokens=8)]
+            second = pieces[-1].final
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), 40)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+    assert second is not None and second.ok and second.worker == "proc-b"
+    shared = len(SYSTEM) // T.kv_chunk * T.kv_chunk
+    assert second.prefix["redis_tokens"] == shared and second.prefix["local_tokens"] == 0
+    assert second.tokens == greedy(SYSTEM + "B?", 8)
