@@ -32,6 +32,7 @@ __all__ = [
     "cluster_url",
     "form_cluster",
     "free_cluster_port",
+    "migrate_slot",
     "resp_command",
     "topology",
     "wait_cluster_ok",
@@ -307,6 +308,34 @@ async def form_cluster(
     else:
         await _form_from_python(ports, primaries, timeout)
     await wait_cluster_ok(ports, primaries=primaries, timeout=timeout)
+
+
+async def migrate_slot(
+    slot: int, source: int, target: int, *, batch: int = 10, pause_s: float = 0.0
+) -> int:
+    """Move ``slot`` from the primary on port ``source`` to the one on ``target`` the way
+    ``redis-cli --cluster reshard`` does (IMPORTING/MIGRATING, MIGRATE ``batch`` keys at a
+    time with ``pause_s`` between, then SETSLOT NODE on both); returns the keys moved. Clients
+    meanwhile get ASK for keys already moved and MOVED after."""
+    source_id = str(await resp_command(source, "CLUSTER", "MYID"), "utf-8")
+    target_id = str(await resp_command(target, "CLUSTER", "MYID"), "utf-8")
+    await resp_command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    await resp_command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    moved = 0
+    while True:
+        keys = await resp_command(source, "CLUSTER", "GETKEYSINSLOT", slot, batch)
+        if not keys:
+            break
+        names = [k.decode("utf-8", "surrogateescape") for k in keys]
+        await resp_command(
+            source, "MIGRATE", HOST, target, "", 0, 5000, "REPLACE", "KEYS", *names, timeout=10.0
+        )
+        moved += len(names)
+        if pause_s:
+            await asyncio.sleep(pause_s)
+    for port in (target, source):
+        await resp_command(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    return moved
 
 
 # ---------------------------------------------------------------------------- attached

@@ -3,6 +3,7 @@ local up --redis-cluster``, calls whose keys span slots, and where a publish's k
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import RedisSettings
-from pipeline.dev.cluster import SLOTS, ClusterNode, LocalRedisCluster, topology
+from pipeline.dev.cluster import SLOTS, ClusterNode, LocalRedisCluster, migrate_slot, topology
 from pipeline.dev.daemon import _pid_alive, local_down, local_up
 from pipeline.errors import KvpipeError
 from pipeline.io.kv import open_kv
@@ -105,3 +106,45 @@ async def test_a_publish_spreads_over_the_primaries(
         ids = list(range(0, 500, 7))
         rows = await store.read_rows("rec", "user", ids, tables["user"].shape[1])
         np.testing.assert_array_equal(np.stack([rows[i] for i in ids]), tables["user"][ids])
+
+
+@pytest.mark.parametrize("redis_url", ["cluster"], indirect=True)
+async def test_reads_during_a_slot_migration_all_succeed(
+    redis_url: str, redis_cluster: LocalRedisCluster
+) -> None:
+    # redis-py 8.2 alone sends ASKING and the command on two pooled connections: concurrent
+    # reads of a half-migrated slot bounce until "TTL exhausted" (4-17 of ~2,000 here).
+    tag = uuid.uuid4().hex[:8]
+    keys = [f"mig:{tag}:{{{tag}:{i}}}" for i in range(4)]
+    failures: list[str] = []
+    reads = 0
+    async with open_kv(RedisSettings(url=redis_url, pool_size=4)) as kv:
+        for key in keys:
+            await kv.hset_many(key, {str(j): b"v" * 36 for j in range(200)})
+        done = asyncio.Event()
+
+        async def read() -> None:
+            nonlocal reads
+            while not done.is_set():
+                for key in keys:
+                    try:
+                        assert await kv.hmget(key, ["1", "199"]) == [b"v" * 36] * 2
+                        reads += 1
+                    except KvpipeError as exc:
+                        failures.append(str(exc))
+                await asyncio.sleep(0)
+
+        readers = [asyncio.create_task(read()) for _ in range(6)]
+        try:
+            primaries = sorted(n.port for n in await redis_cluster.topology() if n.primary)
+            for key in keys:
+                slot = hash_slot(key)
+                nodes = await redis_cluster.topology()
+                owner = next(n.port for n in nodes if n.primary and n.serves(slot))
+                target = primaries[(primaries.index(owner) + 1) % len(primaries)]
+                await migrate_slot(slot, owner, target, batch=1, pause_s=0.2)
+        finally:
+            done.set()
+            await asyncio.gather(*readers)
+        await kv.delete(*keys)
+    assert reads > 100 and failures == []

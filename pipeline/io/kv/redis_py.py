@@ -67,6 +67,7 @@ def _from_redis_py(exc: BaseException, url: str, what: str, secrets: Sequence[st
         | redis_errors.TimeoutError
         | redis_errors.RedisClusterUnreachableError
         | redis_errors.SlotNotCoveredError
+        | redis_errors.ClusterError  # a redirect loop while slots move
         | redis_errors.ReadOnlyError
         | redis_errors.TryAgainError
         | redis_errors.ClusterDownError
