@@ -98,11 +98,6 @@ class InferenceClient(AsyncResource):
         #: True when the reply topic is this client's own: created by it, deleted on close.
         self.owns_reply_topic = not shared
         self.reply_topic = shared or f"{settings.topic_prefix}.replies.{uuid.uuid4().hex[:12]}"
-        if not settings.reply_allowed(self.reply_topic):
-            raise ConfigError(
-                f"reply topic {self.reply_topic!r} does not match KVPIPE_REPLY_TOPICS "
-                f"({','.join(settings.reply_topics)}): the workers would not answer there"
-            )
         self._producer = Producer(settings)
         self._replies: ResultStream | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -311,6 +306,11 @@ class InferenceClient(AsyncResource):
         async with self._reply_lock:
             if self._reader is not None:
                 return
+            if not self.settings.reply_allowed(self.reply_topic):
+                raise ConfigError(
+                    f"reply topic {self.reply_topic!r} does not match KVPIPE_REPLY_TOPICS "
+                    f"({','.join(self.settings.reply_topics)}): the workers would not answer there"
+                )
             if self.owns_reply_topic:
                 self._created_reply_topic = True  # set first: a half-done create is deleted too
                 await ensure_topics(self.settings, [self.reply_topic], partitions=1)

@@ -187,8 +187,10 @@ async def test_a_shared_reply_topic_is_filtered_by_id_and_never_deleted(
     async with InferenceClient(settings.kafka, reply_topic=absent) as c:
         assert (await c.infer("m", x[:1], timeout=60)).ok
     assert absent in await list_topics(settings.kafka), "created when absent, kept on close"
-    with pytest.raises(ConfigError, match="KVPIPE_REPLY_TOPICS"):
-        InferenceClient(settings.kafka, reply_topic=settings.kafka.requests_topic)
+    async with InferenceClient(settings.kafka, reply_topic=settings.kafka.requests_topic) as bad:
+        with pytest.raises(ConfigError, match="KVPIPE_REPLY_TOPICS"):
+            await bad.infer("m", x[:1])
+        await bad.submit("m", x[:1])  # fire and forget needs no reply topic
 
 
 async def test_infer_sends_ids_to_an_embedding_model(
