@@ -1076,6 +1076,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=_FLAGS["log_level"].choices)
     p.add_argument(
         "--processes",
+        dest="bench_processes",  # not the serve setting of the same flag
         type=int,
         metavar="N",
         help="echo and e2e: also run kvpipe serve --processes N against one worker process "

@@ -170,6 +170,7 @@ def side_settings(
         "kafka.partitions": PARTITIONS,
         "redis.key_prefix": tag,
         "worker.worker_id": tag,
+        "worker.processes": 1,  # one process per side unless a suite asks for more
         **GROUP_TIMING,
     }
     values.update(extra or {})

@@ -280,7 +280,7 @@ def _parse_options(args: argparse.Namespace) -> Options:
             raise ConfigError(f"--layers: not a list of sizes: {layers_arg!r}") from None
     wire_arg: str | None = getattr(args, "wire", None)
     wire = None if wire_arg in (None, "auto") else WIRES[wire_arg]
-    processes: int | None = getattr(args, "processes", None)
+    processes: int | None = getattr(args, "bench_processes", None)
     if processes is not None and processes < 2:
         raise ConfigError("--processes must be at least 2 (it is compared with one process)")
     return Options(requests, naive_requests, rounds, rates, duration, layers, wire, processes)
