@@ -48,7 +48,7 @@ __all__ = ["BatchTrace", "Tracing", "configure_tracing"]
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 #: W3C trace context: version 00 is exactly this; later versions may append fields.
-_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-[^\s]*)?")
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-[!-~]*)?")
 MAX_TRACEPARENT = 128
 MAX_TRACESTATE = 512
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -95,6 +95,37 @@ def trace_headers(headers: Headers) -> dict[str, str]:
     return out
 
 
+_TRACEPARENT_B = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(?:-[!-~]*)?")
+_TRACESTATE_B = re.compile(rb"[ -~]{1,%d}" % MAX_TRACESTATE)
+_ZERO_TRACE = b"0" * 32
+_ZERO_SPAN = b"0" * 16
+
+
+def carried(headers: Headers) -> list[tuple[str, bytes]]:
+    """The request's trace headers to put on its result unchanged, when the traceparent is
+    valid (the same rule as :func:`trace_headers`, on the bytes: the path without an SDK)."""
+    parent: bytes | None = None
+    state: bytes | None = None
+    for key, value in headers:
+        if len(key) == 11 and (key == TRACEPARENT or key.lower() == TRACEPARENT):
+            parent = value
+        elif len(key) == 10 and (key == TRACESTATE or key.lower() == TRACESTATE):
+            state = value
+    if (
+        parent is None
+        or len(parent) > MAX_TRACEPARENT
+        or _TRACEPARENT_B.fullmatch(parent) is None
+        or parent[:2] == b"ff"
+        or (parent[:2] == b"00" and len(parent) != 55)
+        or parent[3:35] == _ZERO_TRACE
+        or parent[36:52] == _ZERO_SPAN
+    ):
+        return []
+    if state is None or _TRACESTATE_B.fullmatch(state) is None:
+        return [(TRACEPARENT, parent)]
+    return [(TRACEPARENT, parent), (TRACESTATE, state)]
+
+
 class BatchTrace:
     """The stage times of one batch; at its end, spans for every request it answered."""
 
@@ -127,7 +158,7 @@ class BatchTrace:
         self.batch_id = uuid.uuid4().hex[:16]
         rows = sum(it.request.rows for it, _ in answers)
         for item, result in answers:
-            if item.span is None:
+            if item.span is None or not item.span.is_recording():  # sampled out: no children
                 continue
             attrs: dict[str, Any] = {
                 "kvpipe.model": self.model,
@@ -160,6 +191,8 @@ class Tracing:
         self.enabled = settings.enabled
         self._copy = frozenset(settings.copy_headers)
         self._provider = provider
+        self._checked_at = float("-inf")
+        self._global_sdk = False
         self._tracer = (
             trace.get_tracer("kvpipe") if provider is None else provider.get_tracer("kvpipe")
         )
@@ -174,8 +207,13 @@ class Tracing:
         """Whether spans are made: tracing on and an SDK behind the provider."""
         if not self.enabled:
             return False
-        provider = self._provider or trace.get_tracer_provider()
-        return not isinstance(provider, _NO_PROVIDER)
+        if self._provider is not None:
+            return not isinstance(self._provider, _NO_PROVIDER)
+        now = time.monotonic()  # the global provider's lookup costs microseconds: once a second
+        if now >= self._checked_at + 1.0:
+            self._checked_at = now
+            self._global_sdk = not isinstance(trace.get_tracer_provider(), _NO_PROVIDER)
+        return self._global_sdk
 
     # -- the stages ------------------------------------------------------------------------
 
@@ -227,7 +265,12 @@ class Tracing:
         if not self.enabled:
             return None
         if item.span is None:  # not recording: the request's trace context, as it came
-            headers += [(k, v.encode()) for k, v in trace_headers(request_headers).items()]
+            headers += carried(request_headers)
+            return None
+        carrier: dict[str, str] = {}
+        if not item.span.is_recording():  # sampled out: its context goes on, no more spans
+            _PROPAGATOR.inject(carrier, trace.set_span_in_context(item.span))
+            headers += [(k, v.encode()) for k, v in carrier.items()]
             return None
         attrs = {
             "messaging.system": "kafka",
@@ -242,7 +285,6 @@ class Tracing:
         span = self._tracer.start_span("produce", parent, kind=SpanKind.PRODUCER, attributes=attrs)
         if not result.ok:
             span.set_status(Status(StatusCode.ERROR, result.error_code or "error"))
-        carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
         headers += [(k, v.encode()) for k, v in carrier.items()]
         return span

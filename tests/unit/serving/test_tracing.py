@@ -28,7 +28,7 @@ from pipeline.io.wire import decode_result
 from pipeline.params.models import preset
 from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
-from pipeline.serving.tracing import Tracing, trace_headers, valid_traceparent
+from pipeline.serving.tracing import Tracing, carried, trace_headers, valid_traceparent
 from pipeline.serving.worker import Worker
 from tests.unit.kafka_fakes import FakeBroker, FakeConsumer, FakeProducer, Record
 
@@ -145,6 +145,29 @@ def test_trace_headers_are_bounded_and_dropped_when_malformed() -> None:
     assert trace_headers([("traceparent", PARENT.encode()), ("tracestate", b"a=\n")]) == {
         "traceparent": PARENT
     }
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["traceparent", "tracestate", "TraceParent", "x"]),
+            st.one_of(
+                st.binary(max_size=70),
+                st.sampled_from([PARENT.encode(), PARENT.encode() + b"-x", b"a=1", b"a=\x01"]),
+                st.builds(
+                    lambda v, tail: f"{v}-{'a' * 32}-{'b' * 16}-01{tail}".encode(),
+                    st.sampled_from(["00", "01", "ff", "0g"]),
+                    st.sampled_from(["", "-x", "-\x01", "-\u00e9"]),
+                ),
+            ),
+        ),
+        max_size=4,
+    )
+)
+def test_the_bytes_path_carries_what_the_text_path_would(headers: list[tuple[str, bytes]]) -> None:
+    text = [(k, v.encode()) for k, v in trace_headers(headers).items()]
+    assert carried(headers) == text
 
 
 def test_copy_headers_setting_refuses_kvpipes_own_and_too_many() -> None:
