@@ -60,7 +60,9 @@ def test_init_is_seeded() -> None:
 
 def test_build_model_errors_are_clear() -> None:
     with pytest.raises(ConfigError, match="unknown architecture kind"):
-        build_model({"kind": "transformer"})
+        build_model({"kind": "lstm"})
+    with pytest.raises(ConfigError, match="d_model must be a positive integer"):
+        build_model({"kind": "transformer"})  # a known kind since issue 13: its arch is checked
     with pytest.raises(ConfigError, match="incomplete"):
         build_model({"kind": "mlp"})
     with pytest.raises(ConfigError, match="activation"):

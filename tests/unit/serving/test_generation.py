@@ -233,3 +233,15 @@ async def test_a_damaged_chunk_in_redis_is_recomputed_and_written_again() -> Non
     np.testing.assert_allclose(
         decode_chunk(keys[2], healed, chunk_shape(T)), decode_chunk(keys[2], good, chunk_shape(T))
     )
+
+
+async def test_seeded_sampling_repeats_and_the_seed_matters() -> None:
+    fleet = Fleet()
+    await fleet.store.publish("gpt", MODEL.arch, PARAMS)
+    for rid, seed in (("s1", 11), ("s1-again", 11), ("s2", 12)):
+        fleet.send(rid, "Once upon a time", max_tokens=24, temperature=1.5, seed=seed)
+    await fleet.serve(fleet.committed)
+    finals = fleet.finals()
+    assert finals["s1"].tokens == finals["s1-again"].tokens
+    assert finals["s1"].tokens != finals["s2"].tokens
+    assert finals["s1"].tokens != greedy(PARAMS, b"Once upon a time", 24)
