@@ -177,6 +177,12 @@ class Dedupe:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
+    def abandon(self) -> None:
+        """Drop the records under way, as a process that dies does (their answers may be
+        given again: the window)."""
+        for task in list(self._pending):
+            task.cancel()
+
     async def aclose(self) -> None:
         """Wait for the records still under way (each bounded by the call timeout)."""
         await self.settle()

@@ -234,3 +234,32 @@ async def test_an_offset_is_committed_only_after_its_answer_is_recorded() -> Non
     await b.serve(d)
     await releaser
     assert b.all_committed() and d.stats.recorded == 12
+
+
+async def test_the_window_left_a_crash_before_the_record_repeats_those_answers() -> None:
+    b = Bench()
+    await b.store.publish("m", MODEL.arch, PARAMS)
+    for i in range(8):
+        b.request(f"r{i}", i, partition=0)
+    kv = GatedKV()  # the record never lands before the crash
+    d = Dedupe(kv, key_prefix="t", topic="q", group="g", ttl_s=60.0, timeout_s=3600.0)
+    registry = ModelRegistry(b.store, ParamCache(capacity_bytes=10**8, ttl_s=60.0))
+    worker = Worker(
+        b.settings,
+        registry=registry,
+        producer=FakeProducer(b.broker),  # type: ignore[arg-type]
+        consumer_factory=lambda w: FakeConsumer(b.broker, w),  # type: ignore[arg-type,return-value]
+        dedupe=d,
+    )
+    async with worker:
+        task = asyncio.create_task(worker.run(asyncio.Event()))
+        while len(b.answers()) < 8:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        task.cancel()  # killed: answers acknowledged, their record pending, nothing committed
+        await asyncio.gather(task, return_exceptions=True)
+    d.abandon()
+    assert b.broker.committed == {}
+    kv.gate.set()
+    again = await b.serve(_dedupe(kv))
+    assert sorted(b.answers()) == sorted([f"r{i}" for i in range(8)] * 2)  # the window
+    assert again.stats.skipped_answered == 0
