@@ -423,6 +423,10 @@ class GenerationScheduler(AsyncResource):
             await self._advance(s, row)
             if s.finish is not None:
                 self._leave(key, s)
+        waiting = self._active.get(key)
+        if waiting is not None and len(waiting) > self.max_batch:  # the next step: the others
+            stepped = {id(s) for s in group}
+            waiting.sort(key=lambda s: id(s) in stepped)
 
     def _leave(self, key: tuple[str, int], seq: Generation) -> None:
         group = self._active.get(key)

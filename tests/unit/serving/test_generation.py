@@ -78,7 +78,9 @@ class Fleet:
         value = json.dumps(body).encode()
         self.broker.append(self.settings.kafka.requests_topic, partition, value, headers)
 
-    async def serve(self, until: Callable[[], bool], *, timeout: float = 30.0) -> Worker:
+    async def serve(
+        self, until: Callable[[], bool], *, timeout: float = 30.0, max_batch: int = 64
+    ) -> Worker:
         """Run one more worker (fresh caches) until ``until()``; return it."""
         registry = ModelRegistry(self.store, ParamCache(capacity_bytes=10**8, ttl_s=60.0))
         worker = Worker(
@@ -87,6 +89,7 @@ class Fleet:
             producer=FakeProducer(self.broker),  # type: ignore[arg-type]
             consumer_factory=lambda w: FakeConsumer(self.broker, w),  # type: ignore[arg-type,return-value]
         )
+        worker.generation.max_batch = max_batch
         stop = asyncio.Event()
         async with worker:
             task = asyncio.create_task(worker.run(stop))
@@ -245,3 +248,20 @@ async def test_seeded_sampling_repeats_and_the_seed_matters() -> None:
     assert finals["s1"].tokens == finals["s1-again"].tokens
     assert finals["s1"].tokens != finals["s2"].tokens
     assert finals["s1"].tokens != greedy(PARAMS, b"Once upon a time", 24)
+
+
+async def test_more_sequences_than_one_step_takes_all_advance_in_turn() -> None:
+    fleet = Fleet()
+    await fleet.store.publish("gpt", MODEL.arch, PARAMS)
+    for i in range(5):
+        fleet.send(f"r{i}", f"Q{i}: go", max_tokens=10)
+    worker = await fleet.serve(fleet.committed, max_batch=2)
+    finals = fleet.finals()
+    for i in range(5):
+        assert finals[f"r{i}"].tokens == greedy(PARAMS, f"Q{i}: go".encode(), 10)
+    gen = worker.generation
+    assert gen.stepped_sequences == 5 * 9 and gen.steps >= 5 * 9 / 2
+    order = [(m.id, m.seq, m.final) for m in fleet.messages()]
+    first_final = min(i for i, (_, _, final) in enumerate(order) if final)
+    # every sequence got decode steps before any finished: they take turns, none starves
+    assert all(order.index((f"r{i}", 2, False)) < first_final for i in range(5))
