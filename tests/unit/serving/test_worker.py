@@ -323,6 +323,7 @@ bodies = st.builds(
                 st.lists(st.lists(numbers, max_size=WIDTH + 1), max_size=3),
                 st.just([[0.5] * WIDTH]),
                 any_text,
+                st.dictionaries(any_text, st.lists(st.lists(numbers, max_size=3)), max_size=3),
             ),
             "ids": st.lists(st.lists(st.integers(), max_size=3), max_size=2),
         },
