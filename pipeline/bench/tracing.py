@@ -14,9 +14,10 @@ the ``sent`` hook. The sides:
   samples a fraction of traces).
 
 Rounds alternate the sides so drift on a shared machine falls on all three alike; each side's
-figure is its best round (least disturbed), the median beside it.
-``--e2e N`` adds a real worker on local Redis and Tansu draining N traced requests per side.
-``python -m pipeline.bench.tracing [--messages N] [--rounds R] [--e2e N]``.
+figure is its best round (least disturbed), the median beside it. A second part runs a real
+worker on local Redis and Tansu draining the same traced backlog per side (off, api, sdk).
+``kvpipe bench tracing`` runs both; ``python -m pipeline.bench.tracing [--messages N]
+[--rounds R] [--e2e N]`` the first, and the second with ``--e2e``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -221,15 +223,13 @@ async def _e2e_side(settings: Settings, tracing: Tracing, backlog: Backlog) -> f
 
 
 async def bench_tracing_e2e(
-    messages: int, rounds: int, emit: Callable[[str], None] = print
+    base: Settings, tag: str, messages: int, rounds: int, emit: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """A real worker (local Redis and Tansu) draining a backlog, tracing off against the API
-    alone against the SDK (in-memory exporter); rounds alternate the sides."""
+    """A real worker (on the services ``base`` names) draining a backlog, tracing off against
+    the API alone against the SDK (in-memory exporter); rounds alternate the sides."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    from pipeline.dev.local import LocalServices
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -246,13 +246,11 @@ async def bench_tracing_e2e(
         headers += [("traceparent", PARENT), ("tracestate", b"vendor=abc")]
         backlog.append((f"b{i}".encode(), value, headers))
     seconds: dict[str, list[float]] = {name: [] for name in sides}
-    async with LocalServices() as local:
-        base = local.settings(Settings())
-        for r in range(rounds):
-            for name, tracing in sides.items():
-                exporter.clear()
-                settings = side_settings(base, "tracing", f"{name}-{r}")
-                seconds[name].append(await _e2e_side(settings, tracing, backlog))
+    for r in range(rounds):
+        for name, tracing in sides.items():
+            exporter.clear()
+            settings = side_settings(base, tag, f"tracing-{name}-{r}")
+            seconds[name].append(await _e2e_side(settings, tracing, backlog))
     rate = {name: messages / statistics.median(s) for name, s in seconds.items()}
     emit(
         f"tracing e2e: a worker draining {messages} traced requests (small MLP, JSON) on local "
@@ -268,6 +266,37 @@ async def bench_tracing_e2e(
     return {"messages": messages, "rounds": rounds, "msg_per_s": rate}
 
 
+@dataclass
+class TracingFigures:
+    """``kvpipe bench tracing``: the in-process figures and the real worker's."""
+
+    in_process: dict[str, Any]
+    e2e: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        """Every side measured (each e2e side's answers all came, the trace on each or none)."""
+        return bool(self.in_process["us_per_message"]) and bool(self.e2e["msg_per_s"])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"in_process": self.in_process, "e2e": self.e2e}
+
+
+async def bench_tracing_suite(
+    base: Settings, tag: str, requests: int, rounds: int, emit: Callable[[str], None]
+) -> TracingFigures:
+    """Both parts: ``requests`` messages in process (7 rounds at least) and through a worker."""
+    in_process = bench_tracing(requests, max(rounds, 7), emit)
+    return TracingFigures(in_process, await bench_tracing_e2e(base, tag, requests, rounds, emit))
+
+
+async def _standalone(messages: int, rounds: int) -> None:
+    from pipeline.dev.local import LocalServices
+
+    async with LocalServices() as local:
+        await bench_tracing_e2e(local.settings(Settings()), "tracing", messages, rounds)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench.tracing")
     parser.add_argument("--messages", type=int, default=20000)
@@ -279,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bench_tracing(args.messages, args.rounds)
     if args.e2e:
-        asyncio.run(bench_tracing_e2e(args.e2e, args.e2e_rounds))
+        asyncio.run(_standalone(args.e2e, args.e2e_rounds))
     return 0
 
 

@@ -43,7 +43,7 @@ QUIET_CODES = frozenset({
     # the client's own mistakes, answered in the result; not worth a warning each
     "unknown_model", "unknown_version", "bad_shape", "bad_dtype", "bad_ids", "non_finite",
     "too_large", "bad_request", "bad_input", "deadline_exceeded", "bad_reply_to",
-    "non_finite_output",
+    "non_finite_output", "unsupported_datatype", "unsupported_content_type", "unknown_output",
     # logged once per batch as params_failed
     "params_unavailable", "params_corrupt",
 })  # fmt: skip
