@@ -32,6 +32,7 @@ PROG = "kvpipe"
 #: ``kvpipe bench SUITE``: every suite (``all`` runs those of ``pipeline.bench.runner.ALL_SUITES``).
 BENCH_SUITES = (
     "naive", "echo", "batching", "memo", "cache", "e2e", "scale", "onnx", "dedupe", "prefix",
+    "cluster",
 )  # fmt: skip
 #: Exit statuses: a failure at run time (a service down, an error result) and a usage error
 #: (argparse's own status for a bad command line, and settings or input that cannot work).

@@ -195,7 +195,7 @@ def machine() -> dict[str, Any]:
 
 def side_line(side: Side) -> str:
     """One printed line for one side: its rate, then each run's."""
-    noun = "messages" if side.unit == "msg/s" else "requests"
+    noun = {"msg/s": "messages", "rows/s": "rows"}.get(side.unit, "requests")
     head = f"{side.suite:<7} {side.label:<18}"
     rate = side.rate
     if rate is None:

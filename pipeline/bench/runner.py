@@ -26,6 +26,9 @@ with a wrong, failed or missing answer has no figure.
   bench_processes`), on ``e2e`` a third side in the sweep.
 - ``dedupe`` (:mod:`pipeline.bench.dedupe`): the worker with ``KVPIPE_DEDUPE_TTL`` against the
   same worker without, on the small MLP; and how long an answer waits for its record.
+- ``cluster`` (:mod:`pipeline.bench.cluster_rows`): embedding rows/s through the cache's miss
+  path on a local Redis Cluster of 3 primaries against 1 primary (and a single Redis as a
+  reference line), all on this machine.
 - ``onnx`` (:mod:`pipeline.bench.onnx_digits`): scikit-learn's digits MLP served as ONNX
   (onnxruntime) against kvpipe's numpy MLP with the same weights: throughput, p99 latency, and
   the session build time per version. Needs the ``onnx`` extra; not part of ``all``.
@@ -48,6 +51,7 @@ from typing import Any, Protocol
 
 from pipeline.bench import plots
 from pipeline.bench.batching import bench_batching, bench_batching_mlp
+from pipeline.bench.cluster_rows import bench_cluster
 from pipeline.bench.dedupe import bench_dedupe
 from pipeline.bench.e2e import DEFAULT_DURATION_S, DEFAULT_RATES, bench_e2e, bench_light_latency
 from pipeline.bench.figures import ATOL, RTOL, Emit, machine
@@ -75,6 +79,7 @@ DEFAULT_REQUESTS = {
     "scale": 8000,
     "dedupe": 30000,
     "onnx": 20000,
+    "cluster": 40000,  # embedding rows per run
 }
 DEFAULT_OUT = "bench-results"
 DEFAULT_NAIVE_REQUESTS = 200
@@ -203,6 +208,8 @@ async def run_suite(
                 latency_rate=opts.rates[0] if opts.rates else None,
             )
         )
+    if suite == "cluster":
+        return {"cluster": await bench_cluster(settings, tag, opts.count("cluster"), rounds, emit)}
     if suite == "prefix":
         return dict(await bench_prefix(settings, tag, rounds, emit))
     raise ValueError(f"unknown suite {suite!r}")

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import RedisSettings
+from pipeline.bench.cluster_rows import bench_cluster
+from pipeline.config import RedisSettings, Settings, with_values
 from pipeline.dev.cluster import SLOTS, ClusterNode, LocalRedisCluster, migrate_slot, topology
 from pipeline.dev.daemon import _pid_alive, local_down, local_up
+from pipeline.dev.local import RedisServer
 from pipeline.errors import KvpipeError
 from pipeline.io.kv import open_kv
 from pipeline.io.kv.protocol import hash_slot
@@ -148,3 +150,18 @@ async def test_reads_during_a_slot_migration_all_succeed(
             await asyncio.gather(*readers)
         await kv.delete(*keys)
     assert reads > 100 and failures == []
+
+
+async def test_bench_cluster_measures_both_sides_and_checks_every_row(
+    redis_server: RedisServer,
+) -> None:
+    lines: list[str] = []
+    base = with_values(Settings(), {"redis.url": redis_server.url})
+    result = await bench_cluster(base, uuid.uuid4().hex[:8], 1024, 1, lines.append)
+    assert result.passed, lines
+    assert result.first.rate and result.second.rate and result.reference
+    assert result.reference.rate
+    assert all(run.ok == 1024 and run.wrong == 0 for run in result.first.runs)
+    doc = result.as_dict()
+    assert doc["ratio_of"] == "three/one" and doc["reference"]["side"] == "single"
+    assert any("ratio 3/1" in line for line in lines)
