@@ -32,7 +32,7 @@ PROG = "kvpipe"
 #: ``kvpipe bench SUITE``: every suite (``all`` runs those of ``pipeline.bench.runner.ALL_SUITES``).
 BENCH_SUITES = (
     "naive", "echo", "batching", "memo", "cache", "e2e", "scale", "onnx", "dedupe", "prefix",
-    "cluster",
+    "cluster", "tracing",
 )  # fmt: skip
 #: Exit statuses: a failure at run time (a service down, an error result) and a usage error
 #: (argparse's own status for a bad command line, and settings or input that cannot work).
@@ -401,6 +401,41 @@ async def _results(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _json_rows(text: str, flag: str, *, whole: bool = False) -> np.ndarray[Any, Any]:
+    """``--input``/``--ids``: JSON rows of numbers as a 2-D array, or one line saying why not
+    (``whole``: integers, as embedding ids are)."""
+    try:
+        rows = np.asarray(json.loads(text), dtype=np.float64)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} is not JSON rows of numbers ({exc})") from None
+    except TypeError:
+        raise ConfigError(f"{flag} must be JSON rows of numbers, e.g. [[1, 2]]") from None
+    if rows.ndim == 1:
+        rows = rows.reshape(1, -1)
+    if rows.ndim != 2 or rows.size == 0:
+        raise ConfigError(f"{flag} must be a non-empty list of rows, e.g. [[1, 2]]")
+    if not np.isfinite(rows).all():
+        raise ConfigError(f"{flag} holds a null, NaN or infinity; give finite numbers")
+    if not whole:
+        return rows.astype(np.float32)
+    if not (rows == np.round(rows)).all():
+        raise ConfigError(f"{flag} must be whole numbers")
+    return rows.astype(np.int64)
+
+
+async def _infer(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.client import InferenceClient
+
+    inputs = None if args.input is None else _json_rows(args.input, "--input")
+    ids = None if args.ids is None else _json_rows(args.ids, "--ids", whole=True)
+    async with InferenceClient(settings.kafka) as client:
+        result = await client.infer(
+            args.model, inputs, ids=ids, version=args.version, timeout=args.timeout
+        )
+    print(json.dumps(result.to_json(), separators=(",", ":")), flush=True)
+    return 0 if result.ok else 1
+
+
 async def _generate(args: argparse.Namespace, settings: Settings) -> int:
     """Print a generation's text as it arrives, then one summary line on stderr."""
     from pipeline.client import InferenceClient
@@ -442,41 +477,6 @@ async def _generate(args: argparse.Namespace, settings: Settings) -> int:
     }
     print(json.dumps(summary, separators=(",", ":")), file=sys.stderr, flush=True)
     return 0 if final.ok else 1
-
-
-def _json_rows(text: str, flag: str, *, whole: bool = False) -> np.ndarray[Any, Any]:
-    """``--input``/``--ids``: JSON rows of numbers as a 2-D array, or one line saying why not
-    (``whole``: integers, as embedding ids are)."""
-    try:
-        rows = np.asarray(json.loads(text), dtype=np.float64)
-    except ValueError as exc:
-        raise ConfigError(f"{flag} is not JSON rows of numbers ({exc})") from None
-    except TypeError:
-        raise ConfigError(f"{flag} must be JSON rows of numbers, e.g. [[1, 2]]") from None
-    if rows.ndim == 1:
-        rows = rows.reshape(1, -1)
-    if rows.ndim != 2 or rows.size == 0:
-        raise ConfigError(f"{flag} must be a non-empty list of rows, e.g. [[1, 2]]")
-    if not np.isfinite(rows).all():
-        raise ConfigError(f"{flag} holds a null, NaN or infinity; give finite numbers")
-    if not whole:
-        return rows.astype(np.float32)
-    if not (rows == np.round(rows)).all():
-        raise ConfigError(f"{flag} must be whole numbers")
-    return rows.astype(np.int64)
-
-
-async def _infer(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.client import InferenceClient
-
-    inputs = None if args.input is None else _json_rows(args.input, "--input")
-    ids = None if args.ids is None else _json_rows(args.ids, "--ids", whole=True)
-    async with InferenceClient(settings.kafka) as client:
-        result = await client.infer(
-            args.model, inputs, ids=ids, version=args.version, timeout=args.timeout
-        )
-    print(json.dumps(result.to_json(), separators=(",", ":")), flush=True)
-    return 0 if result.ok else 1
 
 
 def _count(raw: str) -> int:
@@ -1073,8 +1073,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="content type of the requests (auto: JSON for the small MLP, where it is cheaper, "
         "npy for the article's and the scale model, where it is much cheaper)",
     )
-    p.add_argument("--json", metavar="FILE", help="also write every figure as one JSON file")
-    p.add_argument("--log-level", choices=_FLAGS["log_level"].choices)
     p.add_argument(
         "--processes",
         dest="bench_processes",  # not the serve setting of the same flag
@@ -1083,6 +1081,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="echo and e2e: also run kvpipe serve --processes N against one worker process "
         "(echo: a backlog comparison of its own; e2e: a third side in the sweep)",
     )
+    p.add_argument("--json", metavar="FILE", help="also write every figure as one JSON file")
+    p.add_argument("--log-level", choices=_FLAGS["log_level"].choices)
     p.set_defaults(handler=cmd_bench)
     return parser
 

@@ -32,6 +32,9 @@ with a wrong, failed or missing answer has no figure.
 - ``onnx`` (:mod:`pipeline.bench.onnx_digits`): scikit-learn's digits MLP served as ONNX
   (onnxruntime) against kvpipe's numpy MLP with the same weights: throughput, p99 latency, and
   the session build time per version. Needs the ``onnx`` extra; not part of ``all``.
+- ``tracing`` (:mod:`pipeline.bench.tracing`): per-message cost of trace propagation, tracing
+  off against opentelemetry-api alone against the SDK, in process and through a real worker.
+  Needs the ``tracing`` extra; not part of ``all``.
 
 Every suite prints its table and writes ``DIR/SUITE.json`` and, with matplotlib,
 ``DIR/SUITE.png`` (:mod:`pipeline.bench.plots`).
@@ -63,6 +66,7 @@ from pipeline.bench.overhead import bench_echo
 from pipeline.bench.prefix import bench_prefix
 from pipeline.bench.scale import bench_processes, bench_scale
 from pipeline.bench.simulation import CacheResult, bench_cache
+from pipeline.bench.tracing import bench_tracing_suite
 from pipeline.config import Settings
 from pipeline.dev.local import LocalServices
 from pipeline.errors import ConfigError
@@ -79,6 +83,7 @@ DEFAULT_REQUESTS = {
     "scale": 8000,
     "dedupe": 30000,
     "onnx": 20000,
+    "tracing": 10000,
     "cluster": 40000,  # embedding rows per run
 }
 DEFAULT_OUT = "bench-results"
@@ -212,6 +217,9 @@ async def run_suite(
         return {"cluster": await bench_cluster(settings, tag, opts.count("cluster"), rounds, emit)}
     if suite == "prefix":
         return dict(await bench_prefix(settings, tag, rounds, emit))
+    if suite == "tracing":
+        n = opts.count("tracing")
+        return {"tracing": await bench_tracing_suite(settings, tag, n, rounds, emit)}
     raise ValueError(f"unknown suite {suite!r}")
 
 
