@@ -4,6 +4,7 @@ local up --redis-cluster``, calls whose keys span slots, and where a publish's k
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from pipeline.bench.cluster_rows import bench_cluster
 from pipeline.config import RedisSettings, Settings, with_values
 from pipeline.dev.cluster import SLOTS, ClusterNode, LocalRedisCluster, migrate_slot, topology
 from pipeline.dev.daemon import _pid_alive, local_down, local_up
-from pipeline.dev.local import RedisServer
-from pipeline.errors import KvpipeError
+from pipeline.dev.local import RedisServer, free_port
+from pipeline.errors import KvpipeError, StoreUnavailable
 from pipeline.io.kv import open_kv
 from pipeline.io.kv.protocol import hash_slot
 from pipeline.params.models import build_model, preset
@@ -165,3 +166,14 @@ async def test_bench_cluster_measures_both_sides_and_checks_every_row(
     doc = result.as_dict()
     assert doc["ratio_of"] == "three/one" and doc["reference"]["side"] == "single"
     assert any("ratio 3/1" in line for line in lines)
+
+
+async def test_a_missing_cluster_fails_fast_without_showing_the_password() -> None:
+    url = f"redis+cluster://:s3cret@127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as caught:
+        async with open_kv(RedisSettings(url=url, timeout_s=1.0, connect_timeout_s=1.0)):
+            pass
+    assert time.monotonic() - started < 5.0
+    message = str(caught.value)
+    assert "s3cret" not in message and ":***@" in message and "\n" not in message

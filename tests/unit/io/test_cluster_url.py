@@ -9,6 +9,7 @@ from pipeline.config import RedisSettings
 from pipeline.errors import ConfigError
 from pipeline.io.kv import open_kv
 from pipeline.io.kv.redis_cluster import RedisClusterKV, is_cluster_url, parse_cluster_url
+from pipeline.redact import redact_url, url_secrets
 
 
 def test_seeds_credentials_and_tls() -> None:
@@ -49,3 +50,9 @@ def test_asyncio_redis_refuses_a_cluster_with_one_line() -> None:
         open_kv(settings)
     message = str(caught.value)
     assert "Redis Cluster" in message and "hunter2" not in message and "\n" not in message
+
+
+def test_a_cluster_url_is_redacted() -> None:
+    url = "redis+cluster://alice:s3cret@10.0.0.1:7000,10.0.0.2:7001"
+    assert redact_url(url) == "redis+cluster://alice:***@10.0.0.1:7000,10.0.0.2:7001"
+    assert "s3cret" in url_secrets(url)
