@@ -249,6 +249,7 @@ def test_a_numpy_models_single_output_and_outputs_asked_for() -> None:
         id="r", model="m", status=Status.OK, version=1, outputs=np.ones((2, 3), np.float32)
     )
     value, headers = encode_result(result, OIP)
+    assert orjson.loads(dict(headers)["kvpipe-result"])["status"] == "ok"
     (out,) = mlserver_types.InferenceResponse.model_validate_json(value).outputs
     assert out.name == V2_OUTPUT and out.shape == [2, 3]
     value, _ = encode_result(_ok(label=[1, 2], scores=[[1.0], [2.0]]), OIP, ("scores",))
