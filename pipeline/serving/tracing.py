@@ -14,6 +14,9 @@ each request gets, under the context its headers carry (a new trace when they ca
 - ``produce`` (kind PRODUCER) under ``consume``: until the broker acknowledged the result;
   its context is the result's ``traceparent``.
 
+A request the SDK's sampler leaves out gets its ``consume`` span only (not recorded) and its
+context goes on to the result; no child spans are made for it.
+
 Without an SDK (opentelemetry-api alone) no span is made per message: the request's trace
 headers go onto the result as they came, which is what the API's non-recording spans would
 propagate, so a caller's trace continues through kvpipe at the cost of a header copy.

@@ -18,6 +18,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from pipeline.cache.cache import ParamCache
@@ -266,6 +267,18 @@ async def test_errors_and_dead_letters_are_traced_too() -> None:
     assert "compute" not in spans
     trace_id = int(PARENT.split("-")[1], 16)
     assert all(s.context.trace_id == trace_id for g in spans.values() for s in g)
+
+
+async def test_a_sampled_out_request_makes_no_spans_and_its_trace_goes_on() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    (record,) = await _serve([_request("r", ("traceparent", PARENT.encode()))], provider=provider)
+    assert exporter.get_finished_spans() == ()
+    sent = record.header("traceparent")
+    assert sent is not None and valid_traceparent(sent.decode())
+    assert sent.split(b"-")[1] == PARENT.split("-")[1].encode()  # the caller's trace
+    assert sent.split(b"-")[3] == b"00"  # not sampled, as the SDK decided
 
 
 # -- no SDK, tracing off, copied headers ----------------------------------------------------
