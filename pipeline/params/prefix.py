@@ -73,8 +73,11 @@ def encode_chunk(key: PrefixKey, kv: Array) -> bytes:
         "model": key.model, "version": key.version, "digest": key.digest,
         "shape": list(kv.shape), "dtype": "<f4",
     })  # fmt: skip
-    body = _HEAD.pack(MAGIC, len(header)) + header + np.ascontiguousarray(kv, "<f4").tobytes()
-    return body + hashlib.sha256(body).digest()
+    head = _HEAD.pack(MAGIC, len(header)) + header
+    data = np.ascontiguousarray(kv, "<f4").data  # hashed and joined without a copy of its own
+    digest = hashlib.sha256(head)
+    digest.update(data)
+    return b"".join((head, data, digest.digest()))
 
 
 def decode_chunk(key: PrefixKey, blob: bytes, shape: tuple[int, ...]) -> Array:
@@ -250,7 +253,7 @@ class PrefixCache(AsyncResource):
         self, key: PrefixKey, run: Callable[[], Awaitable[Array]]
     ) -> tuple[Array, bool]:
         """The chunk computed by ``run`` once for all concurrent callers; ``(kv, leader)``.
-        The leader's result is kept locally and written to Redis in the background."""
+        The result is kept locally; the leader :meth:`share` s it when it suits it."""
         if not self.enabled:
             return await run(), True
         value, leader = await self._flights.do(key, lambda: self._computed(key, run))
@@ -263,15 +266,25 @@ class PrefixCache(AsyncResource):
     async def _computed(self, key: PrefixKey, run: Callable[[], Awaitable[Array]]) -> Array:
         value = await run()
         value.flags.writeable = False
-        self.keep(key, value)
+        self.remember(key, value)
         return value
 
     def keep(self, key: PrefixKey, value: Array) -> None:
-        """Keep a computed chunk here and write it to Redis in the background (bounded: when
-        too many writes are pending, this one is skipped and counted)."""
+        """:meth:`remember` and :meth:`share` a computed chunk."""
+        self.remember(key, value)
+        self.share(key, value)
+
+    def remember(self, key: PrefixKey, value: Array) -> None:
+        """Keep a computed chunk in this worker's cache (for the requests that follow)."""
+        if not self._closed and self.enabled:
+            self.local.put(key, value)
+
+    def share(self, key: PrefixKey, value: Array) -> None:
+        """Write a chunk to Redis in the background (bounded: when too many writes are
+        pending, this one is skipped and counted). The generation calls it once its first
+        token is out, so the encoding and the transfer never delay that token."""
         if self._closed or not self.enabled:
             return
-        self.local.put(key, value)
         if len(self._writes) >= self._max_pending:
             self.stats.writes_skipped += 1
             return

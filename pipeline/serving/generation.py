@@ -31,6 +31,7 @@ from pipeline.config import Settings
 from pipeline.errors import KvpipeError, RequestError
 from pipeline.io.stream import GenerationSpec, StreamMessage, encode_stream
 from pipeline.io.wire import H_CONTENT_TYPE, JSON, Result, Status, error_result
+from pipeline.params.keys import PrefixKey
 from pipeline.params.prefix import PrefixCache, Reuse
 from pipeline.params.registry import ModelRegistry, Resolved
 from pipeline.params.transformer import EOS, KVState, Transformer, sample, transformer_of
@@ -67,6 +68,8 @@ class Generation:
     seq: int = 0
     computed: int = 0  # prompt tokens this request computed itself
     joined: int = 0  # prompt tokens another request computed for it (single-flight)
+    #: Chunks this request computed, written to Redis once its first token is out.
+    unshared: list[tuple[PrefixKey, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     done: asyncio.Future[None] | None = None
     finish: str | None = None
@@ -105,6 +108,7 @@ class GenerationScheduler(AsyncResource):
         #: Decode steps run on a thread of their own, so they never queue behind prefill chunks
         #: in the compute threads (a burst of new prompts would stall every running stream).
         self._decode_pool: ThreadPoolExecutor | None = None
+        self._prefill_slot = asyncio.Semaphore(1)
         self._tasks = Tasks(lambda exc: log.error("generation_task_failed", error=repr(exc)))
         self._active: dict[tuple[str, int], list[Generation]] = {}
         self._wake = asyncio.Event()
@@ -139,8 +143,12 @@ class GenerationScheduler(AsyncResource):
         )
 
     async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, fn, *args)
+        """A prefill chunk in the compute threads, one at a time: beside the decode thread,
+        so a burst of new prompts costs the running streams one chunk's worth of CPU, never
+        all of their prefills at once (they queue here, chunk by chunk, in arrival order)."""
+        async with self._prefill_slot:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, fn, *args)
 
     async def _decode(self, fn: Callable[..., T], *args: Any) -> T:
         if self._decode_pool is None:
@@ -164,6 +172,7 @@ class GenerationScheduler(AsyncResource):
             logits = await self._prefill(seq)
             seq.timings["prefill_ms"] = _ms(started) - seq.timings.get("lookup_ms", 0.0)
             await self._advance(seq, logits)
+            self._share(seq)
             if seq.finish is None:
                 seq.done = asyncio.get_running_loop().create_future()
                 self._join(seq)
@@ -252,6 +261,7 @@ class GenerationScheduler(AsyncResource):
             kv, leader = await self.prefix.compute(key, run)
             if leader:
                 seq.computed += chunk
+                seq.unshared.append((key, kv))
             else:
                 seq.state.append(kv)
                 seq.joined += chunk
@@ -260,7 +270,9 @@ class GenerationScheduler(AsyncResource):
         logits = await self._compute(model.prefill, params, prompt[start:], seq.state)
         seq.computed += len(prompt) - start
         for i in range(usable, len(keys)):  # a prompt ending on a chunk boundary: keep it too
-            self.prefix.keep(keys[i], seq.state.span(i * chunk, (i + 1) * chunk))
+            span = seq.state.span(i * chunk, (i + 1) * chunk)
+            self.prefix.remember(keys[i], span)
+            seq.unshared.append((keys[i], span))
         return logits
 
     def _check_deadline(self, seq: Generation) -> None:
@@ -318,9 +330,16 @@ class GenerationScheduler(AsyncResource):
             return
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
+    def _share(self, seq: Generation) -> None:
+        """Write the chunks this request computed to Redis (in the background)."""
+        for key, kv in seq.unshared:
+            self.prefix.share(key, kv)
+        seq.unshared.clear()
+
     async def _final(self, seq: Generation) -> None:
         """The last message: every token, why it stopped, usage, provenance, timings; its
         acknowledgement finishes the request's offset."""
+        self._share(seq)  # a deadline during the prefill: what was computed is still shared
         reuse = seq.reuse or Reuse(keys=[])
         chunk = seq.model.kv_chunk
         seq.timings.update(queue_ms=round(seq.queue_ms, 3), total_ms=_ms(seq.started))

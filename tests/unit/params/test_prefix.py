@@ -120,6 +120,9 @@ async def test_concurrent_requests_compute_a_missing_chunk_once() -> None:
     async with PrefixCache(MemoryKV(), key_prefix="t", capacity_bytes=10**7, ttl_s=60) as cache:
         outs = await asyncio.gather(*(cache.compute(key, run) for _ in range(5)))
         await cache.flush()
+        assert cache.stats.writes == 0 and cache.cached(key) is not None  # kept, not yet shared
+        cache.share(key, outs[0][0])
+        await cache.flush()
     assert runs == 1 and sorted(leader for _, leader in outs) == [False] * 4 + [True]
     assert cache.stats.computed == 1 and cache.stats.joined == 4 and cache.stats.writes == 1
 
