@@ -4,6 +4,11 @@ broker): the worker's spans are its children and the result carries it."""
 from __future__ import annotations
 
 import asyncio
+import http.server
+import os
+import subprocess
+import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -94,3 +99,46 @@ async def test_the_workers_spans_are_children_of_the_producers_trace(make_settin
         f"00-{root_ctx.trace_id:032x}-{produce.span_id:016x}-{produce.trace_flags:02x}".encode()
     )
     assert carried["x-tenant"] == b"acme"
+
+
+def test_kvpipe_otlp_endpoint_exports_spans_over_otlp_http() -> None:
+    """``KVPIPE_OTLP_ENDPOINT`` at the process edge: the SDK sends spans to a collector (a
+    loopback HTTP server here, on a free port, stopped whatever happens)."""
+    posts: list[tuple[str, str, int]] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length", "0"))
+            body = self.rfile.read(length)
+            posts.append((self.path, self.headers.get("content-type", ""), len(body)))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+        script = (
+            "from opentelemetry import trace\n"
+            "from pipeline.config import settings_from_env\n"
+            "from pipeline.serving.tracing import configure_tracing\n"
+            "import os\n"
+            "configure_tracing(settings_from_env(os.environ).tracing)\n"
+            "trace.get_tracer('t').start_span('exported').end()\n"
+            "trace.get_tracer_provider().shutdown()\n"
+        )
+        env = {**os.environ, "KVPIPE_OTLP_ENDPOINT": url, "OTEL_SERVICE_NAME": "kvpipe-test"}
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(p, t) for p, t, _ in posts] == [("/v1/traces", "application/x-protobuf")]
+    assert posts[0][2] > 0
