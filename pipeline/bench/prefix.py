@@ -203,7 +203,7 @@ async def _overhead(bench: _Bench, worker: Worker, rounds: int, emit: Emit) -> N
     on: list[float] = []
     off: list[float] = []
     lookups: list[float] = []  # the miss's own step on the way to the first token
-    for i in range(max(6, 3 * rounds)):
+    for i in range(max(12, 4 * rounds)):
         for enabled in (True, False) if i % 2 == 0 else (False, True):
             prefix.enabled = enabled
             prompt = _tokens(1024, seed=10_000 + 2 * i + enabled) + "\nQ?"
@@ -411,7 +411,11 @@ async def _break_even(settings: Settings, emit: Emit) -> dict[str, Any]:
 async def bench_prefix(base: Settings, tag: str, rounds: int, emit: Emit) -> dict[str, Any]:
     """The suite (see the module docstring); ``{"prefix": PrefixResult}``."""
     result = PrefixResult()
-    settings = side_settings(base, f"{tag}-prefix", "gen", {"cache.prefix_bytes": 512 * MiB})
+    # 110 MB of weights go in one publish and 64 MiB of keys/values in one MGET: a Redis
+    # timeout for bulk transfers on a loaded machine, not for a ping
+    settings = side_settings(
+        base, f"{tag}-prefix", "gen", {"cache.prefix_bytes": 512 * MiB, "redis.timeout_s": 60.0}
+    )
     model = preset(PRESET)
     await prepare_side(settings, model, model.init(0))
     try:
