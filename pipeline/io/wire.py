@@ -674,6 +674,21 @@ def _encode_oip(
 V2_OUTPUT = "output"
 
 
+def unknown_outputs(request: Request, result: Result) -> RequestError | None:
+    """The error for a V2 request that asked for outputs ``result`` does not have, or None."""
+    if request.wanted_outputs is None:
+        return None
+    have = list(result.named) if result.named is not None else [V2_OUTPUT]
+    missing = [n for n in request.wanted_outputs if n not in have]
+    if not missing:
+        return None
+    return RequestError(
+        f"output {missing[0][:64]!r} does not exist; this model's outputs are "
+        f"{', '.join(have[:16])}",
+        code="unknown_output",
+    )
+
+
 def _oip_outputs(value: bytes, meta: dict[str, Any]) -> tuple[Array | None, Any]:
     """A V2 body's outputs: side by side as float32 rows, and by name."""
     if meta.get("status") != Status.OK:

@@ -22,7 +22,7 @@ import structlog
 
 from pipeline.cache.cache import Source
 from pipeline.errors import KvpipeError, RequestError
-from pipeline.io.wire import CacheSource, Request, Result, Status, error_result
+from pipeline.io.wire import CacheSource, Request, Result, Status, error_result, unknown_outputs
 from pipeline.metrics import WorkerMetrics
 from pipeline.params.models import Model, PluginModel
 from pipeline.params.registry import ModelRegistry, Resolved, worst
@@ -281,6 +281,10 @@ class BatchRunner:
             )
             if split is not None:
                 result.named = split(outputs)
+            missing = unknown_outputs(it.request, result)
+            if missing is not None:  # a V2 request asked for an output the model lacks
+                result = error_result(it.request, missing, worker=self.worker_id)
+                result.version = version
             out.append((it, result))
         return out
 

@@ -112,6 +112,28 @@ async def test_mlserver_built_requests_are_answered_in_v2_bodies_equal_to_numpy(
         np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+async def test_an_output_the_model_lacks_is_an_unknown_output_error_counted_as_one() -> None:
+    x = np.zeros((1, WIDTH), np.float32)
+    asked = mlserver_types.InferenceRequest(
+        id="asked",
+        inputs=[mlserver_codecs.NumpyCodec.encode_input("x", x)],
+        outputs=[{"name": "output"}, {"name": "probabilities"}],
+    )
+    value = asked.model_dump_json().encode()
+    settings = _settings()
+    results, _ = await _serve([(value, [("mlserver-model", b"m")], None)])
+    (record,) = results
+    error = mlserver_types.InferenceErrorResponse.model_validate_json(record.value)
+    assert "probabilities" in str(error.error) and "output" in str(error.error)
+    meta = orjson.loads(record.header("kvpipe-result") or b"{}")
+    assert (meta["status"], meta["error"]["code"], meta["version"]) == (
+        "error",
+        "unknown_output",
+        1,
+    )
+    assert settings.kafka.results_topic == record.topic
+
+
 # -- property: hostile V2 messages cost no good request its answer --------------------------
 
 numbers = st.one_of(st.floats(), st.integers(), st.booleans(), st.none(), st.text(max_size=3))
