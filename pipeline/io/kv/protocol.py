@@ -81,7 +81,8 @@ class KeyValue(Protocol):
     async def set_if_greater(self, key: str, value: int, *, persist: Sequence[str] = ()) -> bool:
         """In one step: store ``value`` (decimal) at ``key`` only if it is greater than the
         integer there (absent or unreadable counts as lower), and then remove the expiry of the
-        ``persist`` keys; return whether it was stored."""
+        ``persist`` keys; return whether it was stored. On a cluster every key must be in the
+        slot of ``key`` (one hash tag), else a ``store_error``."""
         ...
 
     async def delete(self, *keys: str) -> int:
