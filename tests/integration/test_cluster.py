@@ -177,3 +177,14 @@ async def test_a_missing_cluster_fails_fast_without_showing_the_password() -> No
     assert time.monotonic() - started < 5.0
     message = str(caught.value)
     assert "s3cret" not in message and ":***@" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("redis_url", ["cluster"], indirect=True)
+async def test_many_concurrent_calls_wait_for_a_connection(redis_url: str) -> None:
+    # redis-py's cluster pools raise MaxConnectionsError when full; the adapter makes calls wait.
+    tag = uuid.uuid4().hex[:8]
+    async with open_kv(RedisSettings(url=redis_url, pool_size=1)) as kv:
+        keys = [f"many:{tag}:{i}" for i in range(300)]
+        await asyncio.gather(*(kv.set(k, k.encode()) for k in keys))
+        assert await asyncio.gather(*(kv.get(k) for k in keys)) == [k.encode() for k in keys]
+        assert await kv.delete(*keys) == 300
