@@ -187,8 +187,9 @@ class ParamStore:
         self.prefix = prefix
         self.retention_s = retention_s
         self.pending_ttl_s = pending_ttl_s
-        #: Keys spread over a Redis Cluster's slots: hash tags where one slot is needed.
-        self.cluster = bool(kv.cluster)
+        #: Keys spread over a Redis Cluster's slots: hash tags where one slot is needed. (A
+        #: KeyValue written before the protocol had ``cluster`` counts as one Redis.)
+        self.cluster = bool(getattr(kv, "cluster", False))
         self.emb_partitions = emb_partitions if self.cluster else 1
 
     def _slot_of(self, model: str) -> str:
