@@ -75,6 +75,11 @@ def asyncio_redis_endpoint(settings: RedisSettings) -> AsyncioRedisEndpoint:
     SELECT races with the first commands), and query options.
     """
     url = redact_url(settings.url)
+    if settings.url.partition("://")[0].lower().endswith("+cluster"):
+        raise ConfigError(
+            f"Redis URL {url!r} names a Redis Cluster, which the asyncio-redis backend "
+            f"cannot talk to; {_OTHER_BACKEND}"
+        )
     try:
         parts = urlsplit(settings.url)
         port = parts.port
@@ -85,11 +90,6 @@ def asyncio_redis_endpoint(settings: RedisSettings) -> AsyncioRedisEndpoint:
         raise ConfigError(
             f"Redis URL {url!r} asks for TLS (rediss://), which the asyncio-redis backend "
             f"cannot do; {_OTHER_BACKEND}"
-        )
-    if parts.scheme.endswith("+cluster"):
-        raise ConfigError(
-            f"Redis URL {url!r} names a Redis Cluster, which the asyncio-redis backend "
-            f"cannot talk to; {_OTHER_BACKEND}"
         )
     if parts.scheme not in ("redis", "unix"):
         raise ConfigError(f"Redis URL {url!r} must start with redis:// or unix://")

@@ -44,8 +44,11 @@ def test_open_kv_picks_the_cluster_adapter() -> None:
     assert isinstance(kv, RedisClusterKV) and kv.cluster and kv.backend == "redis-py"
 
 
-def test_asyncio_redis_refuses_a_cluster_with_one_line() -> None:
-    settings = RedisSettings(url="redis+cluster://:hunter2@h:7000", backend="asyncio-redis")
+@pytest.mark.parametrize(
+    "url", ["redis+cluster://:hunter2@h:7000", "rediss+cluster://:hunter2@h:7000,h:7001/0"]
+)
+def test_asyncio_redis_refuses_a_cluster_with_one_line(url: str) -> None:
+    settings = RedisSettings(url=url, backend="asyncio-redis")
     with pytest.raises(ConfigError, match="KVPIPE_REDIS_BACKEND=redis-py") as caught:
         open_kv(settings)
     message = str(caught.value)
