@@ -47,6 +47,8 @@ def write_plot(suite: str, doc: Mapping[str, Any], path: Path) -> bool:
             _e2e(ax, results["e2e"])
         elif suite == "cache":
             _cache(ax, results["cache"]["rows"])
+        elif suite == "prefix":
+            _prefix(ax, results["prefix"]["ttft"])
         else:
             _comparisons(ax, suite, results)
         info = doc.get("machine", {})
@@ -121,6 +123,29 @@ def _comparisons(ax: Any, suite: str, results: Mapping[str, Any]) -> None:
     ax.set_ylabel(unit or "rate")
     ax.margins(y=0.2)
     ax.set_title(f"kvpipe bench {suite}", fontsize=10)
+
+
+def _prefix(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Time to first token per shared-prefix length: cold, warm from Redis, warm local."""
+    sides = (("cold", "cold (computed)"), ("redis", "warm, from Redis"), ("local", "warm, local"))
+    width = 0.8 / len(sides)
+    for i, (key, label) in enumerate(sides):
+        xs = [g + (i - (len(sides) - 1) / 2) * width for g in range(len(rows))]
+        ys = [row["server_ttft_ms"][key] or 0.0 for row in rows]
+        bars = ax.bar(xs, ys, width * 0.95, label=label, color=f"C{i}")
+        ax.bar_label(bars, labels=[f"{y:,.0f}" for y in ys], fontsize=7)
+    ax.set_xticks(
+        range(len(rows)),
+        [
+            f"{r['prefix_tokens']:,} tokens\nwarm/cold {r['warm_redis_over_cold']:.2f}x"
+            for r in rows
+        ],
+        fontsize=8,
+    )
+    ax.set_ylabel("time to first token, ms (worker)")
+    ax.set_yscale("log")
+    ax.set_title("kvpipe bench prefix: gen-small, shared prefix reused through Redis", fontsize=10)
+    ax.legend(fontsize=8)
 
 
 def _cache(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
