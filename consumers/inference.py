@@ -81,8 +81,10 @@ async def serve(
         metrics = WorkerMetrics() if settings.worker.metrics_port is not None else None
         dedupe = None
         if settings.worker.dedupe_ttl_s > 0:
+            # connections of its own: its records never hold up a parameter load, and back
+            dedupe_kv = await stack.enter_async_context(open_kv(settings.redis))
             dedupe = Dedupe(
-                kv,
+                dedupe_kv,
                 key_prefix=settings.redis.key_prefix,
                 topic=k.requests_topic,
                 group=k.group_id,

@@ -25,7 +25,8 @@ with a wrong, failed or missing answer has no figure.
   process; on ``echo`` a backlog comparison of its own (:func:`pipeline.bench.scale.
   bench_processes`), on ``e2e`` a third side in the sweep.
 - ``dedupe`` (:mod:`pipeline.bench.dedupe`): the worker with ``KVPIPE_DEDUPE_TTL`` against the
-  same worker without, on the small MLP; and how long an answer waits for its record.
+  same worker without, on the small MLP, in the steady state and right after a rebalance;
+  and how long an answer waits for its record.
 - ``cluster`` (:mod:`pipeline.bench.cluster_rows`): embedding rows/s through the cache's miss
   path on a local Redis Cluster of 3 primaries against 1 primary (and a single Redis as a
   reference line), all on this machine.
@@ -146,11 +147,11 @@ async def run_suite(
             )
         return out
     if suite == "dedupe":
-        return {
-            "dedupe": await bench_dedupe(
+        return dict(
+            await bench_dedupe(
                 settings, tag, opts.count("dedupe"), rounds, emit, opts.wire_for("mlp")
             )
-        }
+        )
     if suite == "naive":
         n, naive_n = opts.count("naive"), opts.naive_requests
         wire = opts.wire_for("article")
@@ -305,6 +306,7 @@ def _parse_options(args: argparse.Namespace) -> Options:
 ALL_SUITES = ["echo", "naive", "batching", "e2e", "scale", "cache"]
 KEYS = {
     "echo": ["echo", "echo-processes"],
+    "dedupe": ["dedupe", "dedupe-rebalance"],
     "batching": ["batching", "batching-mlp", "batching-light"],
     "onnx": ["onnx", "onnx-latency", "onnx-session"],
 }

@@ -13,8 +13,10 @@ checked against numpy. Sides alternate (two, one / one, two, ...).
 
 ``kvpipe bench echo --processes N`` adds :func:`bench_processes`: the backlog benchmark's
 small MLP served by one ``kvpipe serve --processes N`` (a supervisor and N children) against
-one worker process, both timed the same way (warm-up until every child answered, then the
-backlog from its first answer to its last).
+one worker process, both timed the same way: the backlog is produced first, then the
+processes start, and the time runs from the first answer to the last (the small model is
+too light for the warm-up-then-produce timing of ``scale``: the workers would keep up with
+the producer and time it).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pipeline.bench.figures import (
     request_backlog,
     verify_results,
 )
-from pipeline.bench.harness import Step, compare, prepare_side
+from pipeline.bench.harness import Step, compare, prepare_side, produce_backlog
 from pipeline.config import Settings
 from pipeline.dev.procs import Children, child_env
 from pipeline.errors import KvpipeError, UnreadableMessage
@@ -131,14 +133,21 @@ async def run_fleet(
     wire: str = JSON,
     supervised: bool = False,
     extra_env: dict[str, str] | None = None,
+    backlog_first: bool = False,
 ) -> None:
     """Publish, start ``workers`` processes (``supervised``: one ``kvpipe serve --processes
-    workers``, its children the workers), warm them, produce the backlog, time, verify."""
+    workers``, its children the workers), warm them, produce the backlog, time, verify.
+
+    ``backlog_first``: the backlog is produced before the processes start and there is no
+    warm-up, so from the first answer on they drain a full backlog (for models so light that
+    the workers would otherwise keep up with the producer and time it instead)."""
     k = settings.kafka
     manifest = await prepare_side(settings, model, params)
     ids, backlog = request_backlog(inputs, wire)
     fig.detail["wire"] = wire
     env_extra = {**BLAS_ENV, **(extra_env or {})}
+    if backlog_first:
+        fig.backlog_s = await produce_backlog(k, k.requests_topic, backlog)
     async with Children() as children:
         if supervised:
             name = f"{k.topic_prefix}-sup"
@@ -155,18 +164,23 @@ async def run_fleet(
             Producer(k, send_timeout_s=300.0) as producer,
             Reader(k, k.results_topic) as reader,
         ):
-            fig.detail["warmup_answers"] = await _warm(
-                producer, reader, settings, workers, inputs[0], children.check_alive, 120.0, wire
-            )
             keys = [key for key, _, _ in backlog]
-            reader.expect(keys)
             started = time.perf_counter()
-            futures = [
-                await producer.enqueue(k.requests_topic, value, key=key, headers=headers)
-                for key, value, headers in backlog
-            ]
-            await producer.wait_acked(futures)
-            fig.backlog_s = time.perf_counter() - started
+            if backlog_first:
+                reader.expect(keys)
+            else:
+                fig.detail["warmup_answers"] = await _warm(
+                    producer, reader, settings, workers, inputs[0], children.check_alive, 120.0,
+                    wire,
+                )  # fmt: skip
+                reader.expect(keys)
+                started = time.perf_counter()
+                futures = [
+                    await producer.enqueue(k.requests_topic, value, key=key, headers=headers)
+                    for key, value, headers in backlog
+                ]
+                await producer.wait_acked(futures)
+                fig.backlog_s = time.perf_counter() - started
             deadline = time.perf_counter() + timeout_s
             while not await reader.wait(1.0):
                 children.check_alive()
@@ -177,7 +191,9 @@ async def run_fleet(
                     break
             arrived = reader.take(keys)
             duplicates = reader.duplicates
-    fig.detail["timed_from"] = "first -> last answer of the backlog"
+    fig.detail["timed_from"] = "first -> last answer of the backlog" + (
+        " (produced before the processes started)" if backlog_first else ""
+    )
     if arrived:
         times = [at for at, _ in arrived.values()]
         fig.seconds = max(times) - min(times)
@@ -283,6 +299,7 @@ async def bench_processes(
                 timeout_s=120.0 + requests / 200,
                 wire=wire,
                 supervised=supervised,
+                backlog_first=True,
             )
 
         return step

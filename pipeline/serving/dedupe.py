@@ -1,10 +1,18 @@
 """Answered once, optionally: request ids recorded in Redis after their answers are acknowledged.
 
-With ``KVPIPE_DEDUPE_TTL`` set, a worker records the ids of every acknowledged answer of a
-batch in one round trip (one ``HSET`` of the ids into the hash of the current time bucket),
-before their offsets can be committed, and looks the ids of each fetched batch up (``HMGET``
-on the current and the previous bucket, sent at once): a redelivered request whose id is
-recorded is skipped and its offset committed.
+With ``KVPIPE_DEDUPE_TTL`` set, a worker records the ids of acknowledged answers in one
+round trip per batch or fewer (one ``HSET`` of the ids into the hash of the current time
+bucket; one record under way at a time, with every id acknowledged meanwhile), before their
+offsets can be committed, and looks the ids of a fetched batch up (``HMGET`` on the
+current and the previous bucket, sent at once): a redelivered request whose id is recorded
+is skipped and its offset committed.
+
+Only a message another worker may have answered is looked up: one produced before this
+worker's latest assignment of its partition (a previous owner stopped before that), with
+:data:`CLOCK_SLACK_S` for producers whose clocks run ahead. In steady state, once a minute
+has passed since the last rebalance, nothing is looked up at all. A producer clock ahead by
+more than that, or a client sending the same id again as a new message, is answered again
+(at-least-once).
 
 Buckets are ``ttl`` seconds of wall-clock time (``floor(epoch / ttl)``, so every worker of the
 group agrees while their clocks agree to well within ``ttl``); a bucket's hash expires
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import structlog
 
@@ -40,6 +48,9 @@ __all__ = ["Dedupe", "DedupeStats"]
 CALL_TIMEOUT_S = 2.0
 #: Seconds dedupe stays off after a failed call before it tries Redis again.
 PAUSE_S = 5.0
+#: Messages stamped up to this long after an assignment are looked up too (producer clocks
+#: ahead of the worker's).
+CLOCK_SLACK_S = 60.0
 
 
 class DedupeStats:
@@ -106,7 +117,24 @@ class Dedupe:
         self._prefix = f"{key_prefix}:answered:{topic}:{group}:"
         self._retry_at = 0.0
         self._expiring = -1  # the bucket this worker has set the expiry of
-        self._pending: set[asyncio.Task[None]] = set()
+        self._queue: list[str] = []  # acknowledged, not yet being recorded
+        self._queued = 0  # ids ever queued
+        self._written = 0  # ids ever queued whose record landed or failed
+        self._writer: asyncio.Task[None] | None = None
+        self._settled = asyncio.Event()
+        self._lookup_until: dict[Hashable, float] = {}  # partition -> newest suspect, epoch ms
+
+    def assigned(self, partitions: Iterable[Hashable]) -> None:
+        """This worker now owns ``partitions``: what was produced until now (and the clock
+        slack) may have been answered by their previous owner."""
+        until = (self.clock() + CLOCK_SLACK_S) * 1000
+        for partition in partitions:
+            self._lookup_until[partition] = until
+
+    def may_be_answered(self, partition: Hashable, timestamp_ms: float) -> bool:
+        """Whether a message of ``partition`` stamped ``timestamp_ms`` may have been answered
+        by another worker (so it is worth a lookup)."""
+        return timestamp_ms <= self._lookup_until.get(partition, -1.0)
 
     def bucket(self) -> int:
         """The time bucket answers are recorded in now."""
@@ -162,26 +190,41 @@ class Dedupe:
         st.record_s_max = max(st.record_s_max, took)
 
     def record_soon(self, ids: Sequence[str]) -> None:
-        """Start recording ``ids`` (their answers were just acknowledged); :meth:`settle`
-        waits for it. The answers' offsets need not wait, only their commit does."""
+        """Queue ``ids`` (their answers were just acknowledged) for recording; :meth:`settle`
+        waits for them. One record is under way at a time, carrying every id queued while
+        the one before it was (so a loaded worker sends fewer, larger commands). The answers'
+        offsets need not wait, only their commit does."""
         if not ids or not self._available():
             return
-        task = asyncio.get_running_loop().create_task(self.record(ids))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._queue.extend(ids)
+        self._queued += len(ids)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        while self._queue:
+            ids, self._queue = self._queue, []
+            upto = self._queued
+            try:
+                await self.record(ids)
+            finally:
+                self._written = upto  # landed or failed: either way settled
+                self._settled.set()
 
     async def settle(self) -> None:
-        """Wait until every record started so far has landed or failed: call it after taking
-        the offsets to commit and before committing them."""
-        pending = list(self._pending)  # before any await: exactly the records started so far
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        """Wait until every id queued so far has been recorded (or its record failed): call
+        it after taking the offsets to commit and before committing them."""
+        target = self._queued  # before any await: exactly the ids queued so far
+        while self._written < target and self._writer is not None and not self._writer.done():
+            self._settled.clear()
+            await self._settled.wait()
 
     def abandon(self) -> None:
-        """Drop the records under way, as a process that dies does (their answers may be
-        given again: the window)."""
-        for task in list(self._pending):
-            task.cancel()
+        """Drop the records under way and queued, as a process that dies does (their answers
+        may be given again: the window)."""
+        self._queue = []
+        if self._writer is not None:
+            self._writer.cancel()
 
     async def aclose(self) -> None:
         """Wait for the records still under way (each bounded by the call timeout)."""

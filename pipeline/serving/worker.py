@@ -353,6 +353,8 @@ class Worker(AsyncResource):
         )
 
     async def _on_assigned(self, partitions: list[Partition]) -> None:
+        if self.dedupe is not None:
+            self.dedupe.assigned(partitions)
         if partitions:
             self.assigned.set()
         log.info("partitions_assigned", partitions=[str(p) for p in partitions])
@@ -378,7 +380,7 @@ class Worker(AsyncResource):
                 self.tracing.unreadable(msg, exc, started_ns)
                 self._tasks.spawn(self.delivery.dead_letter(msg, exc))
         self.tracing.consumed(items, started_ns)
-        if self.dedupe is not None:
+        if self.dedupe is not None and any(self._suspect(it) for it in items):
             self._tasks.spawn(self._route_unanswered(items))
         else:
             self._route(items)
@@ -402,6 +404,11 @@ class Worker(AsyncResource):
             if self.batcher.add(key, items, now=self._stopping):
                 self._tasks.spawn(self.runner.prefetch(*key))
 
+    def _suspect(self, item: Item) -> bool:
+        """Whether another worker may have answered ``item`` already (dedupe looks it up)."""
+        assert self.dedupe is not None
+        return self.dedupe.may_be_answered(item.message.partition, item.message.timestamp_ms)
+
     async def _route_unanswered(self, items: list[Item]) -> None:
         self._route(await self._skip_answered(items))
 
@@ -409,7 +416,7 @@ class Worker(AsyncResource):
         """The items whose request id is not recorded as answered (one lookup); the others
         are finished as they are, so their offsets commit without a second answer."""
         assert self.dedupe is not None
-        keyed = [it for it in items if it.request.id]
+        keyed = [it for it in items if it.request.id and self._suspect(it)]
         seen = await self.dedupe.answered([it.request.id for it in keyed])
         if not any(seen):
             return items

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -263,3 +264,25 @@ async def test_the_window_left_a_crash_before_the_record_repeats_those_answers()
     again = await b.serve(_dedupe(kv))
     assert sorted(b.answers()) == sorted([f"r{i}" for i in range(8)] * 2)  # the window
     assert again.stats.skipped_answered == 0
+
+
+async def test_only_what_another_worker_may_have_answered_is_looked_up() -> None:
+    b = Bench()
+    await b.store.publish("m", MODEL.arch, PARAMS)
+    for i in range(10):
+        b.request(f"r{i}", i, partition=0)
+    kv = MemoryKV()
+    # this worker was assigned its partitions an hour ago: the requests came after that, no
+    # previous owner can have answered them, so none is looked up; all are recorded
+    an_hour_ago = Dedupe(
+        kv, key_prefix="t", topic="q", group="g", ttl_s=60.0, clock=lambda: time.time() - 3600
+    )
+    await b.serve(an_hour_ago)
+    assert kv.calls["hmget"] == 0 and an_hour_ago.stats.lookups == 0
+    assert an_hour_ago.stats.recorded == 10
+    # a worker assigned now: everything already in the topic is a suspect
+    d = _dedupe(kv)
+    assert not d.may_be_answered("p", time.time() * 1000)  # not assigned: not ours
+    d.assigned(["p"])
+    assert d.may_be_answered("p", time.time() * 1000)
+    assert not d.may_be_answered("p", (time.time() + 3600) * 1000)
