@@ -10,6 +10,7 @@ from typing import Any, Self, TypeVar
 
 import numpy.typing as npt
 import structlog
+from opentelemetry import propagate
 
 from pipeline.config import KafkaSettings
 from pipeline.errors import ConfigError, KvpipeError, UnreadableMessage
@@ -28,6 +29,18 @@ from pipeline.names import check_name
 from pipeline.resource import AsyncResource
 
 log = structlog.get_logger("kvpipe.client")
+#: The trace headers a request carries when its caller is inside a span.
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def trace_context() -> list[tuple[str, bytes]]:
+    """The caller's current trace as request headers (none outside a span), so the workers'
+    spans continue it; the globally configured propagator writes them (W3C by default)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return [(k, v.encode()) for k, v in carrier.items() if k in _TRACE_HEADERS]
+
+
 T = TypeVar("T")
 
 
@@ -177,6 +190,7 @@ class InferenceClient(AsyncResource):
             reply_to=reply_to,
             deadline_ms=deadline_ms,
         )
+        headers += trace_context()
         fut = await self._producer.enqueue(
             self.settings.requests_topic, value, key=rid.encode(), headers=headers
         )
@@ -269,6 +283,7 @@ class InferenceClient(AsyncResource):
         headers = [(H_CONTENT_TYPE, JSON.encode()), (H_REPLY_TO, self.reply_topic.encode())]
         if deadline_ms is not None:
             headers.append((H_DEADLINE, str(int(deadline_ms)).encode()))
+        headers += trace_context()
         streams = await self._ensure_stream_reader()
         queue, assembler = streams.watch(rid), StreamAssembler()
         try:

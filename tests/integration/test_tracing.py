@@ -101,6 +101,50 @@ async def test_the_workers_spans_are_children_of_the_producers_trace(make_settin
     assert carried["x-tenant"] == b"acme"
 
 
+async def test_a_client_request_made_inside_a_span_continues_its_trace(
+    make_settings: Any, make_client: Any
+) -> None:
+    settings = make_settings()
+    k = settings.kafka
+    model = preset("mlp")
+    async with open_kv(settings.redis) as kv:
+        await ParamStore(kv, prefix=settings.redis.key_prefix).publish(
+            "m", model.arch, model.init(0)
+        )
+    client = await make_client(settings)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    stop = asyncio.Event()
+    _, task = await start_serving(
+        settings, stop, timeout_s=30, tracing=Tracing(settings.tracing, provider)
+    )
+    try:
+        x = np.zeros((1, model.input_dim), np.float32)
+        with provider.get_tracer("caller").start_as_current_span("ask") as root:
+            await client.submit("m", x, id="from-client")
+        async with Consumer(k, [k.results_topic], group_id=None, assign_from="start") as results:
+            got: list[Any] = []
+            for _ in range(150):
+                got += await results.getmany(timeout_ms=200, max_records=10)
+                if got:
+                    break
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert len(got) == 1
+    carried = dict(got[0].headers)
+    trace_id = f"{root.get_span_context().trace_id:032x}"
+    assert carried["traceparent"].decode().split("-")[1] == trace_id
+    for _ in range(100):
+        consume = [s for s in exporter.get_finished_spans() if s.name == "consume"]
+        if consume:
+            break
+        await asyncio.sleep(0.05)
+    assert consume and consume[0].parent is not None
+    assert consume[0].parent.span_id == root.get_span_context().span_id
+
+
 def test_kvpipe_otlp_endpoint_exports_spans_over_otlp_http() -> None:
     """``KVPIPE_OTLP_ENDPOINT`` at the process edge: the SDK sends spans to a collector (a
     loopback HTTP server here, on a free port, stopped whatever happens)."""

@@ -996,8 +996,11 @@ def test_the_dockerfile_installs_the_dependencies_before_it_copies_the_source() 
     steps = dockerfile_instructions()
     deps_step = next(
         i for i, (word, rest) in enumerate(steps)
-        if word == "RUN" and "['project']['dependencies']" in rest
+        if word == "RUN" and "['dependencies']" in rest
     )  # fmt: skip
+    deps_run = steps[deps_step][1]
+    assert "extra['tracing']" in deps_run, "KVPIPE_OTLP_ENDPOINT needs the tracing extra"
+    assert "'onnxruntime'" in deps_run, "ONNX models need onnxruntime in the image"
     copied_before = {
         p for word, rest in steps[:deps_step] if word == "COPY" for p in rest.split()[:-1]
     }
