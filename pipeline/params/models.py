@@ -514,11 +514,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "embedding": {"kind": "embedding", "users": 10_000, "items": 100_000, "dim": 16},
     # decoder-only transformers (pipeline/params/transformer.py registers the kind)
     "gen-tiny": {
-        "kind": "transformer", "d_model": 32, "n_layers": 2, "n_heads": 4, "n_ctx": 512,
+        "kind": "transformer",
+        "d_model": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_ctx": 512,
         "kv_chunk": 16,
     },
     "gen-small": {
-        "kind": "transformer", "d_model": 512, "n_layers": 8, "n_heads": 8, "n_ctx": 4096,
+        "kind": "transformer",
+        "d_model": 512,
+        "n_layers": 8,
+        "n_heads": 8,
+        "n_ctx": 4096,
         "kv_chunk": 128,
     },
 }
