@@ -421,21 +421,22 @@ class GenerationScheduler(AsyncResource):
                 continue
             for key in list(self._active):
                 group = self._active.get(key, [])[: self.max_batch]
-                if group:
+                if not group:
+                    continue
+                try:
                     await self._step(key, group)
+                except Exception as exc:  # one bad step fails its sequences, never the loop
+                    log.exception("decode_failed", model=key[0], sequences=len(group))
+                    for s in group:
+                        if s.finish is None:
+                            s.finish, s.error = "error", KvpipeError(f"internal error: {exc}")
+                        self._leave(key, s)
 
     async def _step(self, key: tuple[str, int], group: list[Generation]) -> None:
         model, params = group[0].model, group[0].resolved.params
-        try:
-            logits = await self._decode(
-                model.decode, params, [s.tokens[-1] for s in group], [s.state for s in group]
-            )
-        except Exception as exc:  # one bad step fails its sequences, never the loop
-            log.exception("decode_failed", model=key[0], sequences=len(group))
-            for s in group:
-                s.finish, s.error = "error", KvpipeError(f"internal error: {exc}")
-                self._leave(key, s)
-            return
+        logits = await self._decode(
+            model.decode, params, [s.tokens[-1] for s in group], [s.state for s in group]
+        )
         self.steps += 1
         self.stepped_sequences += len(group)
         for s, row in zip(group, logits, strict=True):
