@@ -1,11 +1,10 @@
 """Answered once, optionally: request ids recorded in Redis after their answers are acknowledged.
 
 With ``KVPIPE_DEDUPE_TTL`` set, a worker records the ids of acknowledged answers in one
-round trip per batch or fewer (one ``HSET`` of the ids into the hash of the current time
-bucket; one record under way at a time, with every id acknowledged meanwhile), before their
-offsets can be committed, and looks the ids of a fetched batch up (``HMGET`` on the
-current and the previous bucket, sent at once): a redelivered request whose id is recorded
-is skipped and its offset committed.
+round trip per batch (one ``HSET`` of the ids into the hash of the current time bucket, sent
+as soon as the acknowledgements are in), before their offsets can be committed, and looks
+the ids of a fetched batch up (``HMGET`` on the current and the previous bucket, sent at
+once): a redelivered request whose id is recorded is skipped and its offset committed.
 
 Only a message another worker may have answered is looked up: one produced before this
 worker's latest assignment of its partition (a previous owner stopped before that), with
@@ -117,11 +116,7 @@ class Dedupe:
         self._prefix = f"{key_prefix}:answered:{topic}:{group}:"
         self._retry_at = 0.0
         self._expiring = -1  # the bucket this worker has set the expiry of
-        self._queue: list[str] = []  # acknowledged, not yet being recorded
-        self._queued = 0  # ids ever queued
-        self._written = 0  # ids ever queued whose record landed or failed
-        self._writer: asyncio.Task[None] | None = None
-        self._settled = asyncio.Event()
+        self._pending: set[asyncio.Task[None]] = set()  # records under way
         self._lookup_until: dict[Hashable, float] = {}  # partition -> newest suspect, epoch ms
 
     def assigned(self, partitions: Iterable[Hashable]) -> None:
@@ -190,41 +185,27 @@ class Dedupe:
         st.record_s_max = max(st.record_s_max, took)
 
     def record_soon(self, ids: Sequence[str]) -> None:
-        """Queue ``ids`` (their answers were just acknowledged) for recording; :meth:`settle`
-        waits for them. One record is under way at a time, carrying every id queued while
-        the one before it was (so a loaded worker sends fewer, larger commands). The answers'
-        offsets need not wait, only their commit does."""
+        """Start recording ``ids`` (their answers were just acknowledged) at once, in a task
+        of its own: the sooner the command is on the wire, the narrower the window.
+        :meth:`settle` waits for it; the answers' offsets need not, only their commit."""
         if not ids or not self._available():
             return
-        self._queue.extend(ids)
-        self._queued += len(ids)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write())
-
-    async def _write(self) -> None:
-        while self._queue:
-            ids, self._queue = self._queue, []
-            upto = self._queued
-            try:
-                await self.record(ids)
-            finally:
-                self._written = upto  # landed or failed: either way settled
-                self._settled.set()
+        task = asyncio.get_running_loop().create_task(self.record(ids))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def settle(self) -> None:
-        """Wait until every id queued so far has been recorded (or its record failed): call
-        it after taking the offsets to commit and before committing them."""
-        target = self._queued  # before any await: exactly the ids queued so far
-        while self._written < target and self._writer is not None and not self._writer.done():
-            self._settled.clear()
-            await self._settled.wait()
+        """Wait until every record started so far has landed or failed: call it after taking
+        the offsets to commit and before committing them."""
+        pending = list(self._pending)  # before any await: exactly the records started so far
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def abandon(self) -> None:
-        """Drop the records under way and queued, as a process that dies does (their answers
-        may be given again: the window)."""
-        self._queue = []
-        if self._writer is not None:
-            self._writer.cancel()
+        """Drop the records under way, as a process that dies does (their answers may be
+        given again: the window)."""
+        for task in list(self._pending):
+            task.cancel()
 
     async def aclose(self) -> None:
         """Wait for the records still under way (each bounded by the call timeout)."""

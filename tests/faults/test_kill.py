@@ -99,5 +99,6 @@ async def test_kill_and_restart_one_of_two_workers_three_times(
     print(
         f"\nSIGKILL x{KILLS} ({'dedupe on' if dedupe else 'at-least-once'}): {n} requests, "
         f"{len(got)} answered, {total} duplicate results ({total / KILLS:.0f} per kill), "
-        f"first answers by worker {dict(by_worker)}"
+        f"first answers by worker {dict(by_worker)}; duplicates by (first, second) answerer "
+        f"{dict(Counter(tuple(r.worker for r in got[rid][:2]) for rid in duplicates))}"
     )
