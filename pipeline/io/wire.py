@@ -297,7 +297,7 @@ MAX_INPUT_AXES = 8
 
 def check_named(raw: Any, limits: LimitSettings) -> dict[str, npt.NDArray[Any]]:
     """Named inputs (``{"name": array, ...}``, rows on the first axis) as int64 or finite
-    float32 arrays with one row count, within the limits together; or raise."""
+    float64 arrays with one row count, within the limits together; or raise."""
     if not isinstance(raw, dict) or not raw:
         raise RequestError("named inputs must be a non-empty object", code="bad_request")
     if len(raw) > MAX_NAMED_INPUTS:
@@ -349,12 +349,10 @@ def check_named(raw: Any, limits: LimitSettings) -> dict[str, npt.NDArray[Any]]:
             if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
                 raise RequestError(f"input {shown!r} is out of range", code="bad_input")
             out[name] = np.ascontiguousarray(arr, dtype=np.int64)
-        elif arr.dtype.kind == "f" and not bool(np.abs(arr).max() <= _F32_MAX):
-            raise RequestError(
-                f"input {shown!r} contains NaN or infinity (in float32)", code="non_finite"
-            )
-        else:
-            out[name] = np.ascontiguousarray(arr, dtype=np.float32)
+        elif not bool(np.isfinite(arr).all()):
+            raise RequestError(f"input {shown!r} contains NaN or infinity", code="non_finite")
+        else:  # float64 until the model packs it: exact for its integer inputs, range-checked
+            out[name] = np.ascontiguousarray(arr, dtype=np.float64)
     return out
 
 

@@ -426,6 +426,48 @@ def _dims(raw: object, where: str) -> list[int | None]:
     return dims
 
 
+def _run_error(exc: Exception) -> KvpipeError:
+    """onnxruntime's error from running a graph, in kvpipe's terms: inputs the graph refuses
+    (an index out of range, a shape its nodes do not take) are the request's ``bad_input``;
+    anything else ``model_failed``."""
+    if type(exc).__name__ == "InvalidArgument":
+        return RequestError(
+            f"the ONNX graph refuses these inputs: {one_line(exc)}", code="bad_input"
+        )
+    return KvpipeError(f"the ONNX graph failed: {one_line(exc)}", code="model_failed")
+
+
+def _check_slot(slot: _Slot, arr: npt.NDArray[Any], *, exact_ints: bool) -> None:
+    """RequestError unless ``arr`` (rows first) fits ``slot``: its shape per row, integers
+    (whole and within the input's dtype) for an integer input, finite values for a float one."""
+    width = slot.stop - slot.start
+    if arr.shape[1:] not in (slot.rest, (width,)) and not (arr.ndim == 1 and width == 1):
+        raise RequestError(
+            f"input {slot.name!r} has shape {list(arr.shape)}; the model takes "
+            f"{_shown([None, *slot.rest])} (or rows of {width} values)",
+            code="bad_shape",
+        )
+    if slot.dtype.kind in "iub":
+        if arr.dtype.kind == "f" and not bool(np.all(arr == np.rint(arr))):
+            raise RequestError(
+                f"input {slot.name!r} takes integers ({slot.dtype}); got fractions",
+                code="bad_dtype",
+            )
+        info = np.iinfo(np.int8 if slot.dtype.kind == "b" else slot.dtype)
+        low, high = (0, 1) if slot.dtype.kind == "b" else (int(info.min), int(info.max))
+        if exact_ints:
+            low, high = max(low, -_EXACT_INT), min(high, _EXACT_INT)
+        if float(arr.min()) < low or float(arr.max()) > high:
+            raise RequestError(
+                f"input {slot.name!r} takes {slot.dtype} values from {low} to {high}",
+                code="bad_input",
+            )
+    elif float(np.abs(arr).max()) > float(np.finfo(slot.dtype).max):
+        raise RequestError(
+            f"input {slot.name!r} holds values beyond {slot.dtype}'s range", code="non_finite"
+        )
+
+
 @dataclass(frozen=True)
 class _Slot:
     """One graph input or output in a row: its name, dtype, shape after the batch axis, and
@@ -550,27 +592,11 @@ class OnnxModel:
                 code="bad_input",
             )
         rows = next(iter(named.values())).shape[0]
+        for slot in self.inputs:  # every input checked before the matrix is allocated
+            _check_slot(slot, named[slot.name], exact_ints=self.packed_dtype == np.float64)
         out = np.empty((rows, self.input_dim), dtype=self.packed_dtype)
         for slot in self.inputs:
-            arr = named[slot.name]
-            width = slot.stop - slot.start
-            if arr.shape[1:] not in (slot.rest, (width,)) and not (arr.ndim == 1 and width == 1):
-                raise RequestError(
-                    f"input {slot.name!r} has shape {list(arr.shape)}; the model takes "
-                    f"{_shown([None, *slot.rest])} (or rows of {width} values)",
-                    code="bad_shape",
-                )
-            if slot.dtype.kind in "iub" and arr.dtype.kind == "f":
-                if not bool(np.all(arr == np.rint(arr))):
-                    raise RequestError(
-                        f"input {slot.name!r} takes integers ({slot.dtype}); got fractions",
-                        code="bad_dtype",
-                    )
-            elif arr.dtype.kind in "iu" and np.abs(arr).max() > _EXACT_INT:
-                raise RequestError(
-                    f"input {slot.name!r} holds integers beyond 2**53", code="bad_input"
-                )
-            out[:, slot.start : slot.stop] = arr.reshape(rows, width)
+            out[:, slot.start : slot.stop] = named[slot.name].reshape(rows, slot.stop - slot.start)
         return out
 
     def named_outputs(self, y: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
@@ -598,13 +624,16 @@ class OnnxModel:
             for i in self.inputs
         }
         names = [o.name for o in self.outputs]
-        if self.row_by_row:
-            rows = [
-                session.run(names, {k: v[r : r + 1] for k, v in feed.items()}) for r in range(n)
-            ]
-            results = [np.concatenate([r[k] for r in rows]) for k in range(len(names))]
-        else:
-            results = list(session.run(names, feed))
+        try:
+            if self.row_by_row:
+                rows = [
+                    session.run(names, {k: v[r : r + 1] for k, v in feed.items()}) for r in range(n)
+                ]
+                results = [np.concatenate([r[k] for r in rows]) for k in range(len(names))]
+            else:
+                results = list(session.run(names, feed))
+        except Exception as exc:
+            raise _run_error(exc) from None
         out = np.empty((n, self.output_dim), dtype=np.float32)
         for o, value in zip(self.outputs, results, strict=True):
             arr = np.asarray(value)

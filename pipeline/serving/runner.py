@@ -83,6 +83,29 @@ def _forward(model: Model, params: Mapping[str, Any], x: Any) -> tuple[Any, bool
     return y, bool(np.isfinite(y).all())
 
 
+def _failure(
+    resolved: Resolved, exc: Exception, *, requests: int, alone: bool = False
+) -> KvpipeError:
+    """The error a failed compute answers with: the model's own (with its stable code), or
+    ``internal``; logged once per failure (a traceback only for a whole batch's)."""
+    event = "compute_failed_alone" if alone else "compute_failed"
+    if isinstance(exc, KvpipeError):  # the model said why, with a stable code
+        log.warning(
+            event,
+            model=resolved.name,
+            version=resolved.version,
+            code=exc.code,
+            error=str(exc),
+            requests=requests,
+        )
+        return exc
+    if alone:
+        log.warning(event, model=resolved.name, version=resolved.version, error=repr(exc))
+    else:
+        log.exception(event, model=resolved.name, version=resolved.version, requests=requests)
+    return KvpipeError(f"compute failed: {type(exc).__name__}: {exc}")
+
+
 @dataclass(slots=True)
 class _Run:
     """One batch in progress: what it runs on, when its stages began, its answers so far."""
@@ -195,27 +218,20 @@ class BatchRunner:
         if not good:
             return
         resolved = run.resolved
+        requests = [it.request for it in good]
         try:
-            outputs = await self._compute(resolved.model, run.params, [it.request for it in good])
+            outputs = await self._compute(resolved.model, run.params, requests)
         except Exception as exc:
-            failure: KvpipeError
-            if isinstance(exc, KvpipeError):  # the model said why, with a stable code
-                log.warning(
-                    "compute_failed",
-                    model=resolved.name,
-                    version=resolved.version,
-                    code=exc.code,
-                    error=str(exc),
-                )
-                failure = exc
-            else:
-                log.exception("compute_failed", model=resolved.name, version=resolved.version)
-                failure = KvpipeError(f"compute failed: {type(exc).__name__}: {exc}")
-            failed = good + ([it for it, _ in memo.repeats] if memo is not None else [])
-            run.answers += [
-                (it, error_result(it.request, failure, worker=self.worker_id)) for it in failed
-            ]
-            return
+            failure = _failure(resolved, exc, requests=len(requests))
+            if len(requests) == 1:
+                failed = good + ([it for it, _ in memo.repeats] if memo is not None else [])
+                run.answers += [
+                    (it, error_result(it.request, failure, worker=self.worker_id)) for it in failed
+                ]
+                return
+            # One request's data can fail a whole batch (an index out of a graph's range): each
+            # is computed alone, so only the requests that fail are answered with an error.
+            outputs = [await self._alone(resolved, run.params, r) for r in requests]
         computed = time.perf_counter()
         if run.trace is not None:
             run.trace.computed()
@@ -240,6 +256,13 @@ class BatchRunner:
         timings = {"load_ms": run.load_ms(), "compute_ms": round((computed - run.loaded) * 1000, 3)}
         pairs = list(zip(good, outputs, strict=True))
         run.answers += self._results(run, pairs, run.cache_source, timings, stale=run.stale)
+
+    async def _alone(self, resolved: Resolved, params: Mapping[str, Any], request: Request) -> Any:
+        """One request's outputs computed alone, or the error it fails with."""
+        try:
+            return (await self._compute(resolved.model, params, [request]))[0]
+        except Exception as exc:
+            return _failure(resolved, exc, requests=1, alone=True)
 
     def _results(
         self,

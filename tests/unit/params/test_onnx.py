@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import tracemalloc
 from typing import Any
 
 import numpy as np
@@ -176,8 +177,14 @@ async def test_named_inputs_are_packed_and_every_output_comes_back_by_name() -> 
         (
             {"features": np.zeros((2, 16)), "bucket": np.full((2, 1), 2**60)},
             "bad_input",
-            "beyond 2**53",
+            "int64 values from -9007199254740992 to 9007199254740992",
         ),
+        (
+            {"features": np.zeros((2, 16)), "bucket": np.full((2, 1), 1e19)},
+            "bad_input",
+            "int64 values from",
+        ),
+        ({"features": np.full((2, 16), 1e39), "bucket": np.zeros((2, 1))}, "non_finite", "range"),
     ],
 )
 async def test_named_inputs_that_do_not_fit_say_why(
@@ -395,3 +402,22 @@ async def test_sessions_compute_with_the_workers_blas_threads() -> None:
         set_session_threads(1)
     session = resolved.model.plugin._session
     assert session.get_session_options().intra_op_num_threads == 2
+
+
+async def test_integers_stay_exact_and_nothing_is_allocated_before_the_inputs_fit() -> None:
+    registry, _ = make_registry()
+    await registry.store.publish_onnx("two", serialized(two_input_model()[0]))
+    served = (await registry.resolve("two")).model
+    assert isinstance(served, PluginModel)
+    exact = served.pack_inputs({"features": np.zeros((1, 16)), "bucket": np.array([[16777217.0]])})
+    assert exact[0, 16] == 16777217  # beyond float32's exact integers, still exact
+    rows = 4096
+    wrong = {"features": np.zeros((rows, 15)), "bucket": np.zeros((rows, 1), np.int64)}
+    tracemalloc.start()
+    try:
+        with pytest.raises(RequestError):
+            served.pack_inputs(wrong)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < rows * served.input_dim * 8 // 4, peak  # the packed matrix never allocated

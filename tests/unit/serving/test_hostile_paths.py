@@ -154,6 +154,10 @@ NAMED_CASES: dict[str, tuple[Any, str]] = {
     "fractions": ({"features": FEATURES.tolist(), "bucket": [[1.5], [2]]}, "bad_dtype"),
     "past-2**53": ({"features": FEATURES.tolist(), "bucket": [[2**60], [1]]}, "bad_input"),
     "past-float32": ({"features": [[1e39] * 16] * 2, "bucket": [[1], [2]]}, "non_finite"),
+    "float-past-int64": ({"features": FEATURES.tolist(), "bucket": [[1e19], [1]]}, "bad_input"),
+    # the graph itself refuses these (Gather out of range): only their own request fails
+    "index-out-of-range": ({"features": FEATURES.tolist(), "bucket": [[99], [1]]}, "bad_input"),
+    "negative-index": ({"features": FEATURES.tolist(), "bucket": [[-100], [1]]}, "bad_input"),
     "rows-differ": ({"features": FEATURES.tolist(), "bucket": [[1]]}, "bad_shape"),
     "strings": ({"features": [["a"] * 16] * 2, "bucket": [[1], [2]]}, "bad_dtype"),
     "nulls": ({"features": [[None] * 16] * 2, "bucket": [[1], [2]]}, "bad_dtype"),
