@@ -192,6 +192,10 @@ class Delivery:
         except Exception:
             return self.dead_letter_out(item, KvpipeError(reason, code="internal"))
 
+    def count(self, results: list[Result]) -> None:
+        """Count answers sent outside :meth:`reply` (a generation's final message) as its own."""
+        self._count(results)
+
     def _count(self, results: list[Result]) -> None:
         if self.metrics is not None:
             self.metrics.record_results(

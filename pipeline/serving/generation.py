@@ -384,11 +384,10 @@ class GenerationScheduler(AsyncResource):
             worker=self.worker_id,
             timings=msg.timings,
         )
-        if error is None:
-            self.stats.ok += 1
-        else:
-            self.stats.errors += 1
-            self.stats.errors_by_code[error.code] += 1
+        try:
+            self.delivery.count([result])  # stats and metrics, as for every answer
+        except Exception:  # counting must never cost an answer
+            log.exception("count_failed")
         seq.item.answered = True
         out = Outgoing(
             seq.item, seq.topic, encode_stream(msg), _JSON_HEADERS, result, seq.id.encode()
