@@ -57,6 +57,8 @@ MAX_AXES = 8
 MAX_NAME_CHARS = 256
 #: What a V2 version header may say: ``3`` or ``v3``.
 MAX_VERSION_CHARS = 20
+#: The largest version (or any integer) kvpipe writes back: int64.
+_MAX_INT64 = 2**63 - 1
 
 
 @dataclass(slots=True)
@@ -151,14 +153,15 @@ def _data(raw: object, dtype: np.dtype[Any], shape: tuple[int, ...], shown: str)
             code="bad_shape",
         )
     kind = arr.dtype.kind
+    exact_ints = False  # Python ints only, some past int64 (range-checked below)
     if dtype.kind in "iu" and kind in "fO":  # integers past int64 make numpy choose floats
         exact = np.asarray(raw, dtype=object).reshape(-1)
         if all(type(v) is int for v in exact):
-            arr, kind = exact, "O"
+            arr, exact_ints = exact, True
     if dtype.kind == "b":
         ok = kind == "b"
     elif dtype.kind in "iu":
-        ok = kind in "iuO"
+        ok = kind in "iu" or exact_ints  # never null, objects or floats
     else:
         ok = kind in "iuf"
     if not ok:
@@ -267,7 +270,11 @@ def read_version(raw: str | None) -> int | None:
     if raw is None or raw == "":
         return None
     text = raw[1:] if raw[:1] in ("v", "V") else raw
-    if len(raw) > MAX_VERSION_CHARS or not (text.isascii() and text.isdigit()) or int(text) < 1:
+    if (
+        len(raw) > MAX_VERSION_CHARS
+        or not (text.isascii() and text.isdigit())
+        or not 1 <= int(text) <= _MAX_INT64
+    ):
         raise RequestError(
             f"{H_VERSION} {raw[:MAX_VERSION_CHARS]!r}: kvpipe model versions are positive "
             "integers (3 or v3)",

@@ -95,6 +95,9 @@ def test_every_numeric_datatype_at_its_range(datatype: str) -> None:
         (_tensor("x", "INT64", [1, 1], [2**63]), "bad_input"),
         (_tensor("x", "UINT64", [1, 2], [-1, 2**64 - 1]), "bad_input"),
         (_tensor("x", "INT64", [1, 1], [2**64]), "bad_dtype"),  # JSON readers make it a float
+        (_tensor("x", "INT64", [1, 2], [1, None]), "bad_dtype"),  # null among integers
+        (_tensor("x", "INT32", [1, 2], [1, {"a": 1}]), "bad_dtype"),
+        (_tensor("x", "UINT8", [1, 2], [None, None]), "bad_dtype"),
         (_tensor("x", "INT32", [1, 2], [1.5, 2.0]), "bad_dtype"),
         (_tensor("x", "BOOL", [1, 2], [1, 0]), "bad_dtype"),
         (_tensor("x", "FP32", [1, 2], ["a", "b"]), "bad_dtype"),
@@ -192,7 +195,7 @@ def test_headers(headers: list[tuple[str, bytes]], code: str | None) -> None:
 
 def test_versions_read_as_kvpipe_numbers_them() -> None:
     assert [read_version(v) for v in (None, "", "3", "v3", "V12")] == [None, None, 3, 3, 12]
-    for bad in ("0", "v", "-1", "1.0", "v0.1.0", "٣", "9" * 30):
+    for bad in ("0", "v", "-1", "1.0", "v0.1.0", "٣", "9" * 30, "9" * 20, str(2**63)):
         with pytest.raises(KvpipeError):
             read_version(bad)
 
