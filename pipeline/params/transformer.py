@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Final
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, RequestError
 from pipeline.params.models import PRESETS, Params, TensorSpec, register_model
 
 Array = npt.NDArray[np.float32]
@@ -226,9 +226,10 @@ class Transformer:
 
     def forward(self, params: Params, x: Array) -> Array:
         """Dense use: each row one token id, answered with its next-token logits alone."""
-        ids = np.asarray(x).reshape(-1).astype(np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= VOCAB):
-            raise ValueError(f"token ids must be in 0..{VOCAB - 1}")
+        raw = np.asarray(x).reshape(-1)
+        if raw.size and (raw.min() < 0 or raw.max() >= VOCAB or not np.all(raw == np.rint(raw))):
+            raise RequestError(f"token ids must be whole numbers in 0..{VOCAB - 1}", code="bad_ids")
+        ids = raw.astype(np.int64)
         rows = [self.prefill(params, [int(t)], self.new_state(1)) for t in ids]
         return np.stack(rows) if rows else np.empty((0, VOCAB), np.float32)
 
@@ -322,11 +323,12 @@ def sample(logits: Array, *, temperature: float, top_k: int, rng: np.random.Gene
     ``top_k`` best (0: all) at that temperature with ``rng`` (seeded per request)."""
     if temperature <= 0.0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # the best is 0: a tiny temperature gives -inf, not NaN
+        z = (z - z.max()) / temperature
     if 0 < top_k < z.size:
         cut = np.partition(z, -top_k)[-top_k]
         z = np.where(z >= cut, z, -np.inf)
-    z -= z.max()
     p = np.exp(z)
     p /= p.sum()
     return int(rng.choice(z.size, p=p))

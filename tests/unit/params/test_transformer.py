@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache.cache import ParamCache
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, RequestError
 from pipeline.io.kv.memory import MemoryKV
 from pipeline.params.models import build_model, preset
 from pipeline.params.registry import ModelRegistry
@@ -103,3 +103,17 @@ async def test_published_like_any_dense_model_and_resolved_by_the_registry() -> 
     # as a dense model: a row of one token id in, its next-token logits out
     y = resolved.model.forward(resolved.params, np.asarray([[72.0]], np.float32))
     assert y.shape == (1, VOCAB)
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-9])
+def test_a_tiny_temperature_samples_the_best_token_never_nan(temperature: float) -> None:
+    logits = np.linspace(-3, 4, VOCAB).astype(np.float32)
+    got = sample(logits, temperature=temperature, top_k=0, rng=np.random.default_rng(1))
+    assert got == VOCAB - 1
+
+
+@pytest.mark.parametrize("row", [[300.0], [-1.0], [65.5]])
+def test_dense_rows_of_token_ids_out_of_range_are_the_requests_bad_ids(row: list[float]) -> None:
+    with pytest.raises(RequestError) as info:
+        MODEL.forward(PARAMS, np.array([row], np.float32))
+    assert info.value.code == "bad_ids"
