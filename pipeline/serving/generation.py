@@ -70,6 +70,7 @@ class Generation:
     joined: int = 0  # prompt tokens another request computed for it (single-flight)
     #: Chunks this request computed, written to Redis once its first token is out.
     unshared: list[tuple[PrefixKey, Any]] = field(default_factory=list)
+    kv_reserved: int = 0  # bytes of the scheduler's key/value budget this sequence holds
     timings: dict[str, float] = field(default_factory=dict)
     done: asyncio.Future[None] | None = None
     finish: str | None = None
@@ -96,6 +97,7 @@ class GenerationScheduler(AsyncResource):
         *,
         worker_id: str,
         max_batch: int = 64,
+        kv_budget_bytes: int = 1 << 30,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -109,6 +111,12 @@ class GenerationScheduler(AsyncResource):
         #: in the compute threads (a burst of new prompts would stall every running stream).
         self._decode_pool: ThreadPoolExecutor | None = None
         self._prefill_slot = asyncio.Semaphore(1)
+        #: Keys/values of running sequences are bounded too: a sequence starts only when its
+        #: prompt plus max_tokens fits beside the others (or runs alone), else it waits.
+        self.kv_budget_bytes = kv_budget_bytes
+        self.kv_bytes = 0  # reserved by running sequences now
+        self.kv_peak_bytes = 0
+        self._kv_freed = asyncio.Event()
         self._tasks = Tasks(lambda exc: log.error("generation_task_failed", error=repr(exc)))
         self._active: dict[tuple[str, int], list[Generation]] = {}
         self._wake = asyncio.Event()
@@ -163,11 +171,21 @@ class GenerationScheduler(AsyncResource):
         assert spec is not None
         started = time.perf_counter()
         queue_ms = max(0.0, time.time() * 1000 - item.message.timestamp_ms)
+        reserved = 0
         try:
-            seq = await self._open(item, spec, started, queue_ms)
-        except KvpipeError as exc:
-            await self.delivery.reply([(item, error_result(request, exc, worker=self.worker_id))])
-            return
+            try:
+                seq = await self._open(item, spec, started, queue_ms)
+            except KvpipeError as exc:
+                answer = error_result(request, exc, worker=self.worker_id)
+                await self.delivery.reply([(item, answer)])
+                return
+            reserved = seq.kv_reserved
+            await self._run(seq, started)
+        finally:
+            if reserved:
+                self._release(reserved)
+
+    async def _run(self, seq: Generation, started: float) -> None:
         try:
             logits = await self._prefill(seq)
             seq.timings["prefill_ms"] = _ms(started) - seq.timings.get("lookup_ms", 0.0)
@@ -215,10 +233,16 @@ class GenerationScheduler(AsyncResource):
                 )
         count = self.delivery.producer.partition_count(topic)
         rng = np.random.default_rng(spec.seed)
-        lookup_started = time.perf_counter()
-        reuse = await self.prefix.lookup(resolved.name, resolved.version, model, spec.prompt)
-        state = model.state_of(reuse.chunks)
-        state.reserve(n + spec.max_tokens - state.length)
+        need = (n + spec.max_tokens) * model.kv_bytes_per_token
+        await self._reserve(need)
+        try:
+            lookup_started = time.perf_counter()
+            reuse = await self.prefix.lookup(resolved.name, resolved.version, model, spec.prompt)
+            state = model.state_of(reuse.chunks)
+            state.reserve(n + spec.max_tokens - state.length)
+        except BaseException:
+            self._release(need)
+            raise
         seq = Generation(
             item=item,
             spec=spec,
@@ -231,9 +255,22 @@ class GenerationScheduler(AsyncResource):
             started=started,
             queue_ms=queue_ms,
             reuse=reuse,
+            kv_reserved=need,
         )
         seq.timings["lookup_ms"] = _ms(lookup_started)
         return seq
+
+    async def _reserve(self, need: int) -> None:
+        """Wait until ``need`` bytes of keys/values fit beside the running sequences."""
+        while self.kv_bytes and self.kv_bytes + need > self.kv_budget_bytes:
+            self._kv_freed.clear()
+            await self._kv_freed.wait()
+        self.kv_bytes += need
+        self.kv_peak_bytes = max(self.kv_peak_bytes, self.kv_bytes)
+
+    def _release(self, need: int) -> None:
+        self.kv_bytes -= need
+        self._kv_freed.set()
 
     async def _prefill(self, seq: Generation) -> np.ndarray[Any, Any]:
         """Compute the prompt after the reused prefix, one chunk per compute call; full chunks

@@ -80,7 +80,12 @@ class Fleet:
         self.broker.append(self.settings.kafka.requests_topic, partition, value, headers)
 
     async def serve(
-        self, until: Callable[[], bool], *, timeout: float = 30.0, max_batch: int = 64
+        self,
+        until: Callable[[], bool],
+        *,
+        timeout: float = 30.0,
+        max_batch: int = 64,
+        kv_budget: int = 1 << 30,
     ) -> Worker:
         """Run one more worker (fresh caches) until ``until()``; return it."""
         registry = ModelRegistry(self.store, ParamCache(capacity_bytes=10**8, ttl_s=60.0))
@@ -91,6 +96,7 @@ class Fleet:
             consumer_factory=lambda w: FakeConsumer(self.broker, w),  # type: ignore[arg-type,return-value]
         )
         worker.generation.max_batch = max_batch
+        worker.generation.kv_budget_bytes = kv_budget
         stop = asyncio.Event()
         async with worker:
             task = asyncio.create_task(worker.run(stop))
@@ -269,3 +275,18 @@ async def test_more_sequences_than_one_step_takes_all_advance_in_turn() -> None:
     for i in range(5):
         mine = [k for k, rid in enumerate(ids) if rid == f"r{i}"]
         assert max(b - a - 1 for a, b in itertools.pairwise(mine)) <= 14
+
+
+async def test_running_sequences_keys_and_values_stay_within_their_budget() -> None:
+    fleet = Fleet()
+    await fleet.store.publish("gpt", MODEL.arch, PARAMS)
+    for i in range(6):
+        fleet.send(f"r{i}", f"Q{i}: {'x' * 40}", max_tokens=30, partition=i % 3)
+    each = (len("Q0: ") + 40 + 30) * T.kv_bytes_per_token
+    worker = await fleet.serve(fleet.committed, kv_budget=2 * each)
+    finals = fleet.finals()
+    for i in range(6):
+        assert finals[f"r{i}"].tokens == greedy(PARAMS, f"Q{i}: {'x' * 40}".encode(), 30)
+    gen = worker.generation
+    assert gen.kv_peak_bytes == 2 * each and gen.kv_bytes == 0  # two at a time, all released
+    assert gen.steps < gen.stepped_sequences  # still batched: two per step
