@@ -152,6 +152,8 @@ class Supervisor(AsyncResource):
         """Keep every slot's child running until ``stop`` is set (then drain them all)."""
         log.info("supervisor_started", processes=self.processes, pid=os.getpid())
         self._keepers = [asyncio.create_task(self._keep(slot)) for slot in self.slots]
+        for keeper in self._keepers:
+            keeper.add_done_callback(self._keeper_done)
         stopped = asyncio.create_task(stop.wait())
         gave_up = asyncio.create_task(self._gave_up.wait())
         try:
@@ -165,6 +167,14 @@ class Supervisor(AsyncResource):
             return 2
         log.info("supervisor_stopped", restarts=sum(s.restarts for s in self.slots))
         return 0
+
+    def _keeper_done(self, task: asyncio.Task[None]) -> None:
+        """A slot's keeper that failed (a bug, not a child's exit) ends the supervisor loudly
+        rather than leaving the slot empty."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self.failure = self.failure or f"a child's keeper failed: {task.exception()!r}"
+        self._gave_up.set()
 
     async def _keep(self, slot: ChildSlot) -> None:
         """Run the slot's child, and again after each exit (with back-off) until stopping."""
