@@ -1,11 +1,14 @@
 """Generation in the worker: prefill with reused prefix keys/values, decode in batches, stream.
 
 A request with a ``prompt`` comes here instead of the batcher. Its sequence resolves the model
-(one version for its whole life), finds the longest cached prefix (:mod:`pipeline.params.prefix`),
-prefills the rest one chunk at a time in the compute threads (so a long prompt never holds the
-others' tokens for its whole prefill; a chunk another request is computing is joined, not
-computed twice), then joins the decode group of its (model, version): every step advances all
-of the group's sequences by one token in one numpy call (:meth:`Transformer.decode`).
+(one version for its whole life), waits until its keys/values fit the scheduler's budget,
+finds the longest cached prefix (:mod:`pipeline.params.prefix`), prefills the rest one chunk
+at a time in the compute threads, one chunk of any request at a time (so neither a long prompt
+nor a burst of new ones holds the running streams for long; a chunk another request is
+computing is joined, not computed twice), then joins the decode group of its (model, version):
+every step advances up to ``max_batch`` of the group's sequences (in turn) by one token in one
+numpy call (:meth:`Transformer.decode`) on a decode thread of its own. The chunks it computed
+go to Redis once its first token is out.
 
 Each new token goes out at once as a stream message on the request's topic and partition (the
 request's partition number, like every answer), not waited for; the final message carries every
