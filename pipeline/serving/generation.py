@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -40,7 +40,7 @@ from pipeline.params.registry import ModelRegistry, Resolved
 from pipeline.params.transformer import EOS, KVState, Transformer, sample, transformer_of
 from pipeline.resource import AsyncResource
 from pipeline.serving.delivery import Delivery, Outgoing
-from pipeline.serving.item import Item, Tasks
+from pipeline.serving.item import Item
 from pipeline.serving.stats import WorkerStats
 
 log = structlog.get_logger("kvpipe.generation")
@@ -120,7 +120,7 @@ class GenerationScheduler(AsyncResource):
         self.kv_bytes = 0  # reserved by running sequences now
         self.kv_peak_bytes = 0
         self._kv_freed = asyncio.Event()
-        self._tasks = Tasks(lambda exc: log.error("generation_task_failed", error=repr(exc)))
+        self._running: dict[Hashable, set[asyncio.Task[None]]] = {}  # by request partition
         self._active: dict[tuple[str, int], list[Generation]] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -141,7 +141,10 @@ class GenerationScheduler(AsyncResource):
             if self._loop_task is not None:
                 self._loop_task.cancel()
                 await asyncio.gather(self._loop_task, return_exceptions=True)
-            await self._tasks.cancel_all()
+            tasks = [t for running in self._running.values() for t in running]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             if self._decode_pool is not None:
                 self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -149,9 +152,29 @@ class GenerationScheduler(AsyncResource):
 
     def submit(self, item: Item) -> None:
         """Start generating for ``item`` (its request has a ``generation``)."""
-        self._tasks.spawn(
-            self.delivery.answer_all([item], self._serve(item), model=item.request.model)
-        )
+        work = self.delivery.answer_all([item], self._serve(item), model=item.request.model)
+        task = asyncio.get_running_loop().create_task(work)
+        partition = item.message.partition
+        self._running.setdefault(partition, set()).add(task)
+        task.add_done_callback(lambda t: self._finished(partition, t))
+
+    def _finished(self, partition: Hashable, task: asyncio.Task[None]) -> None:
+        running = self._running.get(partition)
+        if running is not None:
+            running.discard(task)
+            if not running:
+                del self._running[partition]
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("generation_task_failed", error=repr(error))
+
+    def cancel(self, partitions: Iterable[Hashable]) -> int:
+        """Stop the generations of revoked partitions (their next owner answers them; their
+        offsets were left uncommitted); how many were running."""
+        tasks = [t for p in partitions for t in self._running.pop(p, ())]
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
 
     async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
         """A prefill chunk in the compute threads, one at a time: beside the decode thread,
@@ -197,7 +220,11 @@ class GenerationScheduler(AsyncResource):
             if seq.finish is None:
                 seq.done = asyncio.get_running_loop().create_future()
                 self._join(seq)
-                await seq.done
+                try:
+                    await seq.done
+                except asyncio.CancelledError:  # revoked or closing: leave the decode group
+                    self._leave((seq.resolved.name, seq.resolved.version), seq)
+                    raise
         except _DeadlinePassed:
             seq.finish = "deadline"
             seq.error = RequestError(

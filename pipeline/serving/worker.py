@@ -342,6 +342,7 @@ class Worker(AsyncResource):
         self.batcher.flush_all()  # waiting batches run now, so their partitions can commit
         timeout_s = min(self._cfg.shutdown_timeout_s, 5.0)
         idle, dropped = await self.commits.revoke(self.consumer, partitions, timeout_s=timeout_s)
+        stopped = self.generation.cancel(partitions)  # their next owner generates them again
         if self.metrics is not None:
             for p in partitions:
                 self.metrics.forget_partition(str(p))
@@ -350,6 +351,7 @@ class Worker(AsyncResource):
             partitions=[str(p) for p in partitions],
             finished=idle,
             dropped_uncommitted=dropped,
+            generations_stopped=stopped,
         )
 
     async def _on_assigned(self, partitions: list[Partition]) -> None:

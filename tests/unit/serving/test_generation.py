@@ -14,6 +14,7 @@ import numpy as np
 
 from pipeline.cache.cache import ParamCache
 from pipeline.config import Settings, with_values
+from pipeline.io.kafka import Partition
 from pipeline.io.kv.memory import MemoryKV
 from pipeline.io.stream import StreamMessage, decode_stream, encode_generation
 from pipeline.io.wire import H_CONTENT_TYPE, H_DEADLINE
@@ -68,6 +69,7 @@ class Fleet:
         self.kv = MemoryKV()
         self.store = ParamStore(self.kv, prefix="t")
         self.workers: list[Worker] = []
+        self.running: Worker | None = None  # the worker serve() runs now
 
     def send(self, rid: str, prompt: str, *, partition: int = 0, **extra: Any) -> None:
         headers = [(H_CONTENT_TYPE, b"application/json")]
@@ -98,6 +100,7 @@ class Fleet:
         worker.generation.max_batch = max_batch
         worker.generation.kv_budget_bytes = kv_budget
         stop = asyncio.Event()
+        self.running = worker
         async with worker:
             task = asyncio.create_task(worker.run(stop))
             deadline = asyncio.get_running_loop().time() + timeout
@@ -290,3 +293,33 @@ async def test_running_sequences_keys_and_values_stay_within_their_budget() -> N
     gen = worker.generation
     assert gen.kv_peak_bytes == 2 * each and gen.kv_bytes == 0  # two at a time, all released
     assert gen.steps < gen.stepped_sequences  # still batched: two per step
+
+
+async def test_a_revoked_partition_s_generation_stops_and_is_left_to_its_next_owner() -> None:
+    fleet = Fleet()
+    fleet.settings = with_values(fleet.settings, {"worker.shutdown_timeout_s": 0.05})
+    await fleet.store.publish("gpt", MODEL.arch, PARAMS)
+    fleet.send("long", "a long one", max_tokens=480, partition=0)
+    fleet.send("short", "a short one", max_tokens=4, partition=1)
+    revoked: list[int] = []
+
+    def revoke_when_streaming() -> bool:
+        worker = fleet.running
+        ids = [m.id for m in fleet.messages()]
+        if worker is not None and not revoked and ids.count("long") >= 3:
+            part = Partition(fleet.settings.kafka.requests_topic, 0)
+            revoked.append(1)
+            asyncio.get_running_loop().create_task(worker._on_revoked([part]))
+        return (
+            bool(revoked)
+            and "short" in fleet.finals()
+            and worker is not None
+            and (worker.generation.active == 0)
+        )
+
+    worker = await fleet.serve(revoke_when_streaming)
+    assert revoked and "long" not in fleet.finals()  # no answer from here: the next owner's
+    assert 3 <= [m.id for m in fleet.messages()].count("long") < 480
+    assert fleet.finals()["short"].ok
+    gen = worker.generation
+    assert gen.active == 0 and gen.kv_bytes == 0 and not gen._running
