@@ -29,17 +29,19 @@ the fetch loop, and a batch or a commit waits for it at most its call timeout.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import structlog
 
 from pipeline.errors import KvpipeError
+from pipeline.io.kafka import Message
 from pipeline.io.kv import KeyValue
 
 log = structlog.get_logger("kvpipe.worker")
 
-__all__ = ["Dedupe", "DedupeStats"]
+__all__ = ["Dedupe", "DedupeStats", "fingerprint"]
 
 #: Seconds a Redis call of dedupe may take before it is given up (serving goes on without
 #: it). Neither call holds the fetch loop: a lookup delays only its own batch, a record only
@@ -50,6 +52,17 @@ PAUSE_S = 5.0
 #: Messages stamped up to this long after an assignment are looked up too (producer clocks
 #: ahead of the worker's).
 CLOCK_SLACK_S = 60.0
+
+
+def fingerprint(message: Message) -> bytes:
+    """What makes a redelivery the same request: its value and headers (reply-to and deadline
+    among them), 16 bytes. Another message under a recorded id (a corrected resend, or a
+    stranger's request reusing the id) does not match, so it is answered."""
+    h = hashlib.blake2b(message.value or b"", digest_size=16)
+    for name, value in message.headers:
+        h.update(b"\0%d:%s\0" % (len(name), name.encode("utf-8", "surrogatepass")))
+        h.update(value)
+    return h.digest()
 
 
 class DedupeStats:
@@ -139,11 +152,13 @@ class Dedupe:
         """The Redis hash holding the ids answered during ``bucket``."""
         return f"{self._prefix}{bucket}"
 
-    async def answered(self, ids: Sequence[str]) -> list[bool]:
-        """For each id, whether it was recorded as answered (one round trip). All False when
-        dedupe is off for now: answering twice beats not answering."""
-        if not ids or not self._available():
-            return [False] * len(ids)
+    async def answered(self, entries: Sequence[tuple[str, bytes]]) -> list[bool]:
+        """For each (id, :func:`fingerprint`), whether that request was recorded as answered
+        (one round trip): the id with a different message under it is a new request. All
+        False when dedupe is off for now: answering twice beats not answering."""
+        if not entries or not self._available():
+            return [False] * len(entries)
+        ids = [rid for rid, _ in entries]
         self.stats.lookups += len(ids)
         now = self.bucket()
         try:
@@ -155,21 +170,21 @@ class Dedupe:
             self._failed("lookup", exc)
             return [False] * len(ids)
         self._succeeded()
-        seen = [c is not None or p is not None for c, p in zip(current, previous, strict=True)]
+        seen = [fp in (c, p) for (_, fp), c, p in zip(entries, current, previous, strict=True)]
         self.stats.skipped += sum(seen)
         return seen
 
-    async def record(self, ids: Sequence[str]) -> None:
-        """Record ``ids`` as answered for ``ttl_s`` (one round trip); a failure is logged once
-        per outage and costs only the promise (those ids may be answered again)."""
-        if not ids or not self._available():
+    async def record(self, entries: Sequence[tuple[str, bytes]]) -> None:
+        """Record (id, fingerprint) pairs as answered for ``ttl_s`` (one round trip); a failure
+        is logged once per outage and costs only the promise (they may be answered again)."""
+        if not entries or not self._available():
             return
         bucket = self.bucket()
         key = self.key(bucket)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout_s):
-                await self.kv.hset_many(key, dict.fromkeys(ids, b"1"))
+                await self.kv.hset_many(key, dict(entries))
                 if bucket != self._expiring:  # once per bucket and worker: the hash expires
                     await self.kv.expire(key, 2 * self.ttl_s)
                     self._expiring = bucket
@@ -179,18 +194,18 @@ class Dedupe:
         took = time.perf_counter() - started
         self._succeeded()
         st = self.stats
-        st.recorded += len(ids)
+        st.recorded += len(entries)
         st.record_calls += 1
         st.record_s += took
         st.record_s_max = max(st.record_s_max, took)
 
-    def record_soon(self, ids: Sequence[str]) -> None:
+    def record_soon(self, entries: Sequence[tuple[str, bytes]]) -> None:
         """Start recording ``ids`` (their answers were just acknowledged) at once, in a task
         of its own: the sooner the command is on the wire, the narrower the window.
         :meth:`settle` waits for it; the answers' offsets need not, only their commit."""
-        if not ids or not self._available():
+        if not entries or not self._available():
             return
-        task = asyncio.get_running_loop().create_task(self.record(ids))
+        task = asyncio.get_running_loop().create_task(self.record(entries))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 

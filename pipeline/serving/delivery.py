@@ -32,7 +32,7 @@ from pipeline.io.wire import (
 )
 from pipeline.metrics import WorkerMetrics
 from pipeline.serving.commits import OffsetTracker
-from pipeline.serving.dedupe import Dedupe
+from pipeline.serving.dedupe import Dedupe, fingerprint
 from pipeline.serving.item import Item
 from pipeline.serving.stats import WorkerStats
 from pipeline.serving.tracing import Tracing
@@ -279,7 +279,13 @@ class Delivery:
         """Acknowledged messages: their offsets committable, and with dedupe their ids being
         recorded as answered (one round trip for the lot, which the commit waits for)."""
         if self.dedupe is not None:
-            self.dedupe.record_soon([o.item.request.id for o in acked if o.item.request.id])
+            self.dedupe.record_soon(
+                [
+                    (o.item.request.id, fingerprint(o.item.message))
+                    for o in acked
+                    if o.item.request.id
+                ]
+            )
         finish, sent = self._book.finish, self.tracing.sent
         for out in acked:
             finish(out.item.message.partition, out.item.message.offset)

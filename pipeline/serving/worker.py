@@ -37,7 +37,7 @@ from pipeline.params.updates import UpdateListener
 from pipeline.resource import AsyncResource
 from pipeline.serving.batcher import Batcher, BatchKey
 from pipeline.serving.commits import Commits
-from pipeline.serving.dedupe import Dedupe
+from pipeline.serving.dedupe import Dedupe, fingerprint
 from pipeline.serving.delivery import Delivery
 from pipeline.serving.generation import GenerationScheduler
 from pipeline.serving.intake import read_item
@@ -419,7 +419,9 @@ class Worker(AsyncResource):
         are finished as they are, so their offsets commit without a second answer."""
         assert self.dedupe is not None
         keyed = [it for it in items if it.request.id and self._suspect(it)]
-        seen = await self.dedupe.answered([it.request.id for it in keyed])
+        seen = await self.dedupe.answered(
+            [(it.request.id, fingerprint(it.message)) for it in keyed]
+        )
         if not any(seen):
             return items
         skip = {id(it) for it, s in zip(keyed, seen, strict=True) if s}

@@ -14,17 +14,23 @@ import structlog
 from pipeline.cache.cache import ParamCache
 from pipeline.config import Settings, with_values
 from pipeline.errors import StoreUnavailable
+from pipeline.io.kafka import Message, Partition
 from pipeline.io.kv.memory import MemoryKV
 from pipeline.io.wire import decode_result
 from pipeline.params.models import preset
 from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
-from pipeline.serving.dedupe import Dedupe
+from pipeline.serving.dedupe import Dedupe, fingerprint
 from pipeline.serving.worker import Worker
 from tests.unit.kafka_fakes import FakeBroker, FakeConsumer, FakeProducer
 
 MODEL = preset("mlp")
 PARAMS = MODEL.init(0)
+
+
+def E(*ids: str) -> list[tuple[str, bytes]]:
+    """(id, fingerprint) pairs, each id with a message of its own."""
+    return [(rid, b"msg-" + rid.encode()) for rid in ids]
 
 
 def _dedupe(kv: MemoryKV, **kw: Any) -> Dedupe:
@@ -35,44 +41,44 @@ async def test_a_batch_is_recorded_in_one_command_and_remembered_one_to_two_ttls
     now = [600.0]  # bucket 10 of 60 s
     kv = MemoryKV(clock=lambda: now[0])
     d = _dedupe(kv, clock=lambda: now[0])
-    await d.record(["a", "b"])
+    await d.record(E("a", "b"))
     assert kv.calls["hset_many"] == 1 and kv.calls["expire"] == 1
-    await d.record(["c"])
+    await d.record(E("c"))
     assert kv.calls["hset_many"] == 2 and kv.calls["expire"] == 1  # once per bucket
     assert kv.keys() == ["t:answered:kvpipe.requests:g:10"]
     assert kv.ttl("t:answered:kvpipe.requests:g:10") == 120.0
-    assert await d.answered(["a", "x", "c"]) == [True, False, True]
+    assert await d.answered(E("a", "x", "c")) == [True, False, True]
     assert kv.calls["hmget"] == 2  # this bucket and the one before, sent together
     now[0] = 719.0  # the next bucket still sees the one before
-    assert await d.answered(["a", "b"]) == [True, True]
+    assert await d.answered(E("a", "b")) == [True, True]
     now[0] = 720.0  # two buckets on: forgotten (kept ttl to 2 ttl)
-    assert await d.answered(["a", "b"]) == [False, False]
+    assert await d.answered(E("a", "b")) == [False, False]
     assert (d.stats.recorded, d.stats.skipped, d.stats.lookups) == (3, 4, 7)
 
 
 async def test_groups_and_topics_never_share_a_record() -> None:
     kv = MemoryKV()
-    await _dedupe(kv).record(["a"])
+    await _dedupe(kv).record(E("a"))
     other_group = Dedupe(kv, key_prefix="t", topic="kvpipe.requests", group="h", ttl_s=60.0)
     other_topic = Dedupe(kv, key_prefix="t", topic="x.requests", group="g", ttl_s=60.0)
-    assert await other_group.answered(["a"]) == [False]
-    assert await other_topic.answered(["a"]) == [False]
+    assert await other_group.answered(E("a")) == [False]
+    assert await other_topic.answered(E("a")) == [False]
 
 
 async def test_a_failing_redis_costs_the_promise_not_the_answer_and_is_said_once() -> None:
     kv = MemoryKV()
     d = _dedupe(kv, pause_s=0.0)
-    await d.record(["a"])
+    await d.record(E("a"))
     kv.fail = StoreUnavailable("Redis at x unavailable")
     with structlog.testing.capture_logs() as logs:
-        assert await d.answered(["a", "b"]) == [False, False]  # answer again, not never
-        await d.record(["c"])
-        assert await d.answered(["a"]) == [False]
+        assert await d.answered(E("a", "b")) == [False, False]  # answer again, not never
+        await d.record(E("c"))
+        assert await d.answered(E("a")) == [False]
     assert d.stats.failures == 3 and d.stats.degraded
     assert [e["event"] for e in logs] == ["dedupe_unavailable"]
     kv.fail = None
     with structlog.testing.capture_logs() as logs:
-        assert await d.answered(["a"]) == [True]
+        assert await d.answered(E("a")) == [True]
     assert [e["event"] for e in logs] == ["dedupe_restored"] and not d.stats.degraded
 
 
@@ -80,11 +86,11 @@ async def test_after_a_failure_redis_is_left_alone_for_the_pause() -> None:
     kv = MemoryKV()
     d = _dedupe(kv, pause_s=3600.0)
     kv.fail = StoreUnavailable("down")
-    await d.answered(["a"])
+    await d.answered(E("a"))
     kv.fail = None
     calls = sum(kv.calls.values())
-    assert await d.answered(["a"]) == [False]
-    await d.record(["a"])
+    assert await d.answered(E("a")) == [False]
+    await d.record(E("a"))
     assert sum(kv.calls.values()) == calls  # no call at all while paused
 
 
@@ -92,7 +98,7 @@ async def test_a_stalled_redis_is_given_up_after_the_call_timeout() -> None:
     kv = MemoryKV()
     kv.latency_s = 3600.0  # never answers
     d = _dedupe(kv, timeout_s=0.05)
-    assert await asyncio.wait_for(d.answered(["a"]), 60) == [False]
+    assert await asyncio.wait_for(d.answered(E("a")), 60) == [False]
     assert d.stats.failures == 1
 
 
@@ -286,3 +292,23 @@ async def test_only_what_another_worker_may_have_answered_is_looked_up() -> None
     d.assigned(["p"])
     assert d.may_be_answered("p", time.time() * 1000)
     assert not d.may_be_answered("p", (time.time() + 3600) * 1000)
+
+
+async def test_an_id_is_answered_again_under_another_message() -> None:
+    """A corrected resend, or a stranger reusing the id, is a new request; only the same
+    message (value and headers) again is skipped."""
+    kv = MemoryKV()
+    d = _dedupe(kv)
+    await d.record([("a", fingerprint(_message(b"v1")))])
+    same = fingerprint(_message(b"v1"))
+    corrected = fingerprint(_message(b"v2"))
+    elsewhere = fingerprint(_message(b"v1", [("kvpipe-reply-to", b"kvpipe.replies.thief")]))
+    assert await d.answered([("a", same), ("a", corrected), ("a", elsewhere)]) == [
+        True,
+        False,
+        False,
+    ]
+
+
+def _message(value: bytes, headers: list[tuple[str, bytes]] | None = None) -> Message:
+    return Message(Partition("t", 0), 0, None, value, headers or [], 0)

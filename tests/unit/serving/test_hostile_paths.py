@@ -260,3 +260,22 @@ async def test_dedupe_tells_look_alike_ids_apart_and_skips_only_exact_repeats() 
     assert s.all_committed()
     assert Counter(a.id for a in s.answers()) == Counter([*FIRST_IDS, *LOOK_ALIKES])
     assert len(s.dead_letters()) == 1 and dedupe.stats.skipped == len(FIRST_IDS)
+
+
+async def test_dedupe_answers_a_corrected_resend_under_the_same_id() -> None:
+    """An error answer recorded under an id does not swallow the client's corrected request
+    (another message under that id), nor can a stranger's message claim the id first."""
+    s = Served(_settings())
+    await s.publish()
+    dedupe = Dedupe(s.kv, key_prefix="t", topic="kvpipe.requests", group="g", ttl_s=60.0)
+    s.request("req-1", [[1.0, 2.0]])  # the wrong width: bad_shape, recorded as answered
+    s.request("claimed", _rows(1, 7))  # a stranger's request, first
+    await _serve_with(s, dedupe)
+    assert [a.error_code for a in s.answers()] == ["bad_shape", None]
+    s.request("req-1", _rows(1, 1))  # corrected
+    s.request("claimed", _rows(1, 8))  # the owner's own request under the claimed id
+    await _serve_with(s, dedupe)
+    assert s.all_committed()
+    answers = [a for a in s.answers() if a.ok]
+    assert sorted(a.id for a in answers) == ["claimed", "claimed", "req-1"]
+    assert dedupe.stats.skipped == 0
