@@ -4,14 +4,15 @@ With ``KVPIPE_DEDUPE_TTL`` set, a worker records the ids of acknowledged answers
 round trip per batch (one ``HSET`` of the ids into the hash of the current time bucket, sent
 as soon as the acknowledgements are in), before their offsets can be committed, and looks
 the ids of a fetched batch up (``HMGET`` on the current and the previous bucket, sent at
-once): a redelivered request whose id is recorded is skipped and its offset committed.
+once): a redelivered request whose id is recorded with its message's :func:`fingerprint` (the
+value and headers) is skipped and its offset committed. Another message under a recorded id
+(a corrected resend, a stranger claiming the id) is a new request and answered.
 
 Only a message another worker may have answered is looked up: one produced before this
 worker's latest assignment of its partition (a previous owner stopped before that), with
 :data:`CLOCK_SLACK_S` for producers whose clocks run ahead. In steady state, once a minute
 has passed since the last rebalance, nothing is looked up at all. A producer clock ahead by
-more than that, or a client sending the same id again as a new message, is answered again
-(at-least-once).
+more than that is answered again (at-least-once).
 
 Buckets are ``ttl`` seconds of wall-clock time (``floor(epoch / ttl)``, so every worker of the
 group agrees while their clocks agree to well within ``ttl``); a bucket's hash expires
