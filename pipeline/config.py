@@ -423,6 +423,19 @@ class CacheSettings:
         help="Seconds prefix keys/values live in Redis (and in the worker) after written",
         parse=_positive_float,
     )
+    generation_kv_bytes: int = setting(
+        default=1024 * MiB,
+        env="KVPIPE_GENERATION_KV_BYTES",
+        help="Byte budget of the keys/values of the sequences a worker generates at once (a "
+        "generation starts when its prompt plus max_tokens fits, or alone)",
+        parse=_positive_int,
+    )
+    generation_batch: int = setting(
+        default=64,
+        env="KVPIPE_GENERATION_BATCH",
+        help="Most sequences one decode step advances together (the others take turns)",
+        parse=_positive_int,
+    )
 
 
 @settings_class

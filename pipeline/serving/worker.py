@@ -140,7 +140,14 @@ class Worker(AsyncResource):
             ttl_s=settings.cache.prefix_ttl_s,
         )
         self.generation = GenerationScheduler(
-            settings, registry, prefix, self.delivery, self.stats, worker_id=self.worker_id
+            settings,
+            registry,
+            prefix,
+            self.delivery,
+            self.stats,
+            worker_id=self.worker_id,
+            max_batch=settings.cache.generation_batch,
+            kv_budget_bytes=settings.cache.generation_kv_bytes,
         )
         self.batcher: Batcher[BatchKey, Item] = Batcher(
             self._run_batch,
