@@ -356,6 +356,23 @@ def check_named(raw: Any, limits: LimitSettings) -> dict[str, npt.NDArray[Any]]:
     return out
 
 
+def _json_body(value: bytes, limits: LimitSettings) -> Any:
+    """A JSON request's value parsed within the size limit, or UnreadableMessage (no id can be
+    read from it). NaN/Infinity literals parse (the checks after refuse them as non-finite)."""
+    if len(value) > limits.max_request_bytes:
+        raise UnreadableMessage(
+            f"request of {len(value)} bytes is over the limit of {limits.max_request_bytes}",
+            code="too_large",
+        )
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        try:  # the slow path: NaN/Infinity literals, which orjson refuses, and a precise error
+            return json.loads(value)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise UnreadableMessage(f"not a JSON request: {exc}", code="unreadable") from None
+
+
 def decode_request(
     value: bytes | None,
     raw_headers: Headers | None,
@@ -378,18 +395,7 @@ def decode_request(
         return _decode_oip(value, headers, limits, key)
     if ctype != JSON:
         raise UnreadableMessage(f"unsupported content-type {ctype!r}", code="unreadable")
-    if len(value) > limits.max_request_bytes:
-        raise UnreadableMessage(
-            f"request of {len(value)} bytes is over the limit of {limits.max_request_bytes}",
-            code="too_large",
-        )
-    try:
-        body = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        try:  # the slow path: NaN/Infinity literals, which orjson refuses, and a precise error
-            body = json.loads(value)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise UnreadableMessage(f"not a JSON request: {exc}", code="unreadable") from None
+    body = _json_body(value, limits)
     if not isinstance(body, dict):
         raise UnreadableMessage("a JSON request must be an object", code="unreadable")
     rid = _check_id(body.get("id"))
@@ -580,18 +586,7 @@ def _decode_oip(
 ) -> Request:
     """A V2 request: the id from the message key (else the body, else a new one), the model
     and version from the ``mlserver-*`` headers, one 2-D input as ``inputs``, others named."""
-    if len(value) > limits.max_request_bytes:
-        raise UnreadableMessage(
-            f"request of {len(value)} bytes is over the limit of {limits.max_request_bytes}",
-            code="too_large",
-        )
-    try:
-        body = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        try:  # NaN/Infinity literals, refused below as non-finite
-            body = json.loads(value)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise UnreadableMessage(f"not a JSON request: {exc}", code="unreadable") from None
+    body = _json_body(value, limits)
     raw_id: object = body.get("id") if isinstance(body, dict) else None
     if key:
         try:
