@@ -74,6 +74,10 @@ class FakeBroker:
     def end(self, topic: str) -> dict[Partition, int]:
         return {Partition(topic, i): len(p) for i, p in enumerate(self.topics.get(topic, []))}
 
+    def all_committed(self, topic: str) -> bool:
+        """Whether the group has committed every record of ``topic``."""
+        return all(self.committed.get(p, 0) == end for p, end in self.end(topic).items() if end)
+
 
 class FakeConsumer:
     """The worker's consumer: every partition of the requests topic, from committed."""
@@ -168,3 +172,16 @@ class FakeProducer:
         self.sent += 1
         fut.set_result(None)
         return fut
+
+
+async def run_until_committed(worker: Any, broker: FakeBroker, topic: str) -> None:
+    """Run a started worker until every record of ``topic`` is committed (or it stops by
+    itself, or 20 s pass), then stop it and wait for its drain."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    for _ in range(2000):
+        if broker.all_committed(topic) or task.done():
+            break
+        await asyncio.sleep(0.01)  # polls the fake broker's state; nothing to wait on
+    stop.set()
+    await asyncio.wait_for(task, 30)

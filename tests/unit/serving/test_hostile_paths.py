@@ -24,7 +24,7 @@ from pipeline.params.models import preset
 from pipeline.params.registry import ModelRegistry
 from pipeline.serving.dedupe import Dedupe
 from pipeline.serving.worker import Worker
-from tests.unit.kafka_fakes import FakeConsumer, FakeProducer
+from tests.unit.kafka_fakes import FakeConsumer, FakeProducer, run_until_committed
 from tests.unit.serving.test_worker import Served, _expected, _rows, _settings
 
 GEN = preset("gen-tiny")
@@ -232,15 +232,8 @@ async def _serve_with(s: Served, dedupe: Dedupe) -> None:
         consumer_factory=lambda w: FakeConsumer(s.broker, w),  # type: ignore[arg-type,return-value]
         dedupe=dedupe,
     )
-    stop = asyncio.Event()
     async with worker:
-        task = asyncio.create_task(worker.run(stop))
-        for _ in range(2000):
-            if s.all_committed() or task.done():
-                break
-            await asyncio.sleep(0.01)  # polls the fake broker's state; nothing to wait on
-        stop.set()
-        await asyncio.wait_for(task, 30)
+        await run_until_committed(worker, s.broker, s.settings.kafka.requests_topic)
 
 
 async def test_dedupe_tells_look_alike_ids_apart_and_skips_only_exact_repeats() -> None:

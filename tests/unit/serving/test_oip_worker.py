@@ -23,7 +23,13 @@ from pipeline.params.models import preset
 from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
 from pipeline.serving.worker import Worker
-from tests.unit.kafka_fakes import FakeBroker, FakeConsumer, FakeProducer, Record
+from tests.unit.kafka_fakes import (
+    FakeBroker,
+    FakeConsumer,
+    FakeProducer,
+    Record,
+    run_until_committed,
+)
 
 mlserver_types = pytest.importorskip("mlserver.types")
 mlserver_codecs = pytest.importorskip("mlserver.codecs")
@@ -65,21 +71,9 @@ async def _serve(messages: Sequence[Message]) -> tuple[list[Record], list[Record
         producer=FakeProducer(broker),  # type: ignore[arg-type]
         consumer_factory=lambda w: FakeConsumer(broker, w),  # type: ignore[arg-type,return-value]
     )
-    stop = asyncio.Event()
-
-    def done() -> bool:
-        ends = broker.end(k.requests_topic)
-        return all(broker.committed.get(p, 0) == end for p, end in ends.items() if end)
-
     async with worker:
-        task = asyncio.create_task(worker.run(stop))
-        for _ in range(2000):
-            if done() or task.done():
-                break
-            await asyncio.sleep(0.01)  # polls the fake broker's state; nothing to wait on
-        stop.set()
-        await asyncio.wait_for(task, 30)
-    assert done(), broker.committed
+        await run_until_committed(worker, broker, k.requests_topic)
+    assert broker.all_committed(k.requests_topic), broker.committed
     return broker.records(k.results_topic), broker.records(k.dlq_topic)
 
 

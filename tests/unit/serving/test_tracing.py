@@ -31,7 +31,13 @@ from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
 from pipeline.serving.tracing import Tracing, carried, trace_headers, valid_traceparent
 from pipeline.serving.worker import Worker
-from tests.unit.kafka_fakes import FakeBroker, FakeConsumer, FakeProducer, Record
+from tests.unit.kafka_fakes import (
+    FakeBroker,
+    FakeConsumer,
+    FakeProducer,
+    Record,
+    run_until_committed,
+)
 
 MODEL = preset("mlp")
 PARAMS = MODEL.init(0)
@@ -81,21 +87,9 @@ async def _serve(
         consumer_factory=lambda w: FakeConsumer(broker, w),  # type: ignore[arg-type,return-value]
         tracing=Tracing(settings.tracing, provider),
     )
-    stop = asyncio.Event()
-
-    def done() -> bool:
-        ends = broker.end(k.requests_topic)
-        return all(broker.committed.get(p, 0) == end for p, end in ends.items() if end)
-
     async with worker:
-        task = asyncio.create_task(worker.run(stop))
-        for _ in range(2000):
-            if done() or task.done():
-                break
-            await asyncio.sleep(0.01)  # polls the fake broker's state; nothing to wait on
-        stop.set()
-        await asyncio.wait_for(task, 30)
-    assert done()
+        await run_until_committed(worker, broker, k.requests_topic)
+    assert broker.all_committed(k.requests_topic)
     return broker.records(k.results_topic)
 
 

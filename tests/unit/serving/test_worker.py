@@ -99,8 +99,7 @@ class Served:
         return worker
 
     def all_committed(self) -> bool:
-        ends = self.broker.end(self.settings.kafka.requests_topic)
-        return all(self.broker.committed.get(p, 0) == end for p, end in ends.items() if end)
+        return self.broker.all_committed(self.settings.kafka.requests_topic)
 
     def answers(self, topic: str | None = None) -> list[Any]:
         k = self.settings.kafka
