@@ -3,6 +3,8 @@
 Decoding sorts every message into one of three outcomes: a good :class:`Request`; a request
 that was read but cannot be answered as asked (``Request.error`` set, answered with an error
 result); or :class:`UnreadableMessage` (no id to answer to: it goes to the dead-letter topic).
+What a request carries is checked by :mod:`pipeline.io.inputs`; V2 bodies are read and written
+by :mod:`pipeline.io.oip` and generation requests by :mod:`pipeline.io.stream`, dispatched here.
 """
 
 from __future__ import annotations
@@ -20,7 +22,18 @@ import numpy.typing as npt
 import orjson
 
 from pipeline.config import LimitSettings
-from pipeline.errors import ConfigError, KvpipeError, RequestError, UnreadableMessage
+from pipeline.errors import KvpipeError, RequestError, UnreadableMessage
+from pipeline.io.inputs import (
+    MAX_ECHO_CHARS,
+    MAX_INT64,
+    check_id,
+    check_ids,
+    check_inputs,
+    check_model,
+    check_named,
+    check_version,
+    safe_text,
+)
 from pipeline.io.npy import from_npy, to_npy
 from pipeline.io.oip import H_METHOD as H_OIP_METHOD
 from pipeline.io.oip import H_MODEL as H_OIP_MODEL
@@ -28,7 +41,6 @@ from pipeline.io.oip import H_VERSION as H_OIP_VERSION
 from pipeline.io.oip import OIP, error_body, read_request, read_response, read_version
 from pipeline.io.oip import response_body as oip_response_body
 from pipeline.io.stream import GenerationSpec, parse_generation
-from pipeline.names import check_name
 
 JSON = "application/json"
 NPY = "application/x-npy"
@@ -48,11 +60,7 @@ Headers = Sequence[tuple[str, bytes]]
 Array = npt.NDArray[np.float32]
 
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-MAX_ID_CHARS = 256
 MAX_HEADER_BYTES = 1024
-MAX_INT64 = 2**63 - 1
-#: How much of an invalid model name a result echoes.
-MAX_ECHO_CHARS = 64
 
 
 @dataclass(slots=True)
@@ -189,173 +197,6 @@ def _text_header(headers: dict[str, bytes], name: str) -> str | None:
         raise RequestError(f"header {name} is not UTF-8", code="bad_request") from None
 
 
-def safe_text(value: object, limit: int) -> str:
-    """``value`` as text that can always be sent back: lone surrogates escaped, at most
-    ``limit`` characters (cut ones end in an ellipsis). For echoing what a client sent."""
-    text = value if isinstance(value, str) else ""
-    if len(text) > limit:
-        text = text[: limit - 1] + "\u2026"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
-    return text
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _check_id(value: object) -> str:
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
-        raise UnreadableMessage(
-            f"request id must be a non-empty string of at most {MAX_ID_CHARS} characters",
-            code="missing_id",
-        )
-    if not _encodable(value):
-        raise UnreadableMessage(
-            "request id is not valid Unicode (it holds a lone surrogate)", code="missing_id"
-        )
-    return value
-
-
-def _check_model(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise RequestError("request has no model name", code="bad_request")
-    try:
-        return check_name(value, "model")
-    except ConfigError as exc:
-        raise RequestError(str(exc), code="bad_request") from None
-
-
-def _check_version(value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_INT64:
-        raise RequestError("version must be a positive integer", code="bad_request")
-    return value
-
-
-_F32_MAX = float(np.finfo(np.float32).max)
-
-
-def _matrix(raw: Any, what: str, kinds: str, kind_name: str, limits: LimitSettings) -> Any:
-    """``raw`` as a non-empty 2-D array of the given dtype kinds within the limits, or raise."""
-    try:
-        arr = np.asarray(raw)
-    except (ValueError, TypeError) as exc:
-        raise RequestError(f"{what} are not a rectangular array: {exc}", code="bad_shape") from None
-    if arr.dtype.kind not in kinds:
-        raise RequestError(f"{what} must be {kind_name}, got dtype {arr.dtype}", code="bad_dtype")
-    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise RequestError(
-            f"{what} must be a non-empty list of rows (2-D), got shape {arr.shape}",
-            code="bad_shape",
-        )
-    if arr.size > limits.max_elements or arr.shape[0] > limits.max_rows:
-        raise RequestError(
-            f"{what} of shape {arr.shape} are over the limits ({limits.max_rows} rows, "
-            f"{limits.max_elements} elements)",
-            code="too_large",
-        )
-    return arr
-
-
-def check_inputs(raw: Any, limits: LimitSettings) -> Array:
-    """Turn rows of numbers into a finite float32 matrix within the limits, or raise."""
-    arr = _matrix(raw, "inputs", "iuf", "numbers", limits)
-    if arr.dtype == np.float32:
-        out: Array = np.ascontiguousarray(arr)
-        finite = bool(np.isfinite(out).all())
-    else:
-        # Checked before the cast, so the cast never overflows (no warning to silence: an
-        # np.errstate per request cost more than the check). NaN fails the comparison too.
-        finite = arr.dtype.kind != "f" or bool(np.abs(arr).max() <= _F32_MAX)
-        out = arr.astype(np.float32) if finite else arr
-    if not finite:
-        raise RequestError("inputs contain NaN or infinity (in float32)", code="non_finite")
-    return out
-
-
-def check_ids(raw: Any, limits: LimitSettings) -> npt.NDArray[np.int64]:
-    """Turn rows of integer ids into an int64 matrix within the limits, or raise."""
-    arr = _matrix(raw, "ids", "iu", "integers", limits)
-    if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
-        raise RequestError("ids are out of range", code="bad_ids")
-    ids: npt.NDArray[np.int64] = np.ascontiguousarray(arr, dtype=np.int64)
-    return ids
-
-
-#: At most this many named inputs in one request, and this many axes per input.
-MAX_NAMED_INPUTS = 64
-MAX_INPUT_AXES = 8
-
-
-def check_named(raw: Any, limits: LimitSettings) -> dict[str, npt.NDArray[Any]]:
-    """Named inputs (``{"name": array, ...}``, rows on the first axis) as int64 or finite
-    float64 arrays with one row count, within the limits together; or raise."""
-    if not isinstance(raw, dict) or not raw:
-        raise RequestError("named inputs must be a non-empty object", code="bad_request")
-    if len(raw) > MAX_NAMED_INPUTS:
-        raise RequestError(
-            f"{len(raw)} named inputs is over the limit of {MAX_NAMED_INPUTS}", code="too_large"
-        )
-    out: dict[str, npt.NDArray[Any]] = {}
-    rows: int | None = None
-    elements = 0
-    for name, value in raw.items():
-        shown = safe_text(name, MAX_ECHO_CHARS)
-        if (
-            not isinstance(name, str)
-            or not name
-            or len(name) > MAX_ID_CHARS
-            or not _encodable(name)
-        ):
-            raise RequestError(f"input name {shown!r} is not a usable name", code="bad_request")
-        try:
-            arr = np.asarray(value)
-        except (ValueError, TypeError) as exc:
-            raise RequestError(
-                f"input {shown!r} is not a rectangular array: {exc}", code="bad_shape"
-            ) from None
-        if arr.dtype.kind not in "iuf":
-            raise RequestError(
-                f"input {shown!r} must be numbers, got dtype {arr.dtype}", code="bad_dtype"
-            )
-        if not 1 <= arr.ndim <= MAX_INPUT_AXES or 0 in arr.shape:
-            raise RequestError(
-                f"input {shown!r} must hold rows on its first axis (1 to {MAX_INPUT_AXES} axes, "
-                f"none empty), got shape {arr.shape}",
-                code="bad_shape",
-            )
-        if rows is not None and arr.shape[0] != rows:
-            raise RequestError(
-                f"input {shown!r} has {arr.shape[0]} rows; the others have {rows}",
-                code="bad_shape",
-            )
-        rows = int(arr.shape[0])
-        elements += int(arr.size)
-        if elements > limits.max_elements or rows > limits.max_rows:
-            raise RequestError(
-                f"the named inputs are over the limits ({limits.max_rows} rows, "
-                f"{limits.max_elements} elements)",
-                code="too_large",
-            )
-        if arr.dtype.kind in "iu":
-            if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
-                raise RequestError(f"input {shown!r} is out of range", code="bad_input")
-            out[name] = np.ascontiguousarray(arr, dtype=np.int64)
-        elif not bool(np.isfinite(arr).all()):
-            raise RequestError(f"input {shown!r} contains NaN or infinity", code="non_finite")
-        else:  # float64 until the model packs it: exact for its integer inputs, range-checked
-            out[name] = np.ascontiguousarray(arr, dtype=np.float64)
-    return out
-
-
 def _json_body(value: bytes, limits: LimitSettings) -> Any:
     """A JSON request's value parsed within the size limit, or UnreadableMessage (no id can be
     read from it). NaN/Infinity literals parse (the checks after refuse them as non-finite)."""
@@ -398,11 +239,11 @@ def decode_request(
     body = _json_body(value, limits)
     if not isinstance(body, dict):
         raise UnreadableMessage("a JSON request must be an object", code="unreadable")
-    rid = _check_id(body.get("id"))
+    rid = check_id(body.get("id"))
     request = Request(id=rid, model=safe_text(body.get("model"), MAX_ECHO_CHARS), inputs=None)
     try:
-        request.model = _check_model(body.get("model"))
-        request.version = _check_version(body.get("version"))
+        request.model = check_model(body.get("model"))
+        request.version = check_version(body.get("version"))
         request.reply_to, request.deadline_ms = _routing(headers)
         if "prompt" in body:
             request.generation = parse_generation(body, limits)
@@ -421,18 +262,18 @@ def decode_request(
 
 def _decode_npy(value: bytes, headers: dict[str, bytes], limits: LimitSettings) -> Request:
     try:
-        rid = _check_id(_text_header(headers, H_ID))
+        rid = check_id(_text_header(headers, H_ID))
     except RequestError as exc:
         raise UnreadableMessage(str(exc), code="missing_id") from None
     request = Request(id=rid, model="", inputs=None, content_type=NPY)
     try:
         raw_model = _text_header(headers, H_MODEL)
         request.model = safe_text(raw_model, MAX_ECHO_CHARS)
-        request.model = _check_model(raw_model)
+        request.model = check_model(raw_model)
         raw_version = _text_header(headers, H_VERSION)
         if raw_version is not None:
             try:
-                request.version = _check_version(int(raw_version))
+                request.version = check_version(int(raw_version))
             except ValueError:
                 raise RequestError(
                     "version must be a positive integer", code="bad_request"
@@ -593,7 +434,7 @@ def _decode_oip(
             raw_id = key.decode("utf-8")
         except UnicodeDecodeError:
             raise UnreadableMessage("message key is not UTF-8", code="missing_id") from None
-    rid = uuid.uuid4().hex if raw_id is None else _check_id(raw_id)
+    rid = uuid.uuid4().hex if raw_id is None else check_id(raw_id)
     request = Request(id=rid, model="", inputs=None, content_type=OIP)
     try:
         raw_model = _text_header(headers, H_OIP_MODEL)
@@ -602,7 +443,7 @@ def _decode_oip(
             raise RequestError(
                 f"a V2 request names its model in the {H_OIP_MODEL} header", code="bad_request"
             )
-        request.model = _check_model(raw_model)
+        request.model = check_model(raw_model)
         method = _text_header(headers, H_OIP_METHOD)
         if method not in (None, "infer"):
             raise RequestError(f"{H_OIP_METHOD} {method[:20]!r} is not infer", code="bad_request")

@@ -18,17 +18,16 @@ import structlog
 
 from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerUnavailable, KvpipeError, RequestError, UnreadableMessage
+from pipeline.io.inputs import MAX_ECHO_CHARS, safe_text
 from pipeline.io.kafka import Message, MessageTooLarge, Producer, TopicDirectory
 from pipeline.io.wire import (
     H_DLQ_REASON,
     H_DLQ_SOURCE,
-    MAX_ECHO_CHARS,
     Request,
     Result,
     Status,
     encode_result,
     error_result,
-    safe_text,
 )
 from pipeline.metrics import WorkerMetrics
 from pipeline.serving.commits import OffsetTracker
