@@ -114,7 +114,7 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
 
 def _read_onnx(path: Path) -> bytes:
     """The bytes of an ONNX file, refused before reading when it is over the size limit."""
-    from pipeline.params.onnx import OnnxLimits
+    from pipeline.params.onnx_graph import OnnxLimits
 
     limit = OnnxLimits().max_file_bytes
     try:
@@ -129,7 +129,7 @@ def _read_onnx(path: Path) -> bytes:
 async def _publish_onnx(args: argparse.Namespace, settings: Settings) -> int:
     """``kvpipe publish --onnx FILE.onnx``: the file checked before Redis is touched."""
     from pipeline.io.kv import open_kv
-    from pipeline.params.onnx import prepare_onnx
+    from pipeline.params.onnx_graph import prepare_onnx
     from pipeline.params.store import ParamStore
 
     if args.arch:

@@ -40,7 +40,8 @@ from pipeline.io.npy import from_npy, to_npy
 from pipeline.names import check_name
 from pipeline.params.keys import OutputKey
 from pipeline.params.models import build_model
-from pipeline.params.onnx import OnnxLimits, PreparedOnnx, prepare_onnx
+from pipeline.params.onnx import OnnxModel as _OnnxModel  # noqa: F401 (registers it)
+from pipeline.params.onnx_graph import OnnxLimits, PreparedOnnx, prepare_onnx
 from pipeline.params.transformer import Transformer as _Transformer  # noqa: F401 (registers it)
 
 ROW_CHUNK = 5000
@@ -373,7 +374,7 @@ class ParamStore:
     ) -> Published:
         """Publish an ONNX file: every initializer a versioned tensor, the graph without its
         weights under :meth:`graph_key`. The file is checked first
-        (:func:`pipeline.params.onnx.prepare_onnx`, unless ``data`` is its result); a refused
+        (:func:`pipeline.params.onnx_graph.prepare_onnx`, unless ``data`` is its result); a refused
         one is a one-line ConfigError and writes nothing."""
         check_model_name(model)
         if isinstance(data, PreparedOnnx):

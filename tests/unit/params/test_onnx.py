@@ -24,13 +24,8 @@ from pipeline.errors import ConfigError, KvpipeError, ParamsCorrupt, RequestErro
 from pipeline.io.kv.memory import MemoryKV
 from pipeline.params.keys import BlobKey
 from pipeline.params.models import PluginModel, build_model, model_kinds
-from pipeline.params.onnx import (
-    GRAPH_PARAM,
-    IN_MEMORY,
-    OnnxLimits,
-    prepare_onnx,
-    set_session_threads,
-)
+from pipeline.params.onnx import GRAPH_PARAM, set_session_threads
+from pipeline.params.onnx_graph import IN_MEMORY, OnnxLimits, prepare_onnx
 from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
 from tests.onnx_graphs import (
