@@ -26,7 +26,7 @@ import structlog
 from consumers.updates import start_listener
 from pipeline.cache.cache import ENTRY_OVERHEAD_BYTES, ParamCache
 from pipeline.config import Settings, settings_from_env, settings_to_env
-from pipeline.errors import KvpipeError
+from pipeline.errors import ConfigError, KvpipeError
 from pipeline.io.kafka import Producer, ensure_topics
 from pipeline.io.kv import KeyValue, open_kv
 from pipeline.logging import configure_logging
@@ -268,7 +268,8 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(settings: Settings | None = None, argv: Sequence[str] | None = None) -> int:
-    """Entry point: 0 after a clean drain, 2 with one line on stderr when it cannot run."""
+    """Entry point: 0 after a clean drain; with one line on stderr, 2 for settings it cannot
+    use and 1 for a failure at run time (the exit statuses of ``kvpipe``)."""
     args = _arguments(argv)
     try:
         settings = settings or settings_from_env(os.environ)
@@ -276,9 +277,12 @@ def main(settings: Settings | None = None, argv: Sequence[str] | None = None) ->
         if args.child is not None:  # every line this child logs says which child it is
             structlog.contextvars.bind_contextvars(child=args.child, pid=os.getpid())
         return asyncio.run(run_until_signalled(settings, port_file=args.port_file))
-    except KvpipeError as exc:
+    except ConfigError as exc:
         print(f"kvpipe serve: {exc}", file=sys.stderr)
         return 2
+    except KvpipeError as exc:
+        print(f"kvpipe serve: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

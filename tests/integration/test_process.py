@@ -95,3 +95,33 @@ async def test_sigterm_drains_commits_and_exits_zero(make_settings: Any, make_cl
     assert set(seen) == {f"s{i}" for i in range(n)}
     assert max(seen.values()) == 1, "duplicates after a clean SIGTERM"
     assert drain_s < 20
+
+
+@pytest.mark.parametrize(
+    ("env", "status", "says"),
+    [
+        ({"KVPIPE_MAX_BATCH": "0"}, 2, "KVPIPE_MAX_BATCH='0': must be a positive integer"),
+        (
+            {"KVPIPE_REDIS": "redis://127.0.0.1:1/0", "KVPIPE_REDIS_TIMEOUT": "1"},
+            1,
+            "Redis at redis://127.0.0.1:1/0 unavailable",
+        ),
+    ],
+)
+async def test_the_worker_process_exits_2_for_settings_and_1_at_run_time(
+    env: dict[str, str], status: int, says: str
+) -> None:
+    """The exit statuses of ``kvpipe``: 2 for what the user must change, 1 for run-time
+    failures; one line on stderr either way, never a traceback."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "consumers.inference",
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == status, lines
+    assert len(lines) == 1 and lines[0].startswith("kvpipe serve: ") and says in lines[0], lines
