@@ -219,10 +219,12 @@ def decode_request(
     raw_headers: Headers | None,
     limits: LimitSettings,
     key: bytes | None = None,
+    position: str | None = None,
 ) -> Request:
     """Read one request message; see the module docstring for the three outcomes. A message
     with an ``mlserver-model`` header (or content type :data:`OIP`) is an Open Inference
-    Protocol (V2) request, whose id is its ``key`` when it has one."""
+    Protocol (V2) request, whose id is its ``key`` when it has one, else its body's ``id``,
+    else ``position`` (where it was read: the same id again after a redelivery)."""
     headers = _header_map(raw_headers)
     try:
         ctype = (_text_header(headers, H_CONTENT_TYPE) or JSON).split(";")[0].strip().lower()
@@ -233,7 +235,7 @@ def decode_request(
     if ctype == NPY:
         return _decode_npy(value, headers, limits)
     if ctype == OIP or (ctype == JSON and H_OIP_MODEL in headers):
-        return _decode_oip(value, headers, limits, key)
+        return _decode_oip(value, headers, limits, key, position)
     if ctype != JSON:
         raise UnreadableMessage(f"unsupported content-type {ctype!r}", code="unreadable")
     body = _json_body(value, limits)
@@ -423,10 +425,15 @@ def decode_result(value: bytes, headers: Headers | None) -> Result:
 
 
 def _decode_oip(
-    value: bytes, headers: dict[str, bytes], limits: LimitSettings, key: bytes | None
+    value: bytes,
+    headers: dict[str, bytes],
+    limits: LimitSettings,
+    key: bytes | None,
+    position: str | None,
 ) -> Request:
-    """A V2 request: the id from the message key (else the body, else a new one), the model
-    and version from the ``mlserver-*`` headers, one 2-D input as ``inputs``, others named."""
+    """A V2 request: the id from the message key (else the body, else where it was read,
+    else a new one), the model and version from the ``mlserver-*`` headers, one 2-D input as
+    ``inputs``, others named."""
     body = _json_body(value, limits)
     raw_id: object = body.get("id") if isinstance(body, dict) else None
     if key:
@@ -434,8 +441,9 @@ def _decode_oip(
             raw_id = key.decode("utf-8")
         except UnicodeDecodeError:
             raise UnreadableMessage("message key is not UTF-8", code="missing_id") from None
-    rid = uuid.uuid4().hex if raw_id is None else check_id(raw_id)
-    request = Request(id=rid, model="", inputs=None, content_type=OIP)
+    if raw_id is None:
+        raw_id = position or uuid.uuid4().hex
+    request = Request(id=check_id(raw_id), model="", inputs=None, content_type=OIP)
     try:
         raw_model = _text_header(headers, H_OIP_MODEL)
         request.model = safe_text(raw_model, MAX_ECHO_CHARS)

@@ -19,7 +19,8 @@ def read_item(msg: Message, settings: Settings, now_ms: float) -> Item:
     if msg.problem is not None:
         raise UnreadableMessage(msg.problem, code="corrupt_record")
     try:
-        request = decode_request(msg.value, msg.headers, settings.limits, msg.key)
+        position = f"{msg.partition.topic}-{msg.partition.partition}@{msg.offset}"
+        request = decode_request(msg.value, msg.headers, settings.limits, msg.key, position)
     except UnreadableMessage:
         raise
     except Exception as exc:  # a decoder bug must not stop the worker

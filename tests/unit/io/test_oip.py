@@ -41,7 +41,9 @@ def _decode(
     body: Any, headers: list[tuple[str, bytes]] | None = None, key: bytes | None = None, **kw: Any
 ) -> Request:
     value = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return decode_request(value, V2 if headers is None else headers, kw.get("limits", LIMITS), key)
+    return decode_request(
+        value, V2 if headers is None else headers, kw.get("limits", LIMITS), key, kw.get("position")
+    )
 
 
 def _code(request: Request) -> str | None:
@@ -164,11 +166,13 @@ def test_several_inputs_or_other_ranks_go_by_name() -> None:
     assert _code(twice) == "bad_request"
 
 
-def test_id_from_the_key_then_the_body_then_a_new_one() -> None:
+def test_id_from_the_key_then_the_body_then_where_it_was_read_then_a_new_one() -> None:
     body = {"id": "from-body", "inputs": [_tensor("x", "FP32", [1, 1], [1.0])]}
-    assert _decode(body, key=b"from-key").id == "from-key"
-    assert _decode(body).id == "from-body"
+    assert _decode(body, key=b"from-key", position="t-0@5").id == "from-key"
+    assert _decode(body, position="t-0@5").id == "from-body"
     del body["id"]
+    # a redelivery is read at the same place: the same id, so its duplicate can be dropped
+    assert _decode(body, position="t-0@5").id == _decode(body, position="t-0@5").id == "t-0@5"
     first, second = _decode(body), _decode(body)
     assert first.error is None and first.id and first.id != second.id
     with pytest.raises(UnreadableMessage):
