@@ -129,6 +129,7 @@ def _read_onnx(path: Path) -> bytes:
 async def _publish_onnx(args: argparse.Namespace, settings: Settings) -> int:
     """``kvpipe publish --onnx FILE.onnx``: the file checked before Redis is touched."""
     from pipeline.io.kv import open_kv
+    from pipeline.params.onnx import check_session
     from pipeline.params.onnx_graph import prepare_onnx
     from pipeline.params.store import ParamStore
 
@@ -136,6 +137,7 @@ async def _publish_onnx(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("--arch does not go with --onnx: the graph says its architecture")
     data = await asyncio.to_thread(_read_onnx, Path(args.onnx))
     prepared = await asyncio.to_thread(prepare_onnx, data)
+    await asyncio.to_thread(check_session, data)  # before Redis is touched, as the checks
     async with open_kv(settings.redis) as kv:
         store = ParamStore(
             kv,

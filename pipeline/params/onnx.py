@@ -42,6 +42,7 @@ __all__ = [
     "GRAPH_PARAM",
     "UNUSABLE",
     "OnnxModel",
+    "check_session",
     "set_session_threads",
 ]
 
@@ -66,6 +67,26 @@ def _import_ort() -> Any:
             f"this worker cannot run ONNX models: {INSTALL_HINT}", code=UNUSABLE
         ) from None
     return onnxruntime
+
+
+def check_session(data: bytes) -> None:
+    """ConfigError, in one line, when onnxruntime cannot build a session for an ONNX file that
+    :func:`~pipeline.params.onnx_graph.prepare_onnx` accepted (an operator it lacks, shapes
+    its kernels refuse): refused at publish rather than found by the first worker. Only for
+    checked files: they reference nothing outside themselves."""
+    try:
+        ort = _import_ort()
+    except KvpipeError as exc:
+        raise ConfigError(f"cannot check the graph with onnxruntime: {exc}") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(bytes(data), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ConfigError(
+            f"onnxruntime cannot build a session for this ONNX graph: {one_line(exc)}"
+        ) from None
 
 
 @dataclass(frozen=True)

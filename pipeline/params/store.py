@@ -41,6 +41,7 @@ from pipeline.names import check_name
 from pipeline.params.keys import OutputKey
 from pipeline.params.models import build_model
 from pipeline.params.onnx import OnnxModel as _OnnxModel  # noqa: F401 (registers it)
+from pipeline.params.onnx import check_session
 from pipeline.params.onnx_graph import OnnxLimits, PreparedOnnx, prepare_onnx
 from pipeline.params.transformer import Transformer as _Transformer  # noqa: F401 (registers it)
 
@@ -370,17 +371,25 @@ class ParamStore:
         return Published(manifest, current)
 
     async def publish_onnx(
-        self, model: str, data: bytes | PreparedOnnx, *, limits: OnnxLimits | None = None
+        self,
+        model: str,
+        data: bytes | PreparedOnnx,
+        *,
+        limits: OnnxLimits | None = None,
+        session_check: bool = True,
     ) -> Published:
         """Publish an ONNX file: every initializer a versioned tensor, the graph without its
         weights under :meth:`graph_key`. The file is checked first
-        (:func:`pipeline.params.onnx_graph.prepare_onnx`, unless ``data`` is its result); a refused
-        one is a one-line ConfigError and writes nothing."""
+        (:func:`pipeline.params.onnx_graph.prepare_onnx`, unless ``data`` is its result), then
+        (``session_check``) onnxruntime builds a session of it; a refused one is a one-line
+        ConfigError and writes nothing."""
         check_model_name(model)
         if isinstance(data, PreparedOnnx):
             prepared = data
         else:  # parsing and checking a graph is CPU work: off the event loop
             prepared = await asyncio.to_thread(prepare_onnx, data, limits)
+            if session_check:
+                await asyncio.to_thread(check_session, data)
         return await self.publish(model, prepared.arch, prepared.tensors, graph=prepared.graph)
 
     def version_keys(

@@ -41,10 +41,14 @@ from tests.onnx_graphs import (
 pytestmark = pytest.mark.integration
 
 
-async def publish_onnx(settings: Any, name: str, model: onnx.ModelProto) -> Published:
+async def publish_onnx(
+    settings: Any, name: str, model: onnx.ModelProto, *, session_check: bool = True
+) -> Published:
     async with open_kv(settings.redis) as kv:
         store = ParamStore(kv, prefix=settings.redis.key_prefix)
-        return await store.publish_onnx(name, model.SerializeToString())
+        return await store.publish_onnx(
+            name, model.SerializeToString(), session_check=session_check
+        )
 
 
 async def test_an_onnx_mlp_served_through_kafka_equals_numpy(
@@ -79,7 +83,7 @@ async def test_a_graph_onnxruntime_refuses_is_model_unusable_and_the_worker_serv
     make_settings: Any, start_worker: Any, make_client: Any
 ) -> None:
     settings = make_settings()
-    await publish_onnx(settings, "bad", mismatched_gemm())
+    await publish_onnx(settings, "bad", mismatched_gemm(), session_check=False)
     w = mlp_weights(13)
     await publish_onnx(settings, "good", mlp_model(w))
     client = await make_client(settings)
@@ -194,6 +198,13 @@ def test_publish_onnx_from_the_command_line_and_hostile_files_in_one_line(
     not_onnx.write_bytes(b"\x08\x07 not a model")
     out = kvpipe("publish", "--model", "cli", "--onnx", str(not_onnx), env=env)
     assert out.returncode == 2 and "not an ONNX model" in out.stderr
+    unbuildable = tmp_path / "gemm.onnx"  # passes onnx.checker; onnxruntime refuses it
+    unbuildable.write_bytes(mismatched_gemm().SerializeToString())
+    out = kvpipe("publish", "--model", "cli", "--onnx", str(unbuildable), env=env)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    print(f"unbuildable: exit {out.returncode}: {lines}")
+    assert out.returncode == 2 and len(lines) == 1
+    assert "onnxruntime cannot build a session for this ONNX graph" in lines[0]
     listing = kvpipe("versions", "--model", "cli", "--json", env=env)
     assert listing.returncode == 0, listing.stderr
     assert [v["version"] for v in json.loads(listing.stdout)] == [1]  # nothing refused written

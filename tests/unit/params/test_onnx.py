@@ -317,9 +317,20 @@ async def test_hostile_graphs_are_refused_at_publish_writing_nothing(case: str, 
     assert kv.keys() == []
 
 
+async def test_a_graph_onnxruntime_refuses_is_refused_at_publish_writing_nothing() -> None:
+    registry, kv = make_registry()
+    with pytest.raises(ConfigError) as info:
+        await registry.store.publish_onnx("bad", serialized(mismatched_gemm()))
+    assert "onnxruntime cannot build a session" in str(info.value)
+    assert "\n" not in str(info.value) and kv.calls["set"] == 0
+    assert not await kv.exists("t:bad:current")
+
+
 async def test_a_graph_onnxruntime_refuses_is_model_unusable_every_time() -> None:
+    """Published unchecked (by an older kvpipe, or session_check=False): every batch of its
+    version is model_unusable, never a crash."""
     registry, _ = make_registry()
-    await registry.store.publish_onnx("bad", serialized(mismatched_gemm()))
+    await registry.store.publish_onnx("bad", serialized(mismatched_gemm()), session_check=False)
     resolved = await registry.resolve("bad")
     x = np.ones((2, 4), dtype=np.float32)
     for _ in range(2):  # the failure is remembered for the version, never a crash
@@ -345,7 +356,7 @@ async def test_a_version_switch_drops_the_old_graph() -> None:
     registry, _ = make_registry()
     await registry.store.publish_onnx("m", serialized(mlp_model(mlp_weights(6))))
     v1 = await registry.resolve("m")
-    await registry.store.publish_onnx("m", serialized(mismatched_gemm()))
+    await registry.store.publish_onnx("m", serialized(mismatched_gemm()), session_check=False)
     registry.set_version("m", 2)
     await registry.resolve("m")
     keys = set(registry.cache.keys())
