@@ -13,13 +13,14 @@ from pipeline.serving.dedupe import Dedupe
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("redis_url", ["single", "cluster"], indirect=True)
-@pytest.mark.parametrize("backend", ["redis-py", "asyncio-redis"])
+@pytest.mark.parametrize(
+    ("redis_url", "backend"),
+    [("single", "redis-py"), ("single", "asyncio-redis"), ("cluster", "redis-py")],
+    indirect=["redis_url"],
+)  # asyncio-redis refuses a cluster (tests/unit/io/test_cluster_url.py)
 async def test_recorded_ids_are_found_and_expire_with_their_bucket(
     make_settings: Callable[..., Settings], redis_url: str, backend: str
 ) -> None:
-    if backend == "asyncio-redis" and redis_url.startswith("redis+cluster"):
-        pytest.skip("asyncio-redis refuses a cluster")
     settings = make_settings(redis__backend=backend)
     async with open_kv(settings.redis) as kv:
         d = Dedupe(
