@@ -12,7 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.cache.cache import ParamCache
+from pipeline.config import Settings
 from pipeline.io.kafka import Message, Partition
+from pipeline.params.registry import ModelRegistry
+from pipeline.params.store import ParamStore
 from pipeline.serving.worker import Worker
 
 
@@ -185,3 +189,26 @@ async def run_until_committed(worker: Any, broker: FakeBroker, topic: str) -> No
         await asyncio.sleep(0.01)  # polls the fake broker's state; nothing to wait on
     stop.set()
     await asyncio.wait_for(task, 30)
+
+
+def fake_worker(
+    settings: Settings,
+    broker: FakeBroker,
+    store: ParamStore,
+    *,
+    version_ttl_s: float = 60.0,
+    producer: FakeProducer | None = None,
+    **parts: Any,
+) -> Worker:
+    """A worker on the fake broker, its parameters read from ``store`` through caches of its
+    own; ``parts`` go to :class:`Worker` (dedupe, tracing...)."""
+    registry = ModelRegistry(
+        store, ParamCache(capacity_bytes=10**8, ttl_s=60.0), version_ttl_s=version_ttl_s
+    )
+    return Worker(
+        settings,
+        registry=registry,
+        producer=producer or FakeProducer(broker),  # type: ignore[arg-type]
+        consumer_factory=lambda w: FakeConsumer(broker, w),  # type: ignore[arg-type,return-value]
+        **parts,
+    )

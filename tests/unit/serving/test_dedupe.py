@@ -11,18 +11,16 @@ from typing import Any
 import numpy as np
 import structlog
 
-from pipeline.cache.cache import ParamCache
 from pipeline.config import Settings, with_values
 from pipeline.errors import StoreUnavailable
 from pipeline.io.kafka import Message, Partition
 from pipeline.io.kv.memory import MemoryKV
 from pipeline.io.wire import decode_result
 from pipeline.params.models import preset
-from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
 from pipeline.serving.dedupe import Dedupe, fingerprint
 from pipeline.serving.worker import Worker
-from tests.unit.kafka_fakes import FakeBroker, FakeConsumer, FakeProducer
+from tests.unit.kafka_fakes import FakeBroker, fake_worker
 
 MODEL = preset("mlp")
 PARAMS = MODEL.init(0)
@@ -144,13 +142,8 @@ class Bench:
         return [decode_result(r.value, r.headers).id for r in self.broker.records(k.results_topic)]
 
     async def serve(self, dedupe: Dedupe | None) -> Worker:
-        registry = ModelRegistry(self.store, ParamCache(capacity_bytes=10**8, ttl_s=60.0))
-        worker = Worker(
-            self.settings,
-            registry=registry,
-            producer=FakeProducer(self.broker),  # type: ignore[arg-type]
-            consumer_factory=lambda w: FakeConsumer(self.broker, w),  # type: ignore[arg-type,return-value]
-            dedupe=dedupe,
+        worker = fake_worker(
+            self.settings, self.broker, self.store, version_ttl_s=2.0, dedupe=dedupe
         )
         stop = asyncio.Event()
         async with worker:
@@ -250,14 +243,7 @@ async def test_the_window_left_a_crash_before_the_record_repeats_those_answers()
         b.request(f"r{i}", i, partition=0)
     kv = GatedKV()  # the record never lands before the crash
     d = Dedupe(kv, key_prefix="t", topic="q", group="g", ttl_s=60.0, timeout_s=3600.0)
-    registry = ModelRegistry(b.store, ParamCache(capacity_bytes=10**8, ttl_s=60.0))
-    worker = Worker(
-        b.settings,
-        registry=registry,
-        producer=FakeProducer(b.broker),  # type: ignore[arg-type]
-        consumer_factory=lambda w: FakeConsumer(b.broker, w),  # type: ignore[arg-type,return-value]
-        dedupe=d,
-    )
+    worker = fake_worker(b.settings, b.broker, b.store, version_ttl_s=2.0, dedupe=d)
     async with worker:
         task = asyncio.create_task(worker.run(asyncio.Event()))
         while len(b.answers()) < 8:  # noqa: ASYNC110

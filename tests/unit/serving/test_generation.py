@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache.cache import ParamCache
 from pipeline.config import Settings, with_values
 from pipeline.io.kafka import Partition
 from pipeline.io.kv.memory import MemoryKV
@@ -20,11 +19,10 @@ from pipeline.io.stream import StreamMessage, decode_stream, encode_generation
 from pipeline.io.wire import H_CONTENT_TYPE, H_DEADLINE
 from pipeline.params.models import preset
 from pipeline.params.prefix import chunk_keys, chunk_shape, decode_chunk
-from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
 from pipeline.params.transformer import transformer_of
 from pipeline.serving.worker import Worker
-from tests.unit.kafka_fakes import FakeBroker, FakeConsumer, FakeProducer
+from tests.unit.kafka_fakes import FakeBroker, fake_worker
 
 MODEL = preset("gen-tiny")
 T = transformer_of(MODEL)
@@ -90,13 +88,7 @@ class Fleet:
         kv_budget: int = 1 << 30,
     ) -> Worker:
         """Run one more worker (fresh caches) until ``until()``; return it."""
-        registry = ModelRegistry(self.store, ParamCache(capacity_bytes=10**8, ttl_s=60.0))
-        worker = Worker(
-            self.settings,
-            registry=registry,
-            producer=FakeProducer(self.broker),  # type: ignore[arg-type]
-            consumer_factory=lambda w: FakeConsumer(self.broker, w),  # type: ignore[arg-type,return-value]
-        )
+        worker = fake_worker(self.settings, self.broker, self.store, version_ttl_s=2.0)
         worker.generation.max_batch = max_batch
         worker.generation.kv_budget_bytes = kv_budget
         stop = asyncio.Event()

@@ -17,14 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.cache.cache import ParamCache
 from pipeline.io.stream import GENERATION_CODES, decode_stream
 from pipeline.io.wire import decode_result
 from pipeline.params.models import preset
-from pipeline.params.registry import ModelRegistry
 from pipeline.serving.dedupe import Dedupe
-from pipeline.serving.worker import Worker
-from tests.unit.kafka_fakes import FakeConsumer, FakeProducer, run_until_committed
+from tests.unit.kafka_fakes import fake_worker, run_until_committed
 from tests.unit.serving.test_worker import Served, _expected, _rows, _settings
 
 GEN = preset("gen-tiny")
@@ -224,14 +221,7 @@ LOOK_ALIKES = [
 
 
 async def _serve_with(s: Served, dedupe: Dedupe) -> None:
-    registry = ModelRegistry(s.store, ParamCache(capacity_bytes=10**8, ttl_s=60.0))
-    worker = Worker(
-        s.settings,
-        registry=registry,
-        producer=FakeProducer(s.broker),  # type: ignore[arg-type]
-        consumer_factory=lambda w: FakeConsumer(s.broker, w),  # type: ignore[arg-type,return-value]
-        dedupe=dedupe,
-    )
+    worker = fake_worker(s.settings, s.broker, s.store, version_ttl_s=2.0, dedupe=dedupe)
     async with worker:
         await run_until_committed(worker, s.broker, s.settings.kafka.requests_topic)
 

@@ -15,19 +15,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.cache.cache import ParamCache
 from pipeline.config import Settings, with_values
 from pipeline.io.kv.memory import MemoryKV
 from pipeline.io.oip import DATATYPES, OIP
 from pipeline.params.models import preset
-from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
-from pipeline.serving.worker import Worker
 from tests.unit.kafka_fakes import (
     FakeBroker,
-    FakeConsumer,
-    FakeProducer,
     Record,
+    fake_worker,
     run_until_committed,
 )
 
@@ -64,13 +60,7 @@ async def _serve(messages: Sequence[Message]) -> tuple[list[Record], list[Record
     await store.publish("m", MODEL.arch, PARAMS)
     for i, (value, headers, key) in enumerate(messages):
         broker.append(k.requests_topic, i % 3, value, headers, key=key)
-    registry = ModelRegistry(store, ParamCache(capacity_bytes=10**8, ttl_s=60.0), version_ttl_s=60)
-    worker = Worker(
-        settings,
-        registry=registry,
-        producer=FakeProducer(broker),  # type: ignore[arg-type]
-        consumer_factory=lambda w: FakeConsumer(broker, w),  # type: ignore[arg-type,return-value]
-    )
+    worker = fake_worker(settings, broker, store)
     async with worker:
         await run_until_committed(worker, broker, k.requests_topic)
     assert broker.all_committed(k.requests_topic), broker.committed

@@ -21,21 +21,17 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from pipeline.cache.cache import ParamCache
 from pipeline.config import MAX_COPY_HEADERS, Settings, settings_from_env, with_values
 from pipeline.errors import ConfigError
 from pipeline.io.kv.memory import MemoryKV
 from pipeline.io.wire import decode_result
 from pipeline.params.models import preset
-from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
 from pipeline.serving.tracing import Tracing, carried, trace_headers, valid_traceparent
-from pipeline.serving.worker import Worker
 from tests.unit.kafka_fakes import (
     FakeBroker,
-    FakeConsumer,
-    FakeProducer,
     Record,
+    fake_worker,
     run_until_committed,
 )
 
@@ -79,14 +75,7 @@ async def _serve(
     await store.publish("m", MODEL.arch, PARAMS)
     for value, headers in messages:
         broker.append(k.requests_topic, 0, value, headers)
-    registry = ModelRegistry(store, ParamCache(capacity_bytes=10**8, ttl_s=60.0), version_ttl_s=60)
-    worker = Worker(
-        settings,
-        registry=registry,
-        producer=FakeProducer(broker),  # type: ignore[arg-type]
-        consumer_factory=lambda w: FakeConsumer(broker, w),  # type: ignore[arg-type,return-value]
-        tracing=Tracing(settings.tracing, provider),
-    )
+    worker = fake_worker(settings, broker, store, tracing=Tracing(settings.tracing, provider))
     async with worker:
         await run_until_committed(worker, broker, k.requests_topic)
     assert broker.all_committed(k.requests_topic)

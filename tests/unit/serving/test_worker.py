@@ -20,16 +20,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.cache.cache import ParamCache
 from pipeline.config import Settings, with_values
 from pipeline.errors import ConfigError
 from pipeline.io.kv.memory import MemoryKV
 from pipeline.io.wire import H_DLQ_SOURCE, decode_result
 from pipeline.params.models import preset
-from pipeline.params.registry import ModelRegistry
 from pipeline.params.store import ParamStore
 from pipeline.serving.worker import Worker
-from tests.unit.kafka_fakes import FakeBroker, FakeConsumer, FakeProducer
+from tests.unit.kafka_fakes import FakeBroker, fake_worker
 
 MODEL = preset("mlp")
 PARAMS = MODEL.init(0)
@@ -77,16 +75,8 @@ class Served:
     async def run(
         self, until: Callable[[Worker], bool] | None = None, *, timeout: float = 20.0
     ) -> Worker:
-        cache: ParamCache[Any] = ParamCache(capacity_bytes=10**8, ttl_s=60.0)
-        registry = ModelRegistry(self.store, cache, version_ttl_s=60.0)
-        producer = FakeProducer(self.broker)
         stop = asyncio.Event()
-        worker = Worker(
-            self.settings,
-            registry=registry,
-            producer=producer,  # type: ignore[arg-type]
-            consumer_factory=lambda w: FakeConsumer(self.broker, w),  # type: ignore[arg-type,return-value]
-        )
+        worker = fake_worker(self.settings, self.broker, self.store)
         done = until or (lambda w: self.all_committed())
         async with worker:
             task = asyncio.create_task(worker.run(stop))
@@ -146,15 +136,8 @@ async def test_a_result_that_cannot_be_encoded_is_answered_alone() -> None:
     await s.publish()
     for i in range(6):
         s.request(f"r{i}", _rows(1, i))
-    cache: ParamCache[Any] = ParamCache(capacity_bytes=10**8, ttl_s=60.0)
-    registry = ModelRegistry(s.store, cache)
     stop = asyncio.Event()
-    worker = Worker(
-        s.settings,
-        registry=registry,
-        producer=FakeProducer(s.broker),  # type: ignore[arg-type]
-        consumer_factory=lambda w: FakeConsumer(s.broker, w),  # type: ignore[arg-type,return-value]
-    )
+    worker = fake_worker(s.settings, s.broker, s.store, version_ttl_s=2.0)
     real = worker.delivery._encode
 
     def flaky(item: Any, result: Any) -> Any:
