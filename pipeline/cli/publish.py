@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,6 +16,10 @@ from pipeline.cli.flags import add_connection_flags
 from pipeline.cli.program import PROG, Subparsers
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, KvpipeError
+
+if TYPE_CHECKING:  # the store is imported when a command runs, not with the CLI
+    from pipeline.io.kv import KeyValue
+    from pipeline.params.store import ParamStore, Published
 
 
 def _arch_from_tensors(
@@ -58,7 +62,7 @@ def _arch_json(text: str) -> dict[str, Any]:
 async def _publish(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.io.kv import open_kv
     from pipeline.params.models import EmbeddingScorer, build_model, preset
-    from pipeline.params.store import ParamStore, check_model_name
+    from pipeline.params.store import check_model_name
 
     check_model_name(args.model)
     if args.onnx:
@@ -89,27 +93,37 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
     built = build_model(arch)
     tables = built.init_tables(args.seed) if isinstance(built, EmbeddingScorer) else None
     async with open_kv(settings.redis) as kv:
-        store = ParamStore(
-            kv,
-            prefix=settings.redis.key_prefix,
-            emb_partitions=settings.redis.emb_partitions,
-            retention_s=args.retention,
+        published = await _store(kv, args, settings).publish(
+            args.model, arch, arrays, tables=tables
         )
-        published = await store.publish(args.model, arch, arrays, tables=tables)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "model": args.model,
-                    "version": published.version,
-                    "bytes": published.nbytes,
-                    "current": published.current,
-                }
-            )
-        )
-    else:
-        print(published.version)
+    _print_published(args, published)
     return await _announce_published(args, settings, published, embedding=tables is not None)
+
+
+def _store(kv: KeyValue, args: argparse.Namespace, settings: Settings) -> ParamStore:
+    """The parameter store ``publish`` writes to (retention from ``--retention``)."""
+    from pipeline.params.store import ParamStore
+
+    return ParamStore(
+        kv,
+        prefix=settings.redis.key_prefix,
+        emb_partitions=settings.redis.emb_partitions,
+        retention_s=args.retention,
+    )
+
+
+def _print_published(args: argparse.Namespace, published: Published, **extra: Any) -> None:
+    """The new version's number, or with ``--json`` one line of its figures."""
+    if not args.json:
+        print(published.version)
+        return
+    figures = {
+        "model": args.model,
+        "version": published.version,
+        "bytes": published.nbytes,
+        "current": published.current,
+    }
+    print(json.dumps({**figures, **extra}))
 
 
 def _read_onnx(path: Path) -> bytes:
@@ -131,7 +145,6 @@ async def _publish_onnx(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.io.kv import open_kv
     from pipeline.params.onnx import check_session
     from pipeline.params.onnx_graph import prepare_onnx
-    from pipeline.params.store import ParamStore
 
     if args.arch:
         raise ConfigError("--arch does not go with --onnx: the graph says its architecture")
@@ -139,27 +152,8 @@ async def _publish_onnx(args: argparse.Namespace, settings: Settings) -> int:
     prepared = await asyncio.to_thread(prepare_onnx, data)
     await asyncio.to_thread(check_session, data)  # before Redis is touched, as the checks
     async with open_kv(settings.redis) as kv:
-        store = ParamStore(
-            kv,
-            prefix=settings.redis.key_prefix,
-            emb_partitions=settings.redis.emb_partitions,
-            retention_s=args.retention,
-        )
-        published = await store.publish_onnx(args.model, prepared)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "model": args.model,
-                    "version": published.version,
-                    "bytes": published.nbytes,
-                    "current": published.current,
-                    "tensors": len(published.manifest.tensors),
-                }
-            )
-        )
-    else:
-        print(published.version)
+        published = await _store(kv, args, settings).publish_onnx(args.model, prepared)
+    _print_published(args, published, tensors=len(published.manifest.tensors))
     return await _announce_published(args, settings, published, embedding=False)
 
 
